@@ -1,13 +1,11 @@
 """Download a dataset or pretrained checkpoint from its official source (see data/README.md).
 
-    python data/download.py NAME [--root data] [--url URL] [--force]
+    python data/download.py NAME [--root data] [--url URL] [--force]      (NAME: see --help)
 
-NAME is a dataset (celeba afhq afhq_v2 celeba_hq edges2shoes), a pretrained checkpoint
-(stargan_v2_afhq ...; see --help) or `weights` (metric backbones).
 Streams to <archive>.part with a progress line, resumes a partial file (HTTP Range), checks the
-size (and sha256 where one is published: none of these sources publishes one), extracts safely,
-fixes the folder layout, deletes the archive and prints the command that uses the result.
-Every failure is one line "error: ..." saying what to do, exit code 2. Standard library only.
+size (no source publishes a checksum), extracts safely, fixes the folder layout, deletes the
+archive and prints the command to run next. A failure is one line "error: ..." saying what to
+do, exit code 2. Standard library only (`weights` goes through common.py, so it needs torch).
 """
 import argparse
 import errno
@@ -77,6 +75,9 @@ def fetch(url, part, chunk=1 << 20):
     if have and url.startswith(("http://", "https://")):
         request.add_header("Range", f"bytes={have}-")
     with urllib.request.urlopen(request, timeout=60) as resp:
+        if "text/html" in resp.headers.get("Content-Type", ""):  # e.g. a dead or throttled link
+            raise Failure(f"{url} sent a web page, not the file (moved or rate-limited?): get it "
+                          f"in a browser, save it as {part.with_suffix('')} and rerun")
         resumed = have > 0 and getattr(resp, "status", None) == 206
         have = have if resumed else 0
         length = resp.headers.get("Content-Length")
@@ -97,16 +98,20 @@ def fetch(url, part, chunk=1 << 20):
             progress(done, total, have, t0)
             print()  # end the progress line, also when the download fails
     size = part.stat().st_size
-    if total is not None and size != total:
+    if total is None:
+        print(f"  {size} bytes; the server announced no size, so it was not checked")
+    elif size != total:
         raise Failure(f"download of {url} stopped at {size} of {total} bytes: "
                       f"rerun the same command to resume from {part}")
+    else:
+        print(f"  {size} bytes, the size the server announced")
     return size
 
 
 def verify(path, sha256):
     """Check a published sha256; without one, say that only the size was checked."""
     if not sha256:
-        return print(f"  {path.stat().st_size} bytes, as announced; no published checksum")
+        return print("  no published checksum for this file: only its size was checked")
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -201,6 +206,9 @@ def install(name, item, root, url, force):
         archive.unlink()  # only now: a failed extraction keeps the archive for a rerun
         return dest
     except urllib.error.HTTPError as e:
+        if e.code == 416:  # "range not satisfiable": the partial file does not fit this server's
+            part.unlink(missing_ok=True)
+            raise Failure(f"{part} did not match the file on the server; it was deleted: rerun")
         raise Failure(f"HTTP {e.code} ({e.reason}) for {url}: {manual}")
     except urllib.error.URLError as e:
         raise Failure(f"could not fetch {url} ({e.reason}): {manual}")

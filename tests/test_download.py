@@ -116,6 +116,8 @@ class Server(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         cls.ranges.append(rng)
         start = int(rng[6:-1]) if rng and cls.honour_range else 0
+        if start >= len(cls.payload) > 0:
+            return self.send_error(416)
         body = cls.payload[start:]
         self.send_response(206 if start else 200)
         self.send_header("Content-Length", str(len(body)))
@@ -172,11 +174,15 @@ def test_interrupted_download_fails_then_resumes(tmp_path, capsys):
     assert part.with_suffix("").read_bytes() == payload and not part.exists()
 
 
-def test_http_404_is_one_line_with_manual_instructions(tmp_path, capsys):
-    with serve(b"") as base:
+def test_http_404_and_416_are_one_line_errors(tmp_path, capsys):
+    with serve(b"0123456789") as base:
         rc, _, err = run(["afhq", "--root", str(tmp_path), "--url", base + "/gone"], capsys)
-    assert rc == 2 and len(err.strip().splitlines()) == 1
-    assert "HTTP 404" in err and f"put it at {tmp_path / 'afhq.zip'}" in err
+        assert rc == 2 and len(err.strip().splitlines()) == 1
+        assert "HTTP 404" in err and f"put it at {tmp_path / 'afhq.zip'}" in err
+        part = tmp_path / "afhq.zip.part"
+        part.write_bytes(b"x" * 20)  # longer than the file: the server cannot satisfy the Range
+        rc, _, err = run(["afhq", "--root", str(tmp_path), "--url", base + "/f"], capsys)
+    assert rc == 2 and "did not match" in err and not part.exists()
 
 
 def test_missing_file_url_cli_exits_2_with_one_line(tmp_path):
@@ -211,6 +217,10 @@ def test_bad_archive_and_checksum_and_incomplete_folder(tmp_path, capsys, monkey
     monkeypatch.setitem(download.SHA256, "celeba_hq", "0" * 64)
     rc, _, err = run(["celeba_hq", "--root", str(root), "--url", url], capsys)
     assert rc == 2 and "wrong sha256" in err and not list(root.glob("celeba_hq.zip*"))
+    (tmp_path / "page.html").write_text("<html>Too many requests</html>")
+    rc, _, err = run(["afhq_v2", "--root", str(root), "--url", (tmp_path / "page.html").as_uri()],
+                     capsys)
+    assert rc == 2 and "web page" in err and str(root / "afhq_v2.zip") in err
     (root / "celeba").mkdir()
     (root / "celeba" / "notes.txt").write_text("mine")
     rc, _, err = run(["celeba", "--root", str(root), "--url", url], capsys)
