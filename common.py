@@ -169,7 +169,7 @@ def load_checkpoint(path, nets, opts=None, map_location="cpu", restore_rng=True)
             o.load_state_dict(state["opts"][k])
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint file") from None
-    except (RuntimeError, KeyError, EOFError, OSError) as e:
+    except Exception as e:  # unpickling, missing keys, shape mismatch: all mean a wrong file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a checkpoint of this script ({first[:200]})") from None
     if restore_rng:
@@ -250,22 +250,27 @@ class DomainFolder(Dataset):
             self.samples += [(p, y) for p in files]
         self.targets = [y for _, y in self.samples]
         self.transform = transform or to_tensor_norm()
-        self.n_skipped = 0
+        self.bad = set()
 
     def __len__(self):
         return len(self.samples)
 
     def _load(self, i):
         """Skip-and-count: an unreadable file is named once and replaced by another of its domain."""
-        for _ in range(20):
-            path, y = self.samples[i]
+        y = self.targets[i]
+        while True:
             try:
-                return self.transform(load_rgb(path)), y
+                return self.transform(load_rgb(self.samples[i][0])), y
             except UserError as e:
-                self.n_skipped += 1
-                print(f"warning: skipping {e} ({self.n_skipped} skipped so far)", file=sys.stderr)
-                i = random.choice([j for j, t in enumerate(self.targets) if t == y])
-        raise UserError(f"{path}: 20 unreadable images in a row in domain {self.domains[y]}; check the data")
+                self.bad.add(i)
+                print(f"warning: skipping {e} ({len(self.bad)} skipped so far)", file=sys.stderr)
+                left = [j for j, t in enumerate(self.targets) if t == y and j not in self.bad]
+                require(left, f"{self.domains[y]}: no readable image left in this domain")
+                i = random.choice(left)
+
+    @property
+    def n_skipped(self):
+        return len(self.bad)
 
     def __getitem__(self, i):
         return self._load(i)

@@ -1,0 +1,333 @@
+"""common.py and data/toy.py: readers, checkpoints, CLI, toy data + oracle, bad input, metrics."""
+import dataclasses
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import common
+from common import UserError
+from data import toy
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    toy.write_shapes(root, 32, n_train=12, n_val=3, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces")
+    toy.write_faces(root, 48, n=60, seed=0)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------------
+def test_domain_folder_shapes_and_labels(shapes):
+    ds = common.DomainFolder(shapes, "train")
+    assert ds.domains == ["circle", "square", "triangle"]
+    assert len(ds) == 36 and ds.targets.count(1) == 12
+    x, y = ds[13]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 1
+    assert -1 <= x.min() < x.max() <= 1
+    assert ds.samples[13][0].parent.name == "square"
+
+
+def test_reference_pairs_same_domain_different_files(shapes):
+    ds = common.ReferencePairs(shapes, "train", seed=3)
+    for i in range(len(ds)):
+        j = ds.partner[i]
+        assert i != j and ds.targets[i] == ds.targets[j]
+    x_ref, x_ref2, y = ds[20]
+    assert x_ref.shape == x_ref2.shape == (3, 32, 32) and not torch.equal(x_ref, x_ref2)
+    assert y == ds.targets[20]
+
+
+def test_balanced_loader_draws_domains_equally(tmp_path):
+    toy.write_shapes(tmp_path, 32, n_train=0, n_val=0)
+    for shape, n in zip(toy.SHAPES, (40, 4, 4)):  # an unbalanced set: 40 circles, 4 + 4 others
+        toy_dir = tmp_path / "train" / shape
+        rng = random.Random(n)
+        for i in range(n):
+            img = toy._u8(toy.render_shape(shape, 32, rng)[0])
+            Image.frombytes("RGB", (32, 32), bytes(img.permute(1, 2, 0).flatten().tolist())).save(
+                toy_dir / f"{i}.png")
+    ds = common.DomainFolder(tmp_path)
+    loader = common.make_loader(ds, 8, balanced=True, seed=0)
+    ys = torch.cat([y for _, (x, y) in zip(range(30), common.infinite(loader))])
+    share = torch.bincount(ys, minlength=3).float() / len(ys)
+    assert share.min() > 0.25, share  # unbalanced sampling would give circles 83 %
+
+
+def test_celeba_attrs_parsing_and_split(faces):
+    attrs = ["Male", "Blond_Hair"]
+    train = common.CelebAAttrs(faces, attrs, "train")
+    test = common.CelebAAttrs(faces, attrs, "test")
+    assert len(test) == 6 and len(train) == 54  # small files keep a tenth for test
+    assert not set(train.files) & set(test.files)
+    lines = (faces / "list_attr_celeba.txt").read_text().split("\n")
+    names = lines[1].split()
+    row = {ln.split()[0]: ln.split()[1:] for ln in lines[2:] if ln}[train.files[0].name]
+    assert train.labels[0].tolist() == [float(row[names.index(a)] == "1") for a in attrs]
+    x, c = train[0]
+    assert x.shape == (3, 48, 48) and c.shape == (2,)  # the reader crops a centred square
+
+
+def test_celeba_official_split_is_1999_test_rows(tmp_path):
+    (tmp_path / "images").mkdir()
+    rows = [f"{i:06d}.jpg " + " ".join(["-1"] * 40) for i in range(1, 20001)]
+    (tmp_path / "list_attr_celeba.txt").write_text("20000\n" + " ".join(toy.CELEBA_40) + "\n"
+                                                   + "\n".join(rows) + "\n")
+    test = common.CelebAAttrs(tmp_path, ["Young"], "test")
+    assert len(test) == 1999 and len(common.CelebAAttrs(tmp_path, ["Young"], "train")) == 18001
+    shuffled = [f"{i:06d}.jpg" for i in range(1, 20001)]
+    random.seed(1234)  # the official code: random.seed(1234); random.shuffle(lines)
+    random.shuffle(shuffled)
+    assert [f.name for f in test.files] == shuffled[:1999]
+
+
+def test_aligned_pairs_split_a_and_b(tmp_path):
+    (tmp_path / "train").mkdir()
+    img = Image.new("RGB", (64, 32), (255, 0, 0))
+    img.paste((0, 0, 255), (32, 0, 64, 32))  # left half red (A), right half blue (B)
+    img.save(tmp_path / "train" / "0.png")
+    a, b = common.AlignedPairs(tmp_path)[0]
+    assert a.shape == b.shape == (3, 32, 32)
+    assert a[0].mean() == 1 and a[2].mean() == -1 and b[2].mean() == 1 and b[0].mean() == -1
+
+
+def test_image_files_recursive(shapes):
+    ds = common.ImageFiles(shapes)
+    assert len(ds) == 45 and ds[0].shape == (3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Toy data and its oracle
+# ---------------------------------------------------------------------------------------------------
+def test_toy_generator_is_deterministic(tmp_path):
+    toy.write_shapes(tmp_path / "a", 32, 2, 1, seed=5)
+    toy.write_shapes(tmp_path / "b", 32, 2, 1, seed=5)
+    for f in (tmp_path / "a").rglob("*.png"):
+        assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()
+    toy.write_faces(tmp_path / "c", 32, 3, seed=1)
+    toy.write_faces(tmp_path / "d", 32, 3, seed=1)
+    assert (tmp_path / "c/list_attr_celeba.txt").read_text() == (tmp_path / "d/list_attr_celeba.txt").read_text()
+
+
+@pytest.mark.parametrize("size,n", [(32, 150), (64, 150), (128, 60)])
+def test_oracle_reads_shapes(size, n):
+    rng = random.Random(size)
+    imgs, truth, facts = [], [], []
+    for i in range(n):
+        img, f = toy.render_shape(toy.SHAPES[i % 3], size, rng)
+        imgs.append(img * 2 - 1)
+        truth.append(i % 3)
+        facts.append(f)
+    r = toy.read_shapes(torch.stack(imgs))
+    acc = (r["domain"] == torch.tensor(truth)).float().mean().item()
+    assert r["valid"].all() and acc >= 0.99, acc
+    colors = torch.tensor([f["color"] for f in facts])
+    assert (r["color"] - colors).abs().max() < 0.3  # stripes darken the mean by up to 15 %
+    circles = [i for i in range(n) if i % 3 != 2]  # centroid = centre for circles and squares
+    err = (r["cx"][circles] - torch.tensor([facts[i]["cx"] for i in circles])).abs().max()
+    assert err < 1.5 / size
+
+
+def test_oracle_reads_faces():
+    rng, n, width = random.Random(0), 80, 48
+    imgs, truth = [], []
+    for _ in range(n):
+        img, attrs = toy.render_face(width, rng)
+        top = (img.shape[1] - width) // 2
+        imgs.append(img[:, top:top + width] * 2 - 1)
+        truth.append([float(attrs[a]) for a in toy.FACE_ATTRS])
+    r = toy.read_faces(torch.stack(imgs))
+    acc = (r["attrs"] == torch.tensor(truth)).float().mean(0)
+    assert r["valid"].all() and (acc >= 0.99).all(), acc
+
+
+def test_oracle_rejects_noise():
+    noise = torch.rand(40, 3, 64, 64) * 2 - 1
+    assert not toy.read_shapes(noise)["valid"].any()
+    assert not toy.read_faces(noise)["valid"].any()
+    assert not toy.read_shapes(torch.full((2, 3, 32, 32), -0.76))["valid"].any()  # empty background
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints, run folders, CLI
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Cfg:
+    data: str = ""  # dataset folder
+    lr: float = 1e-4  # learning rate
+    amp: bool = True  # bf16 autocast on CUDA
+    attrs: tuple[str, ...] = ("Male", "Young")  # attribute names
+    batch: int = 8  # batch size
+
+
+def test_cli_from_dataclass_presets_and_flags(capsys):
+    presets = {"toy": {"batch": 2}, "afhq": {"lr": 2e-4}}
+    cfg, ns = common.parse_config(Cfg, presets, [], modes=("train", "sample"))
+    assert (cfg.batch, ns.preset, ns.mode) == (2, "toy", "train")
+    cfg, ns = common.parse_config(Cfg, presets, ["sample", "--data", "x/afhq", "--no-amp", "--batch",
+                                                 "4", "--attrs", "Male", "Bald"], modes=("train", "sample"))
+    assert (cfg.lr, cfg.amp, cfg.batch, cfg.attrs, ns.mode) == (2e-4, False, 4, ("Male", "Bald"), "sample")
+    with pytest.raises(SystemExit):
+        common.parse_config(Cfg, presets, ["--help"])
+    assert "bf16 autocast on CUDA" in capsys.readouterr().out
+
+
+def test_checkpoint_round_trip_restores_everything(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    common.save_checkpoint(tmp_path / "last.pt", 7, Cfg(), {"G": net}, {"G": opt}, {"note": 1})
+    expected = torch.rand(3)
+    net2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.Adam(net2.parameters())
+    state = common.load_checkpoint(tmp_path / "last.pt", {"G": net2}, {"G": opt2})
+    assert torch.equal(torch.rand(3), expected)  # RNG state restored to the moment of saving
+    assert state["step"] == 7 and state["config"]["attrs"] == ("Male", "Young") or \
+        state["config"]["attrs"] == ["Male", "Young"]
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
+    assert opt2.state_dict()["state"][0]["step"] == 1
+
+
+def test_checkpoint_strips_prefixes_and_is_atomic(tmp_path, monkeypatch):
+    net = torch.nn.Linear(2, 2)
+    wrapped = torch.nn.Module()
+    wrapped.module = net  # saved keys would start with "module."
+    common.save_checkpoint(tmp_path / "last.pt", 1, Cfg(), {"G": wrapped}, {})
+    sd = torch.load(tmp_path / "last.pt", weights_only=True)["nets"]["G"]
+    assert set(sd) == {"weight", "bias"}
+    before = (tmp_path / "last.pt").read_bytes()
+
+    def crash(obj, f, *a, **k):
+        open(f, "wb").write(b"half")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        common.save_checkpoint(tmp_path / "last.pt", 2, Cfg(), {"G": net}, {})
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_run_folder_is_never_silently_overwritten(tmp_path):
+    assert common.prepare_run(tmp_path, "", False) is None
+    (tmp_path / "last.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match="--resume auto"):
+        common.prepare_run(tmp_path, "", False)
+    assert common.prepare_run(tmp_path, "auto", False) == tmp_path / "last.pt"
+    assert common.prepare_run(tmp_path, "", True) is None
+    with pytest.raises(UserError, match="no such checkpoint"):
+        common.prepare_run(tmp_path, str(tmp_path / "nope.pt"), False)
+    with pytest.raises(UserError, match="not a checkpoint"):
+        common.load_checkpoint(tmp_path / "last.pt", {})
+
+
+def test_non_finite_loss_names_step_and_term():
+    common.check_finite({"D/real": torch.tensor(0.5)}, 3)
+    with pytest.raises(UserError, match=r"step 12: loss term 'G/sty' is nan.*runs/x/last.pt"):
+        common.check_finite({"D/real": 0.1, "G/sty": float("nan")}, 12, "runs/x/last.pt")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one clear line each
+# ---------------------------------------------------------------------------------------------------
+def test_missing_data_folder_names_download_and_toy(tmp_path):
+    with pytest.raises(UserError, match=r"data/download.py afhq.*--data toy"):
+        common.resolve_data(str(tmp_path / "afhq"), "shapes", 32)
+
+
+def test_bad_domain_folders(tmp_path):
+    with pytest.raises(UserError, match="missing"):
+        common.DomainFolder(tmp_path)
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "cat" / "a.png")
+    with pytest.raises(UserError, match="at least 2"):
+        common.DomainFolder(tmp_path)
+    (tmp_path / "train" / "dog").mkdir()
+    with pytest.raises(UserError, match=r"train/dog: no images"):
+        common.DomainFolder(tmp_path)
+
+
+def test_corrupt_image_is_named_and_skipped(tmp_path, capsys):
+    for d in ("a", "b"):
+        (tmp_path / "train" / d).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "train" / d / "good.png")
+    (tmp_path / "train" / "a" / "bad.png").write_bytes(b"not a png")
+    ds = common.DomainFolder(tmp_path)
+    i = [str(p) for p, _ in ds.samples].index(str(tmp_path / "train" / "a" / "bad.png"))
+    x, y = ds[i]
+    assert x.shape == (3, 8, 8) and y == 0 and ds.n_skipped == 1
+    assert "bad.png" in capsys.readouterr().err
+    with pytest.raises(UserError, match="bad.png"):
+        common.load_rgb(tmp_path / "train" / "a" / "bad.png")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "LA"])
+def test_any_image_mode_becomes_rgb(tmp_path, mode):
+    path = tmp_path / ("x.png" if mode != "CMYK" else "x.jpg")
+    img = Image.new("RGB", (6, 4), (255, 255, 255))
+    if mode == "I;16":
+        img = Image.frombytes("I;16", (6, 4), b"\xff\xff" * 24)  # 16-bit white
+    else:
+        img = img.convert(mode)
+    img.save(path)
+    out = common.load_rgb(path)
+    assert out.mode == "RGB" and out.size == (6, 4) and min(out.getpixel((0, 0))) >= 250
+
+
+def test_unknown_attribute_lists_valid_names(faces):
+    with pytest.raises(UserError, match=r"\['Blnd_Hair'\].*Blond_Hair"):
+        common.CelebAAttrs(faces, ["Blnd_Hair"])
+
+
+def test_main_guard_prints_one_line_and_exits_2(tmp_path):
+    code = ("import common\ndef main(argv):\n    common.resolve_data('nope/afhq', 'shapes', 32)\n"
+            "common.main_guard(main)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=common.ROOT)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: --data")
+
+
+def test_batch_larger_than_dataset(shapes):
+    with pytest.raises(UserError, match="--batch 100"):
+        common.make_loader(common.DomainFolder(shapes, "val"), 100)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metric backbones, with random weights (no network)
+# ---------------------------------------------------------------------------------------------------
+def test_frechet_distance():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(400, 8, generator=g), torch.randn(400, 8, generator=g)
+    assert abs(common.frechet_distance(a, a)) < 1e-6
+    near, far = common.frechet_distance(a, b), common.frechet_distance(a, b + 1.0)
+    assert near < 0.5 and abs(far - near - 8.0) < 0.5  # a shift of 1 per dimension adds ‖Δμ‖² = 8
+    assert common.frechet_distance(a, b * 2) > 4  # a wider distribution is far too
+
+
+def test_lpips_with_random_weights():
+    torch.manual_seed(0)
+    lp = common.LPIPS("alex", pretrained=False)
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    assert torch.allclose(lp(x, x), torch.zeros(3))
+    near, far = lp(x, (x + 0.05 * torch.randn_like(x)).clamp(-1, 1)), lp(x, torch.rand_like(x) * 2 - 1)
+    assert (near > 0).all() and (far > near).all()
+
+
+def test_inception_features_and_fid_grows_with_shift():
+    torch.manual_seed(0)
+    net = common.InceptionPool(pretrained=False)
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    f = net(x)
+    assert f.shape == (6, 2048) and (f >= 0).all()  # after ReLU + average pooling
+    assert torch.allclose(net(x), f)  # eval mode: deterministic
