@@ -29,9 +29,7 @@ IMG_EXT = (".jpg", ".jpeg", ".png")
 DOWNLOAD_HINT = {"afhq": "afhq", "celeba_hq": "celeba_hq", "celeba": "celeba", "edges2shoes": "edges2shoes"}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Errors: bad input is one line that names the file or flag and the fix, never a deep traceback
-# ----------------------------------------------------------------------------------------------------
+# ---- Errors: bad input is one line that names the file or flag and the fix, never a deep traceback
 class UserError(Exception):
     pass
 
@@ -49,9 +47,7 @@ def main_guard(fn, argv=None):
         sys.exit(2)
 
 
-# ----------------------------------------------------------------------------------------------------
-# CLI from a config dataclass: one flag per field, help = the field's trailing comment
-# ----------------------------------------------------------------------------------------------------
+# ---- CLI from a config dataclass: one flag per field, help = the field's trailing comment
 def _field_comments(cls):
     comments = {}
     for klass in reversed(cls.__mro__[:-1]):
@@ -99,9 +95,7 @@ def parse_config(cfg_cls, presets, argv=None, doc="", modes=("train",), extra=()
     return cfg_cls(**values), ns
 
 
-# ----------------------------------------------------------------------------------------------------
-# Seeding, device, precision
-# ----------------------------------------------------------------------------------------------------
+# ---- Seeding, device, precision
 def seed_everything(seed):
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -122,9 +116,7 @@ def autocast(device, enabled):
     return contextlib.nullcontext()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Run folder and checkpoints: one file holds the whole training state
-# ----------------------------------------------------------------------------------------------------
+# ---- Run folder and checkpoints: one file holds the whole training state
 def prepare_run(out, resume, overwrite):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,9 +184,7 @@ def check_finite(losses, step, last_ckpt=None):
                             f"{last_ckpt or 'none yet'} (try a lower lr, or --no-amp)")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data: readers for the real on-disk formats (the toy sets use the same formats)
-# ----------------------------------------------------------------------------------------------------
+# ---- Data: readers for the real on-disk formats (the toy sets use the same formats)
 def resolve_data(data, kind, img_size):
     """'' / 'toy' -> the built-in toy set (written on first use); otherwise the folder, checked."""
     if data in ("", "toy"):
@@ -384,9 +374,7 @@ def infinite(loader):
         yield from loader
 
 
-# ----------------------------------------------------------------------------------------------------
-# Output: grids, GIFs, console and JSONL logging
-# ----------------------------------------------------------------------------------------------------
+# ---- Output: grids, GIFs, console and JSONL logging
 def save_grid(images, path, nrow):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torchvision.utils.save_image(images.detach().float().cpu(), path, nrow=nrow, normalize=True,
@@ -425,9 +413,7 @@ class Logger:
             f.write(json.dumps({"step": step, "time": round(time.time(), 3), **vals}) + "\n")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Metric backbones (FID: torchvision Inception-v3; LPIPS v0.1 on AlexNet or VGG16)
-# ----------------------------------------------------------------------------------------------------
+# ---- Metric backbones (FID: torchvision Inception-v3; LPIPS v0.1 on AlexNet or VGG16)
 LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/{}.pth"
 
 
