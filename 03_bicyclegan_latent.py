@@ -1,0 +1,552 @@
+"""BicycleGAN: "Toward Multimodal Image-to-Image Translation", Zhu et al., NeurIPS 2017,
+arXiv:1711.11586v4. Read §3 (cVAE-GAN §3.1, cLR-GAN §3.2, hybrid §3.3 Eq. (9)) and §4 (networks).
+Official code: junyanz/BicycleGAN. Symbols: A, B -> A (edges, 1 channel), B (photo); G, E -> G, E;
+the cVAE-GAN / cLR-GAN discriminators -> D / D2; E(B) = (mu, log sigma^2) -> mu, logvar; z ~ E(B)
+-> z_enc, z ~ N(0, I) -> z_rand; B_hat = G(A, z_enc) -> x_enc; G(A, z_rand) -> x_rand;
+z_hat = E(G(A, z_rand)) -> mu2. Shapes: B batch, C channels, H = W = img_size, nz = 8.
+
+Run:      python 03_bicyclegan_latent.py      (toy shapes, 2-core CPU; resume: --resume auto)
+Paired:   python 03_bicyclegan_latent.py --data data/edges2shoes     (pix2pix A|B files)
+Photos:   python 03_bicyclegan_latent.py --data data/afhq    (A = edge map of B, made on the fly)
+Sample:   python 03_bicyclegan_latent.py sample   (grid + z-interpolation GIF from out/last.pt)
+Eval:     python 03_bicyclegan_latent.py eval     (LPIPS diversity, L1 recon, toy oracle)
+Bench:    python 03_bicyclegan_latent.py --bench --data toy --preset paper
+Measured GPU time/memory: not measured yet (this machine has no GPU).
+Deviations: lr decays per iteration, not per epoch (resume stays exact); the U-Net/encoder depth
+follows img_size (the official code has 128 and 256 variants only); flips happen on the batch.
+"""
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Subset
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+from common import (LPIPS, AlignedPairs, ImageFiles, Logger, UserError, autocast, check_finite,
+                    load_checkpoint, main_guard, make_loader, parse_config, pick_device,
+                    prepare_run, read_shapes, require, resolve_data, save_checkpoint, save_gif,
+                    save_grid, seed_everything)
+
+# ----------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------
+@dataclass
+class Config:
+    data: str = ""  # "" or "toy" -> toy shapes; a pix2pix A|B folder; or any image folder
+    out: str = "runs/03_bicyclegan"  # run folder (last.pt, samples, log.jsonl)
+    resume: str = ""  # "" (fresh), "auto" (out/last.pt if any) or a checkpoint path
+    overwrite: bool = False  # allow starting fresh over an existing out/last.pt
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0  # seeds python + torch; also fixes the data order per epoch
+    img_size: int = 256  # load_size = crop_size = 256 (train_edges2shoes.sh)
+    input_nc: int = 1  # channels of A (edges, grayscale)
+    output_nc: int = 3  # channels of B
+    nz: int = 8  # |z|, latent code size
+    ngf: int = 64  # G base width
+    nef: int = 64  # E base width
+    ndf: int = 64  # D base width (second scale uses ndf / 2)
+    where_add: str = "all"  # z concatenated to every down-conv ("all") or only the input
+    dropout: bool = True  # Dropout(0.5) in the inner up blocks (--use_dropout)
+    edge_thresh: float = 0.25  # edge map: Sobel magnitude threshold, relative to the image max
+    flip: bool = True  # paired horizontal flips (the official script never passes --no_flip)
+    batch: int = 2  # half cVAE-GAN (encoded z), half cLR-GAN (random z); must be even
+    lr: float = 2e-4  # Adam lr for G, E, D, D2
+    beta1: float = 0.5  # Adam beta1 (beta2 = 0.999)
+    lambda_l1: float = 10.0  # lambda, Eq. (3) weight of L1^VAE
+    lambda_kl: float = 0.01  # lambda_KL, weight of L_KL
+    lambda_z: float = 0.5  # lambda_latent, weight of L1^latent, Eq. (5)
+    total_iters: int = 1_494_720  # 60 epochs of edges2shoes (49,825 pairs / 2); decay in 2nd half
+    log_every: int = 100  # print + log.jsonl every N steps
+    sample_every: int = 5000  # sample grid every N steps
+    save_every: int = 5000  # checkpoint every N steps
+    n_random: int = 5  # random-z outputs per input in sample grids
+    num_workers: int = 4  # data loader workers (official: 4 threads)
+    amp: bool = True  # bf16 autocast (CUDA only)
+    bench: bool = False  # time training on synthetic data instead of training
+    bench_iters: int = 20  # timed iterations for --bench
+
+
+PRESETS = {  # edges2shoes = the dataclass defaults (scripts/train_edges2shoes.sh)
+    "edges2shoes": {}, "afhq": dict(total_iters=438_900),  # afhq: 60 epochs of 14,630 / 2
+    # Toy: small widths and 64 px (the smallest size both PatchGAN scales accept), batch 8 so that
+    # a 2-core CPU sees enough pairs in a few minutes. Deviation: batch 8, not 2 (speed).
+    "toy": dict(img_size=64, ngf=16, nef=16, ndf=16, batch=8, total_iters=1500, log_every=100,
+                sample_every=500, save_every=500, num_workers=0, n_random=5),
+}
+
+# ----------------------------------------------------------------------------
+# 2. Networks
+# ----------------------------------------------------------------------------
+def init_xavier(net, gain=0.02):
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.xavier_normal_(m.weight, gain=gain)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+class UnetBlock(nn.Module):
+    """One level: [LReLU] Conv4s2 [IN] -> inner levels -> ReLU ConvT4s2 [IN | Tanh] [Dropout];
+    returns cat(up, skip) except at the outermost level. IN: no affine, no running stats."""
+
+    def __init__(self, in_nc, outer_nc, inner_nc, nz, inner=None, outermost=False, dropout=False):
+        super().__init__()
+        self.nz, self.inner, self.outermost = nz, inner, outermost
+        innermost = inner is None
+        down = [nn.Conv2d(in_nc + nz, inner_nc, 4, 2, 1)]
+        if not outermost:
+            down = [nn.LeakyReLU(0.2)] + down + ([] if innermost else [nn.InstanceNorm2d(inner_nc)])
+        up_in = inner_nc if innermost else inner_nc * 2  # inner levels return cat(up, skip)
+        up = [nn.ReLU(), nn.ConvTranspose2d(up_in, outer_nc, 4, 2, 1)]
+        up += [nn.Tanh()] if outermost else [nn.InstanceNorm2d(outer_nc)]
+        up += [nn.Dropout(0.5)] if dropout else []
+        self.down, self.up = nn.Sequential(*down), nn.Sequential(*up)
+
+    def forward(self, x, z):
+        """x (B, C, H, W), z (B, nz) tiled if nz > 0 -> (B, outer_nc [+ C], H, W)"""
+        B, C, H, W = x.shape
+        xz = torch.cat([x, z[:, :, None, None].expand(-1, -1, H, W)], 1) if self.nz else x
+        h = self.down(xz)  # (B, inner_nc, H/2, W/2); xz is (B, C + nz, H, W)
+        if self.inner is not None:
+            h = self.inner(h, z)  # (B, 2*inner_nc, H/2, W/2)
+        h = self.up(h)  # (B, outer_nc, H, W)
+        if self.outermost:
+            return h
+        # Official quirk: without z the in-place LeakyReLU of `down` also rewrites x, so in the
+        # input-only U-Net the skip carries LReLU(x); with z it acts on the cat copy instead.
+        skip = x if self.nz else F.leaky_relu(x, 0.2)
+        return torch.cat([h, skip], 1)  # (B, outer_nc + C, H, W)
+
+
+class Generator(nn.Module):
+    """G(A, z): U-Net with log2(img_size) levels (8 at 256 px: 256 -> 1 -> 256). z is concatenated
+    to the input of every down-conv (where_add="all", G_Unet_add_all) or to A only ("input")."""
+
+    def __init__(self, input_nc=1, output_nc=3, nz=8, ngf=64, img_size=256, where_add="all",
+                 dropout=True):
+        super().__init__()
+        num_downs = int(math.log2(img_size))
+        block = None
+        for i in reversed(range(num_downs)):  # innermost (1x1) first, outermost last
+            inner_nc = ngf * min(2 ** i, 8)
+            outer_nc = ngf * min(2 ** (i - 1), 8) if i else output_nc
+            in_nc = outer_nc if i else input_nc
+            nz_i = nz if (where_add == "all" or i == 0) else 0
+            drop = dropout and block is not None and i > 0 and outer_nc == ngf * 8
+            block = UnetBlock(in_nc, outer_nc, inner_nc, nz_i, block, outermost=i == 0,
+                              dropout=drop)
+        self.model = block
+
+    def forward(self, A, z):
+        """A (B, 1, H, W) in [-1, 1], z (B, nz) -> (B, 3, H, W) in [-1, 1]"""
+        return self.model(A, z)
+
+
+class ResBlock(nn.Module):
+    """E's BasicBlock: IN LReLU Conv3 IN LReLU Conv3 AvgPool2 + shortcut AvgPool2 Conv1."""
+
+    def __init__(self, in_nc, out_nc):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.InstanceNorm2d(in_nc), nn.LeakyReLU(0.2), nn.Conv2d(in_nc, in_nc, 3, 1, 1),
+            nn.InstanceNorm2d(in_nc), nn.LeakyReLU(0.2), nn.Conv2d(in_nc, out_nc, 3, 1, 1),
+            nn.AvgPool2d(2))
+        self.shortcut = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(in_nc, out_nc, 1))
+
+    def forward(self, x):
+        return self.conv(x) + self.shortcut(x)  # (B, out_nc, H/2, W/2)
+
+
+class Encoder(nn.Module):
+    """E(B) -> (mu, logvar) of q(z|B): ResNet ending at 8x8 then average pooled (resnet_256)."""
+
+    def __init__(self, input_nc=3, nz=8, nef=64, img_size=256):
+        super().__init__()
+        n_blocks = int(math.log2(img_size)) - 3  # 5 at 256 px (resnet_256), 4 at 128 (resnet_128)
+        layers = [nn.Conv2d(input_nc, nef, 4, 2, 1)]
+        for n in range(1, n_blocks):  # widths 64 -> 128 -> 192 -> 256 -> 256
+            layers.append(ResBlock(nef * min(4, n), nef * min(4, n + 1)))
+        layers += [nn.LeakyReLU(0.2), nn.AvgPool2d(8)]
+        self.conv = nn.Sequential(*layers)
+        self.fc = nn.Linear(nef * min(4, n_blocks), nz)  # mu
+        self.fc_var = nn.Linear(nef * min(4, n_blocks), nz)  # log sigma^2
+
+    def forward(self, B_img):
+        """B_img (B, 3, H, W) in [-1, 1] -> mu (B, nz), logvar (B, nz)"""
+        h = self.conv(B_img).flatten(1)  # (B, 4*nef) after 8x8 average pooling
+        return self.fc(h), self.fc_var(h)
+
+
+def patch_layers(in_nc, ndf):
+    """One 70x70 PatchGAN (n_layers=3): 256 px -> a 30x30 map of real/fake scores."""
+    layers = [nn.Conv2d(in_nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2)]
+    for c_in, c_out, stride in ((ndf, 2 * ndf, 2), (2 * ndf, 4 * ndf, 2), (4 * ndf, 8 * ndf, 1)):
+        layers += [nn.Conv2d(c_in, c_out, 4, stride, 1), nn.InstanceNorm2d(c_out),
+                   nn.LeakyReLU(0.2)]
+    return nn.Sequential(*layers, nn.Conv2d(8 * ndf, 1, 4, 1, 1))
+
+
+class MultiScaleD(nn.Module):
+    """D_NLayersMulti with num_D=2: PatchGAN on x and (with ndf/2) on x downsampled by 2."""
+
+    def __init__(self, input_nc=3, ndf=64):
+        super().__init__()
+        self.scales = nn.ModuleList([patch_layers(input_nc, ndf), patch_layers(input_nc, ndf // 2)])
+        self.down = nn.AvgPool2d(3, 2, 1, count_include_pad=False)
+
+    def forward(self, x):
+        """x (B, 3, H, W) -> [(B, 1, 30, 30), (B, 1, 14, 14)] at 256 px (LSGAN scores)."""
+        return [self.scales[0](x), self.scales[1](self.down(x))]
+
+
+def build_nets(cfg, device):
+    """G, E, D, D2 with the official init, on `device`."""
+    require(cfg.img_size >= 64 and cfg.img_size & (cfg.img_size - 1) == 0,
+            f"--img-size {cfg.img_size}: use a power of two >= 64 (both PatchGAN scales need it)")
+    require(cfg.where_add in ("all", "input"), "--where-add must be 'all' or 'input'")
+    nets = dict(
+        G=Generator(cfg.input_nc, cfg.output_nc, cfg.nz, cfg.ngf, cfg.img_size, cfg.where_add,
+                    cfg.dropout),
+        E=Encoder(cfg.output_nc, cfg.nz, cfg.nef, cfg.img_size),
+        D=MultiScaleD(cfg.output_nc, cfg.ndf), D2=MultiScaleD(cfg.output_nc, cfg.ndf))
+    return {k: init_xavier(n).to(device) for k, n in nets.items()}
+
+# ----------------------------------------------------------------------------
+# 3. Losses
+# ----------------------------------------------------------------------------
+def lsgan_loss(preds, target):
+    """LSGAN (Mao et al.): mean (D(x) - target)^2 per scale, summed over the 2 scales."""
+    return sum(((p.float() - target) ** 2).mean() for p in preds)
+
+
+def kl_loss(mu, logvar):
+    """L_KL = KL(N(mu, sigma^2) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - e^logvar), summed over
+    batch and dimensions as the official code does (not averaged)."""
+    return -0.5 * torch.sum(1 + logvar.float() - mu.float() ** 2 - logvar.float().exp())
+
+
+def l1_loss(x, y):
+    """Eq. (3) L1^VAE = ||B - G(A, E(B))||_1 and Eq. (5) L1^latent = ||z - E(G(A, z))||_1 (means)."""
+    return (x.float() - y.float()).abs().mean()
+
+# ----------------------------------------------------------------------------
+# 4. Data
+# ----------------------------------------------------------------------------
+def edge_map(x, thresh=0.25):
+    """x (B, 3, H, W) in [-1, 1] -> A (B, 1, H, W) in {-1, 1}: dark Sobel edges on white, like
+    edges2shoes. Magnitudes are divided by max(image max, 1): flat images give no edges."""
+    gray = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device)[:, None, None]).sum(1, True)
+    kx = torch.tensor([[-1., 0., 1.], [-2., 0., 2.], [-1., 0., 1.]], device=x.device)
+    g = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), torch.stack([kx, kx.t()])[:, None])
+    mag = g.square().sum(1, keepdim=True).sqrt()  # (B, 1, H, W) from g (B, 2, H, W)
+    mag = mag / mag.amax((2, 3), keepdim=True).clamp_min(1.0)
+    return 1.0 - 2.0 * (mag > thresh).float()  # (B, 1, H, W)
+
+
+def build_dataset(cfg, split="train"):
+    """A|B files (pix2pix format) -> AlignedPairs giving (A, B); any other folder (toy shapes,
+    AFHQ, CelebA) -> ImageFiles giving B alone (A = edge_map(B) in `to_pair`)."""
+    root = resolve_data(cfg.data, "shapes", cfg.img_size)
+    folder = root / split if (root / split).is_dir() else root / "train"
+    files = sorted(p for p in folder.glob("*.*") if p.suffix.lower() in (".jpg", ".png"))
+    if files and Image.open(files[0]).width == 2 * Image.open(files[0]).height:  # A|B files
+        def norm(img, nc):  # official: Resize([256, 256], BICUBIC) per half, A grayscale
+            img = img.resize((cfg.img_size, cfg.img_size), Image.BICUBIC)
+            return TF.to_tensor(img.convert("L" if nc == 1 else "RGB")) * 2 - 1
+        return AlignedPairs(root, folder.name, lambda a, b: (norm(a, cfg.input_nc),
+                                                             norm(b, cfg.output_nc)))
+    tf = T.Compose([T.Resize(cfg.img_size), T.CenterCrop(cfg.img_size), T.ToTensor(),
+                    T.Normalize([0.5] * 3, [0.5] * 3)])
+    return ImageFiles(folder if folder.is_dir() else root, transform=tf)
+
+
+def to_pair(batch, cfg, device, flip=None):
+    """Loader batch -> (A, B) on device; A = edge_map(B) unless the files hold A. flip: (B,) bool,
+    a paired horizontal flip per sample (the same for A and B, as official get_params)."""
+    A, B = batch if isinstance(batch, (list, tuple)) else (None, batch)
+    B = B.to(device, non_blocking=True)
+    A = edge_map(B, cfg.edge_thresh) if A is None else A.to(device, non_blocking=True)
+    if flip is not None:
+        f = flip.to(device)[:, None, None, None]  # (B, 1, 1, 1)
+        A, B = torch.where(f, A.flip(3), A), torch.where(f, B.flip(3), B)
+    return A, B
+
+
+def batch_stream(dataset, cfg, device, step):
+    """Endless (A, B) batches from `step` on. Order and flips are a pure function of (seed, step),
+    so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    n, b = len(dataset), cfg.batch
+    require(n >= b, f"--data has {n} images, fewer than --batch {b}")
+    while True:
+        epoch, skip = divmod(step, n // b)
+        g = torch.Generator().manual_seed(cfg.seed + epoch)
+        order, flips = torch.randperm(n, generator=g), (torch.rand(n, generator=g) < 0.5) & cfg.flip
+        loader = make_loader(Subset(dataset, order[skip * b:].tolist()), b, shuffle=False,
+                             num_workers=cfg.num_workers, device=device)
+        for i, batch in enumerate(loader, skip):
+            yield to_pair(batch, cfg, device, flips[i * b:(i + 1) * b])
+            step += 1
+
+
+def fixed_inputs(cfg, device, n=4):
+    """n evenly spaced validation pairs: a fixed debug batch, comparable across steps."""
+    dataset = build_dataset(cfg, "val")
+    items = [dataset[i] for i in torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long()]
+    stack = [torch.stack(t) for t in zip(*items)] if isinstance(items[0], tuple) else \
+        torch.stack(items)
+    return to_pair(stack, cfg, device)
+
+# ----------------------------------------------------------------------------
+# 5. Steps
+# ----------------------------------------------------------------------------
+@contextmanager
+def frozen(*nets):
+    """Forward passes inside build no graph edges to these nets' parameters."""
+    for net in nets:
+        net.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for net in nets:
+            net.requires_grad_(True)
+
+
+def forward(nets, A, B, nz):
+    """Official `forward`: the first half is the cVAE-GAN pair (B -> z -> B_hat); the cLR-GAN
+    output reuses the first half's A with z ~ N(0, I); the second half's B is D2's real."""
+    half = A.shape[0] // 2
+    A_enc, B_enc, B_rand = A[:half], B[:half], B[half:]  # (B/2, C, H, W) each
+    mu, logvar = nets["E"](B_enc)  # (B/2, nz) each
+    z_enc = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # reparameterisation
+    z_rand = torch.randn(half, nz, device=A.device)  # (B/2, nz)
+    x_enc = nets["G"](A_enc, z_enc)  # (B/2, 3, H, W) B_hat, should reconstruct B_enc
+    x_rand = nets["G"](A_enc, z_rand)  # (B/2, 3, H, W)
+    return dict(B_enc=B_enc, B_rand=B_rand, mu=mu, logvar=logvar, z_rand=z_rand, x_enc=x_enc,
+                x_rand=x_rand)
+
+
+def ge_losses(nets, fw, cfg):
+    """Weighted terms of Eq. (9) for G and E (official backward_EG + backward_G_alone)."""
+    with frozen(nets["D"], nets["D2"]):  # G/E step: D and D2 get no gradient
+        loss = dict(G_GAN=lsgan_loss(nets["D"](fw["x_enc"]), 1.0),  # L_GAN^VAE, Eq. (4)
+                    G_GAN2=lsgan_loss(nets["D2"](fw["x_rand"]), 1.0))  # L_GAN, Eq. (1)
+    loss["G_L1"] = cfg.lambda_l1 * l1_loss(fw["x_enc"], fw["B_enc"])
+    loss["kl"] = cfg.lambda_kl * kl_loss(fw["mu"], fw["logvar"])
+    # §3.3: the latent regression trains G only ("we only update G ... to avoid a trivial
+    # solution"); E is frozen for this forward, so the gradient passes through E's activations
+    # to G but never reaches E's weights. mu2 is a point estimate (no sampling), as official.
+    with frozen(nets["E"]):
+        mu2, _ = nets["E"](fw["x_rand"])  # (B/2, nz)
+    loss["z_L1"] = cfg.lambda_z * l1_loss(mu2, fw["z_rand"])
+    return loss
+
+
+def g_step(nets, opts, fw, cfg):
+    """One Adam step of G and E on Eq. (9): GAN + GAN2 + L1 + KL (G, E) + latent L1 (G only)."""
+    opts["G"].zero_grad(set_to_none=True)
+    opts["E"].zero_grad(set_to_none=True)
+    loss = ge_losses(nets, fw, cfg)
+    sum(loss.values()).backward()
+    opts["E"].step()
+    opts["G"].step()
+    return {k: v.detach() for k, v in loss.items()}
+
+
+def d_step(D, opt_D, real, fake):
+    """LSGAN D step: LS(D(fake), 0) + LS(D(real), 1), fake detached (no 1/2, no penalty)."""
+    opt_D.zero_grad(set_to_none=True)
+    loss = lsgan_loss(D(fake.detach()), 0.0) + lsgan_loss(D(real), 1.0)
+    loss.backward()
+    opt_D.step()
+    return loss.detach()
+
+
+def train_step(nets, opts, A, B, cfg, device):
+    """Official order: forward, G/E step, then D and D2 on the same (detached) fakes."""
+    with autocast(device, cfg.amp):
+        fw = forward(nets, A, B, cfg.nz)
+        losses = g_step(nets, opts, fw, cfg)
+        losses["D"] = d_step(nets["D"], opts["D"], fw["B_enc"], fw["x_enc"])
+        losses["D2"] = d_step(nets["D2"], opts["D2"], fw["B_rand"], fw["x_rand"])
+    return losses
+
+
+def lr_at(step, cfg):
+    """Official 'linear' policy counted in iterations: constant for the first half, then
+    1 - k / (n_decay + 1) (never exactly 0). A pure function of the step: resume is exact."""
+    n_const = cfg.total_iters // 2
+    return cfg.lr * (1.0 - max(0, step + 1 - n_const) / (cfg.total_iters - n_const + 1))
+
+
+def build_opts(nets, cfg, device):
+    """Adam(lr, (0.5, 0.999)) for each of G, E, D, D2; fused on CUDA, foreach elsewhere."""
+    fused = device.type == "cuda"
+    return {k: torch.optim.Adam(n.parameters(), cfg.lr, betas=(cfg.beta1, 0.999),
+                                fused=fused or None, foreach=None if fused else True)
+            for k, n in nets.items()}
+
+# ----------------------------------------------------------------------------
+# 6. Sampling
+# ----------------------------------------------------------------------------
+@torch.no_grad()
+def sample_grid(nets, A, B, z_fixed, path):
+    """Row per input: [A, B, G(A, mu(E(B))), G(A, z_1) ... G(A, z_K)]. As official test.py: eval
+    mode (no dropout), encoded z = mu."""
+    G, (N, K) = nets["G"], (A.shape[0], z_fixed.shape[0])
+    G.eval()
+    x_enc = G(A, nets["E"](B)[0])  # (N, 3, H, W)
+    x_rand = G(A.repeat_interleave(K, 0), z_fixed.repeat(N, 1)).view(N, K, *B.shape[1:])
+    G.train()
+    rows = torch.cat([A.expand_as(B)[:, None], B[:, None], x_enc[:, None], x_rand], 1)
+    save_grid(rows.flatten(0, 1).float(), path, nrow=3 + K)  # (N * (3 + K), 3, H, W)
+
+
+@torch.no_grad()
+def z_interp_gif(G, A, nz, path, n_keys=5, per_segment=4, seed=0):
+    """All inputs side by side, one z moving along slerp segments between random codes (official
+    video.py: util.interp_z, 4 frames per segment, 8 fps)."""
+    keys = torch.randn(n_keys, nz, generator=torch.Generator().manual_seed(seed)).to(A.device)
+    frames = []
+    for z0, z1 in zip(keys[:-1], keys[1:]):
+        omega = torch.acos(F.cosine_similarity(z0, z1, 0).clamp(-1, 1))
+        for t in torch.arange(per_segment).tolist():
+            t = t / per_segment
+            z = (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
+            x = G.eval()(A, z.expand(A.shape[0], nz)).float()  # (N, 3, H, W)
+            frames.append(torch.cat(list(x), 2))  # (3, H, N * W)
+    save_gif(frames, path, duration_ms=125)
+
+# ----------------------------------------------------------------------------
+# 7. Train
+# ----------------------------------------------------------------------------
+def train(cfg):
+    device = pick_device(cfg.device)
+    require(cfg.batch >= 2 and cfg.batch % 2 == 0, f"--batch {cfg.batch}: use an even number >= 2")
+    seed_everything(cfg.seed)
+    ckpt = prepare_run(cfg.out, cfg.resume, cfg.overwrite)
+    out = Path(cfg.out)
+    last = out / "last.pt"
+    nets = build_nets(cfg, device)
+    opts = build_opts(nets, cfg, device)
+    step = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
+    stream = batch_stream(build_dataset(cfg, "train"), cfg, device, step)
+    A_fix, B_fix = fixed_inputs(cfg, device)
+    z_fix = torch.randn(cfg.n_random, cfg.nz, generator=torch.Generator().manual_seed(1)).to(device)
+    logger, losses = Logger(out, cfg.total_iters, cfg.log_every), {}
+    logger.log(step, {})  # starts the it/s clock
+    try:
+        while step < cfg.total_iters:
+            for group in (g for o in opts.values() for g in o.param_groups):
+                group["lr"] = lr_at(step, cfg)
+            A, B = next(stream)
+            losses = train_step(nets, opts, A, B, cfg, device)
+            step += 1
+            if step % cfg.log_every == 0:
+                logger.log(step, {**losses, "lr": lr_at(step - 1, cfg)})
+            if step % cfg.sample_every == 0 or step == cfg.total_iters:
+                sample_grid(nets, A_fix, B_fix, z_fix, out / "samples" / f"{step:07d}.png")
+            if step % cfg.save_every == 0 or step == cfg.total_iters:
+                check_finite(losses, step, last if last.exists() else None)
+                save_checkpoint(last, step, cfg, nets, opts)
+    except KeyboardInterrupt:
+        check_finite(losses, step, last if last.exists() else None)
+        save_checkpoint(last, step, cfg, nets, opts)
+        print(f"\ninterrupted: saved {last} at step {step}; continue with --resume auto")
+    return nets
+
+
+def bench(cfg):
+    """Warm-up + cfg.bench_iters timed training steps on random data; prints one line."""
+    device = pick_device(cfg.device)
+    nets, cuda = build_nets(cfg, device), device.type == "cuda"
+    opts = build_opts(nets, cfg, device)
+    A = torch.rand(cfg.batch, cfg.input_nc, cfg.img_size, cfg.img_size, device=device) * 2 - 1
+    B = torch.rand(cfg.batch, cfg.output_nc, cfg.img_size, cfg.img_size, device=device) * 2 - 1
+    with FlopCounterMode(display=False) as counter:
+        train_step(nets, opts, A, B, cfg, device)
+    for i in range(3 + cfg.bench_iters):
+        if i == 3:  # warm-up done
+            torch.cuda.synchronize() if cuda else None
+            torch.cuda.reset_peak_memory_stats() if cuda else None
+            t0 = time.perf_counter()
+        train_step(nets, opts, A, B, cfg, device)
+    torch.cuda.synchronize() if cuda else None
+    its = cfg.bench_iters / (time.perf_counter() - t0)
+    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"
+    print(f"bench {cfg.img_size}px batch {cfg.batch} {device.type}: {its:.3g} it/s | "
+          f"{its * cfg.batch:.3g} images/s | peak mem {mem} | "
+          f"{counter.get_total_flops() * its / 1e12:.3g} TFLOP/s")
+
+
+def load_run(cfg, ckpt):
+    """Nets from a checkpoint, built from the run's own config (sizes match); G in eval mode."""
+    path = Path(ckpt or Path(cfg.out) / "last.pt")
+    require(path.is_file(), f"{path}: no checkpoint; train first or pass --ckpt PATH")
+    saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    cfg = Config(**{**saved, **{k: getattr(cfg, k) for k in ("data", "out", "device")}})
+    device = pick_device(cfg.device)
+    nets = build_nets(cfg, device)
+    load_checkpoint(path, nets, restore_rng=False, map_location=device)
+    return cfg, nets, device, nets["G"].eval(), nets["E"]
+
+
+@torch.no_grad()
+def evaluate(cfg, ckpt, n_inputs=100, n_z=20, lpips=None):
+    """Official diversity protocol: mean LPIPS over 19 consecutive pairs of 20 random-z outputs per
+    input; L1 of G(A, mu(E(B))) vs B; on toy data the oracle (shape/position kept, colour varies)."""
+    cfg, nets, device, G, E = load_run(cfg, ckpt)
+    A, B = fixed_inputs(cfg, device, n_inputs)
+    try:
+        lpips = lpips or LPIPS("alex").to(device)
+    except UserError as e:
+        print(f"LPIPS diversity skipped: {e}")
+    res = dict(n_inputs=len(A), l1_rec=l1_loss(G(A, E(B)[0]), B).item())
+    truth, rows = (read_shapes(B) if cfg.data in ("", "toy") else None), []
+    for i in range(len(A)):
+        x = G(A[i:i + 1].expand(n_z, -1, -1, -1), torch.randn(n_z, cfg.nz, device=device))
+        row = dict(lpips_diversity=lpips(x[:-1], x[1:]).mean()) if lpips else {}
+        if truth is not None:  # outputs keep the input's shape and position; colour follows z
+            r = read_shapes(x.float())
+            row.update(valid=r["valid"].float().mean(),
+                       shape_kept=(r["domain"] == truth["domain"][i]).float().mean(),
+                       pos_err=((r["cx"] - truth["cx"][i]).abs() +
+                                (r["cy"] - truth["cy"][i]).abs()).mean() / 2,
+                       color_std_over_z=r["color"][r["valid"]].std(0).mean().nan_to_num())
+        rows.append(row)
+    res.update({k: torch.stack([r[k] for r in rows]).mean().item() for k in rows[0]})
+    if truth is not None:
+        res["color_std_real"] = truth["color"][truth["valid"]].std(0).mean().item()
+    print(" | ".join(f"{k} {v:.4g}" for k, v in res.items()))
+    return res
+
+# ----------------------------------------------------------------------------
+# 8. Entry point
+# ----------------------------------------------------------------------------
+def main(argv=None):
+    extra = ((("--ckpt",), dict(default="", help="checkpoint for sample/eval (default out/last.pt)")),)
+    cfg, ns = parse_config(Config, PRESETS, argv, doc=__doc__, modes=("train", "sample", "eval"),
+                           extra=extra)
+    if cfg.bench:
+        return bench(cfg)
+    if ns.mode == "train":
+        return train(cfg)
+    if ns.mode == "eval":
+        return evaluate(cfg, ns.ckpt)
+    cfg, nets, device, G, E = load_run(cfg, ns.ckpt)
+    A, B = fixed_inputs(cfg, device)
+    z = torch.randn(10, cfg.nz, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    sample_grid(nets, A, B, z, Path(cfg.out) / "sample_grid.png")
+    z_interp_gif(G, A, cfg.nz, Path(cfg.out) / "z_interp.gif", seed=cfg.seed)
+    print(f"wrote {cfg.out}/sample_grid.png and {cfg.out}/z_interp.gif")
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,193 @@
+"""Tests for 03_bicyclegan_latent.py (BicycleGAN). CPU only, small widths except the param counts."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import load_script
+
+bg = load_script("03_bicyclegan_latent")
+SMALL = dict(ngf=8, nef=8, ndf=8, img_size=64, batch=2, num_workers=0, amp=False)
+
+
+def small_cfg(**kw):
+    return bg.Config(**{**SMALL, **kw})
+
+
+def params(net):
+    return {k: p.detach().clone() for k, p in net.named_parameters()}
+
+
+def changed(before, net):
+    return [k for k, p in net.named_parameters() if not torch.equal(before[k], p)]
+
+
+@pytest.mark.parametrize("where_add", ["all", "input"])
+@pytest.mark.parametrize("size,batch", [(64, 2), (128, 4)])
+def test_shapes(where_add, size, batch):
+    cfg = small_cfg(img_size=size, where_add=where_add, batch=batch)
+    nets = bg.build_nets(cfg, torch.device("cpu"))
+    A = torch.rand(batch, 1, size, size) * 2 - 1
+    B = torch.rand(batch, 3, size, size) * 2 - 1
+    z = torch.randn(batch, cfg.nz)
+    x = nets["G"](A, z)
+    assert x.shape == (batch, 3, size, size) and x.abs().max() <= 1
+    mu, logvar = nets["E"](B)
+    assert mu.shape == logvar.shape == (batch, cfg.nz)
+    n = {64: (6, 2), 128: (14, 6)}[size]  # 30 and 14 at 256 px
+    assert [tuple(p.shape) for p in nets["D"](B)] == [(batch, 1, n[0], n[0]), (batch, 1, n[1], n[1])]
+    # z matters: a different code gives a different output (dropout off)
+    nets["G"].eval()
+    assert (nets["G"](A, z) - nets["G"](A, torch.randn_like(z))).abs().max() > 0
+    fw = bg.forward(nets, A, B, cfg.nz)  # half encoded, half random
+    assert fw["x_enc"].shape == fw["x_rand"].shape == (batch // 2, 3, size, size)
+    assert torch.equal(fw["B_rand"], B[batch // 2:])
+
+
+def test_param_counts():
+    with torch.device("meta"):  # count without allocating or running
+        count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+        assert count(bg.Generator(1, 3, 8, 64, 256, "all")) == 54_792_579
+        assert count(bg.Generator(1, 3, 8, 64, 256, "input")) == 54_415_747
+        assert count(bg.Encoder(3, 8, 64, 256)) == 2_590_032
+        assert count(bg.MultiScaleD(3, 64)) == 3_458_978
+    G = bg.Generator(1, 3, 8, 8, 256)
+    n_drop = sum(isinstance(m, torch.nn.Dropout) for m in G.modules())
+    n_in = sum(isinstance(m, torch.nn.InstanceNorm2d) and not m.affine for m in G.modules())
+    assert n_drop == 3 and n_in == 13  # dropout in levels 4-6; IN: 6 down + 7 up, no affine
+
+
+def test_losses_values_and_signs():
+    zeros = torch.zeros(2, 8)
+    assert bg.kl_loss(zeros, zeros).item() == 0.0  # exactly 0 at the prior
+    assert bg.kl_loss(torch.ones(2, 8), zeros).item() == pytest.approx(8.0)  # a sum, 0.5 * 16
+    mu, logvar = torch.randn(4, 8), torch.randn(4, 8)
+    assert bg.kl_loss(mu, logvar).item() > 0
+    assert bg.kl_loss(zeros, torch.full((2, 8), 0.5)).item() > 0  # wrong variance costs too
+    preds = [torch.ones(2, 1, 6, 6), torch.ones(2, 1, 2, 2)]
+    assert bg.lsgan_loss(preds, 1.0).item() == 0.0
+    assert bg.lsgan_loss(preds, 0.0).item() == pytest.approx(2.0)  # summed over the 2 scales
+    assert bg.l1_loss(torch.zeros(3), torch.full((3,), -2.0)).item() == pytest.approx(2.0)
+
+
+def test_latent_l1_gives_E_no_gradient():
+    cfg = small_cfg()
+    torch.manual_seed(1)
+    nets = bg.build_nets(cfg, torch.device("cpu"))
+    A, B = torch.rand(2, 1, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    loss = bg.ge_losses(nets, bg.forward(nets, A, B, cfg.nz), cfg)
+    assert all(v.item() >= 0 for v in loss.values())
+    sum(v for k, v in loss.items() if k != "z_L1").backward(retain_graph=True)
+    g_E = {k: p.grad.clone() for k, p in nets["E"].named_parameters()}
+    g_G = {k: p.grad.clone() for k, p in nets["G"].named_parameters()}
+    assert any(g.abs().max() > 0 for g in g_E.values())  # L1 and KL do train E
+    loss["z_L1"].backward()
+    assert all(torch.equal(g_E[k], p.grad) for k, p in nets["E"].named_parameters())
+    assert max((g_G[k] - p.grad).abs().max() for k, p in nets["G"].named_parameters()) > 0
+    for D in (nets["D"], nets["D2"]):  # frozen during the G/E losses
+        assert all(p.grad is None for p in D.parameters())
+
+
+def test_steps_change_only_their_nets():
+    cfg = small_cfg()
+    dev = torch.device("cpu")
+    nets = bg.build_nets(cfg, dev)
+    opts = bg.build_opts(nets, cfg, dev)
+    A, B = torch.rand(2, 1, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    fw = bg.forward(nets, A, B, cfg.nz)
+    before = {k: params(n) for k, n in nets.items()}
+    bg.g_step(nets, opts, fw, cfg)
+    assert changed(before["G"], nets["G"]) and changed(before["E"], nets["E"])
+    assert not changed(before["D"], nets["D"]) and not changed(before["D2"], nets["D2"])
+    before = {k: params(n) for k, n in nets.items()}
+    loss = bg.d_step(nets["D2"], opts["D2"], fw["B_rand"], fw["x_rand"])
+    assert loss.item() > 0
+    assert changed(before["D2"], nets["D2"])
+    assert not any(changed(before[k], nets[k]) for k in ("G", "E", "D"))
+    bg.d_step(nets["D"], opts["D"], fw["B_enc"], fw["x_enc"])
+    assert changed(before["D"], nets["D"]) and not changed(before["G"], nets["G"])
+
+
+def test_lr_schedule():
+    cfg = small_cfg(total_iters=100, lr=2e-4)
+    lrs = [bg.lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == lrs[48] == 2e-4  # constant in the first half
+    assert all(a > b for a, b in zip(lrs[49:], lrs[50:]))  # then strictly decreasing
+    assert 0 < lrs[-1] < 2e-4 / 40  # towards 0, never exactly 0 (as official)
+
+
+def test_edge_map():
+    flat = torch.full((2, 3, 32, 32), 0.3)
+    A = bg.edge_map(flat)
+    assert A.shape == (2, 1, 32, 32) and torch.equal(A, torch.ones_like(A))  # no edges
+    x = torch.full((1, 3, 32, 32), -0.8)
+    x[:, :, 8:24, 8:24] = 0.9  # a bright square
+    A = bg.edge_map(x)
+    assert set(A.unique().tolist()) <= {-1.0, 1.0}
+    assert (A[0, 0, 8:24, 7:9] == -1).float().mean() > 0.9  # the left border is a line
+    assert (A[0, 0, 12:20, 12:20] == 1).all() and (A[0, 0, :4] == 1).all()  # flat parts are not
+
+
+def test_aligned_reader(tmp_path):
+    (tmp_path / "train").mkdir()
+    img = Image.new("RGB", (128, 64), (255, 0, 0))
+    img.paste(Image.new("RGB", (64, 64), (0, 0, 255)), (64, 0))  # A = red | B = blue
+    for i in range(2):
+        img.save(tmp_path / "train" / f"{i}.png")
+    cfg = small_cfg(data=str(tmp_path))
+    ds = bg.build_dataset(cfg, "train")
+    A, B = ds[0]
+    assert A.shape == (1, 64, 64) and B.shape == (3, 64, 64)
+    assert A.mean().item() == pytest.approx(0.299 * 2 - 1, abs=0.01)  # grayscale of pure red
+    assert B[2].min().item() == pytest.approx(1.0) and B[:2].max().item() == pytest.approx(-1.0)
+    a, b = bg.to_pair([A[None], B[None]], cfg, torch.device("cpu"))
+    assert torch.equal(a, A[None]) and torch.equal(b, B[None])  # A comes from the file, not edges
+
+
+def read_log(path):
+    return {d["step"]: d for d in map(json.loads, path.read_text().splitlines())}
+
+
+def test_resume_gives_identical_next_losses(tmp_path, monkeypatch):
+    argv = ["--ngf", "8", "--nef", "8", "--ndf", "8", "--batch", "2", "--total-iters", "3",
+            "--log-every", "1", "--save-every", "100", "--sample-every", "100"]
+    bg.main(argv + ["--out", str(tmp_path / "full")])
+    real_step, calls = bg.train_step, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during step 3: last.pt holds step 2
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(bg, "train_step", interrupted)
+    bg.main(argv + ["--out", str(tmp_path / "cut")])
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(bg, "train_step", real_step)
+    bg.main(argv + ["--out", str(tmp_path / "cut"), "--resume", "auto"])
+    full, cut = read_log(tmp_path / "full" / "log.jsonl"), read_log(tmp_path / "cut" / "log.jsonl")
+    for k in ("G_GAN", "G_GAN2", "G_L1", "kl", "z_L1", "D", "D2"):
+        assert cut[3][k] == pytest.approx(full[3][k], rel=1e-6, abs=1e-9), k
+    with pytest.raises(bg.UserError):  # an existing run is never silently overwritten
+        bg.main(argv + ["--out", str(tmp_path / "cut")])
+
+
+def test_short_toy_run(tmp_path):
+    out = tmp_path / "toy"
+    argv = ["--ngf", "8", "--nef", "8", "--ndf", "8", "--batch", "4", "--total-iters", "40",
+            "--log-every", "10", "--out", str(out)]
+    bg.main(argv)
+    log = read_log(out / "log.jsonl")
+    assert all(torch.isfinite(torch.tensor(list(d.values()))).all() for d in log.values())
+    assert log[40]["G_L1"] < log[10]["G_L1"]  # reconstruction improves
+    assert (out / "last.pt").exists() and (out / "samples" / "0000040.png").exists()
+    with Image.open(out / "samples" / "0000040.png") as grid:  # 4 rows of 3 + n_random images
+        assert grid.width > grid.height
+    bg.main(["sample", "--out", str(out)])
+    assert (out / "sample_grid.png").exists() and (out / "z_interp.gif").exists()
+    from common import LPIPS
+    res = bg.evaluate(small_cfg(out=str(out)), "", n_inputs=3, n_z=4,
+                      lpips=LPIPS(pretrained=False))
+    assert res["lpips_diversity"] > 0 and 0 <= res["shape_kept"] <= 1 and res["l1_rec"] > 0
