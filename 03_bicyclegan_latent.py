@@ -1,8 +1,8 @@
-"""BicycleGAN: "Toward Multimodal Image-to-Image Translation", Zhu et al., NeurIPS 2017,
-arXiv:1711.11586v4. Read §3 (cVAE-GAN §3.1, cLR-GAN §3.2, hybrid §3.3 Eq. (9)) and §4 (networks).
-Official code: junyanz/BicycleGAN. Symbols: A, B -> A (edges, 1 channel), B (photo); G, E -> G, E;
-the cVAE-GAN / cLR-GAN discriminators -> D / D2; E(B) = (mu, log sigma^2) -> mu, logvar; z ~ E(B)
--> z_enc, z ~ N(0, I) -> z_rand; B_hat = G(A, z_enc) -> x_enc; G(A, z_rand) -> x_rand;
+"""BicycleGAN: "Toward Multimodal Image-to-Image Translation" (Zhu et al., NeurIPS 2017,
+arXiv:1711.11586v4). Read beside §3: cVAE-GAN, cLR-GAN, the hybrid objective Eq. (9), details.
+Official code: junyanz/BicycleGAN. Symbols: A, B -> A (edges, 1 channel), B (photo); G, E; the
+cVAE-GAN / cLR-GAN discriminators -> D / D2; E(B) = (mu, log sigma^2) -> mu, logvar; z ~ E(B) ->
+z_enc; z ~ N(0, I) -> z_rand; B_hat = G(A, z_enc) -> x_enc; G(A, z_rand) -> x_rand;
 z_hat = E(G(A, z_rand)) -> mu2. Shapes: B batch, C channels, H = W = img_size, nz = 8.
 
 Run:      python 03_bicyclegan_latent.py      (toy shapes, 2-core CPU; resume: --resume auto)
@@ -10,15 +10,14 @@ Paired:   python 03_bicyclegan_latent.py --data data/edges2shoes     (pix2pix A|
 Photos:   python 03_bicyclegan_latent.py --data data/afhq    (A = edge map of B, made on the fly)
 Sample:   python 03_bicyclegan_latent.py sample   (grid + z-interpolation GIF from out/last.pt)
 Eval:     python 03_bicyclegan_latent.py eval     (LPIPS diversity, L1 recon, toy oracle)
-Bench:    python 03_bicyclegan_latent.py --bench --data toy --preset paper
+Bench:    python 03_bicyclegan_latent.py --bench --preset edges2shoes   (256 px, batch 2)
 Measured GPU time/memory: not measured yet (this machine has no GPU).
 Deviations: lr decays per iteration, not per epoch (resume stays exact); the U-Net/encoder depth
 follows img_size (the official code has 128 and 256 variants only); flips happen on the batch.
 """
 import math
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Subset
+from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
@@ -59,10 +59,9 @@ class Config:
     flip: bool = True  # paired horizontal flips (the official script never passes --no_flip)
     batch: int = 2  # half cVAE-GAN (encoded z), half cLR-GAN (random z); must be even
     lr: float = 2e-4  # Adam lr for G, E, D, D2
-    beta1: float = 0.5  # Adam beta1 (beta2 = 0.999)
-    lambda_l1: float = 10.0  # lambda, Eq. (3) weight of L1^VAE
-    lambda_kl: float = 0.01  # lambda_KL, weight of L_KL
-    lambda_z: float = 0.5  # lambda_latent, weight of L1^latent, Eq. (5)
+    lambda_l1: float = 10.0  # lambda, weight of L1^VAE in Eq. (9)
+    lambda_kl: float = 0.01  # lambda_KL, weight of L_KL in Eq. (9)
+    lambda_z: float = 0.5  # lambda_latent, weight of L1^latent in Eq. (9)
     total_iters: int = 1_494_720  # 60 epochs of edges2shoes (49,825 pairs / 2); decay in 2nd half
     log_every: int = 100  # print + log.jsonl every N steps
     sample_every: int = 5000  # sample grid every N steps
@@ -71,13 +70,12 @@ class Config:
     num_workers: int = 4  # data loader workers (official: 4 threads)
     amp: bool = True  # bf16 autocast (CUDA only)
     bench: bool = False  # time training on synthetic data instead of training
-    bench_iters: int = 20  # timed iterations for --bench
 
 
-PRESETS = {  # edges2shoes = the dataclass defaults (scripts/train_edges2shoes.sh)
-    "edges2shoes": {}, "afhq": dict(total_iters=438_900),  # afhq: 60 epochs of 14,630 / 2
-    # Toy: small widths and 64 px (the smallest size both PatchGAN scales accept), batch 8 so that
-    # a 2-core CPU sees enough pairs in a few minutes. Deviation: batch 8, not 2 (speed).
+PRESETS = {  # edges2shoes = the defaults; afhq: 60 epochs of 14,630 images / 2
+    "edges2shoes": {}, "afhq": dict(total_iters=438_900),
+    # Deviation (toy only): 64 px (the smallest size both PatchGAN scales take), narrow nets and
+    # batch 8 instead of 2, so that a 2-core CPU sees enough pairs in a few minutes.
     "toy": dict(img_size=64, ngf=16, nef=16, ndf=16, batch=8, total_iters=1500, log_every=100,
                 sample_every=500, save_every=500, num_workers=0, n_random=5),
 }
@@ -85,22 +83,13 @@ PRESETS = {  # edges2shoes = the dataclass defaults (scripts/train_edges2shoes.s
 # ----------------------------------------------------------------------------
 # 2. Networks
 # ----------------------------------------------------------------------------
-def init_xavier(net, gain=0.02):
-    for m in net.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.xavier_normal_(m.weight, gain=gain)
-            nn.init.zeros_(m.bias)
-    return net
-
-
 class UnetBlock(nn.Module):
-    """One level: [LReLU] Conv4s2 [IN] -> inner levels -> ReLU ConvT4s2 [IN | Tanh] [Dropout];
-    returns cat(up, skip) except at the outermost level. IN: no affine, no running stats."""
+    """U-Net level: [LReLU] Conv4s2 [IN] -> inner levels -> ReLU ConvT4s2 [IN | Tanh] [Dropout]."""
 
     def __init__(self, in_nc, outer_nc, inner_nc, nz, inner=None, outermost=False, dropout=False):
         super().__init__()
         self.nz, self.inner, self.outermost = nz, inner, outermost
-        innermost = inner is None
+        innermost = inner is None  # its down-conv output is 1x1: no norm
         down = [nn.Conv2d(in_nc + nz, inner_nc, 4, 2, 1)]
         if not outermost:
             down = [nn.LeakyReLU(0.2)] + down + ([] if innermost else [nn.InstanceNorm2d(inner_nc)])
@@ -127,22 +116,19 @@ class UnetBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """G(A, z): U-Net with log2(img_size) levels (8 at 256 px: 256 -> 1 -> 256). z is concatenated
-    to the input of every down-conv (where_add="all", G_Unet_add_all) or to A only ("input")."""
+    """G(A, z): U-Net, log2(img_size) levels (256 -> 1 -> 256 px); z tiled onto every down-conv
+    input (where_add="all", official G_Unet_add_all) or onto A only ("input", G_Unet_add_input)."""
 
     def __init__(self, input_nc=1, output_nc=3, nz=8, ngf=64, img_size=256, where_add="all",
                  dropout=True):
         super().__init__()
-        num_downs = int(math.log2(img_size))
         block = None
-        for i in reversed(range(num_downs)):  # innermost (1x1) first, outermost last
+        for i in reversed(range(int(math.log2(img_size)))):  # innermost (1x1) first
             inner_nc = ngf * min(2 ** i, 8)
             outer_nc = ngf * min(2 ** (i - 1), 8) if i else output_nc
-            in_nc = outer_nc if i else input_nc
-            nz_i = nz if (where_add == "all" or i == 0) else 0
-            drop = dropout and block is not None and i > 0 and outer_nc == ngf * 8
-            block = UnetBlock(in_nc, outer_nc, inner_nc, nz_i, block, outermost=i == 0,
-                              dropout=drop)
+            drop = dropout and block is not None and outer_nc == ngf * 8  # 3 levels at 256 px
+            block = UnetBlock(outer_nc if i else input_nc, outer_nc, inner_nc,
+                              nz if where_add == "all" or i == 0 else 0, block, i == 0, drop)
         self.model = block
 
     def forward(self, A, z):
@@ -176,8 +162,8 @@ class Encoder(nn.Module):
             layers.append(ResBlock(nef * min(4, n), nef * min(4, n + 1)))
         layers += [nn.LeakyReLU(0.2), nn.AvgPool2d(8)]
         self.conv = nn.Sequential(*layers)
-        self.fc = nn.Linear(nef * min(4, n_blocks), nz)  # mu
-        self.fc_var = nn.Linear(nef * min(4, n_blocks), nz)  # log sigma^2
+        c = nef * min(4, n_blocks)
+        self.fc, self.fc_var = nn.Linear(c, nz), nn.Linear(c, nz)  # heads for mu and log sigma^2
 
     def forward(self, B_img):
         """B_img (B, 3, H, W) in [-1, 1] -> mu (B, nz), logvar (B, nz)"""
@@ -208,16 +194,19 @@ class MultiScaleD(nn.Module):
 
 
 def build_nets(cfg, device):
-    """G, E, D, D2 with the official init, on `device`."""
+    """G, E, D, D2 with the official init: xavier_normal_(gain 0.02) weights, zero biases."""
     require(cfg.img_size >= 64 and cfg.img_size & (cfg.img_size - 1) == 0,
             f"--img-size {cfg.img_size}: use a power of two >= 64 (both PatchGAN scales need it)")
     require(cfg.where_add in ("all", "input"), "--where-add must be 'all' or 'input'")
-    nets = dict(
-        G=Generator(cfg.input_nc, cfg.output_nc, cfg.nz, cfg.ngf, cfg.img_size, cfg.where_add,
-                    cfg.dropout),
-        E=Encoder(cfg.output_nc, cfg.nz, cfg.nef, cfg.img_size),
-        D=MultiScaleD(cfg.output_nc, cfg.ndf), D2=MultiScaleD(cfg.output_nc, cfg.ndf))
-    return {k: init_xavier(n).to(device) for k, n in nets.items()}
+    nets = dict(G=Generator(cfg.input_nc, cfg.output_nc, cfg.nz, cfg.ngf, cfg.img_size,
+                            cfg.where_add, cfg.dropout),
+                E=Encoder(cfg.output_nc, cfg.nz, cfg.nef, cfg.img_size),
+                D=MultiScaleD(cfg.output_nc, cfg.ndf), D2=MultiScaleD(cfg.output_nc, cfg.ndf))
+    for m in (m for net in nets.values() for m in net.modules()):  # official init
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.xavier_normal_(m.weight, gain=0.02)
+            nn.init.zeros_(m.bias)
+    return {k: net.to(device) for k, net in nets.items()}
 
 # ----------------------------------------------------------------------------
 # 3. Losses
@@ -228,13 +217,13 @@ def lsgan_loss(preds, target):
 
 
 def kl_loss(mu, logvar):
-    """L_KL = KL(N(mu, sigma^2) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - e^logvar), summed over
-    batch and dimensions as the official code does (not averaged)."""
+    """L_KL = KL(N(mu, sigma^2) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - e^logvar): a sum over
+    batch and dimensions, as official (not a mean)."""
     return -0.5 * torch.sum(1 + logvar.float() - mu.float() ** 2 - logvar.float().exp())
 
 
 def l1_loss(x, y):
-    """Eq. (3) L1^VAE = ||B - G(A, E(B))||_1 and Eq. (5) L1^latent = ||z - E(G(A, z))||_1 (means)."""
+    """L1^VAE = ||B - G(A, z_enc)||_1 and L1^latent = ||z - E(G(A, z))||_1 (both means)."""
     return (x.float() - y.float()).abs().mean()
 
 # ----------------------------------------------------------------------------
@@ -252,8 +241,7 @@ def edge_map(x, thresh=0.25):
 
 
 def build_dataset(cfg, split="train"):
-    """A|B files (pix2pix format) -> AlignedPairs giving (A, B); any other folder (toy shapes,
-    AFHQ, CelebA) -> ImageFiles giving B alone (A = edge_map(B) in `to_pair`)."""
+    """pix2pix A|B files -> AlignedPairs (A, B); other folders (toy, AFHQ, CelebA) -> B alone."""
     root = resolve_data(cfg.data, "shapes", cfg.img_size)
     folder = root / split if (root / split).is_dir() else root / "train"
     files = sorted(p for p in folder.glob("*.*") if p.suffix.lower() in (".jpg", ".png"))
@@ -269,8 +257,7 @@ def build_dataset(cfg, split="train"):
 
 
 def to_pair(batch, cfg, device, flip=None):
-    """Loader batch -> (A, B) on device; A = edge_map(B) unless the files hold A. flip: (B,) bool,
-    a paired horizontal flip per sample (the same for A and B, as official get_params)."""
+    """Loader batch -> (A, B) on device (A = edge_map(B) if absent); flip: (B,) bool, paired."""
     A, B = batch if isinstance(batch, (list, tuple)) else (None, batch)
     B = B.to(device, non_blocking=True)
     A = edge_map(B, cfg.edge_thresh) if A is None else A.to(device, non_blocking=True)
@@ -281,8 +268,7 @@ def to_pair(batch, cfg, device, flip=None):
 
 
 def batch_stream(dataset, cfg, device, step):
-    """Endless (A, B) batches from `step` on. Order and flips are a pure function of (seed, step),
-    so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    """Endless (A, B) batches from `step` on; order and flips are pure functions of (seed, step)."""
     n, b = len(dataset), cfg.batch
     require(n >= b, f"--data has {n} images, fewer than --batch {b}")
     while True:
@@ -300,28 +286,21 @@ def fixed_inputs(cfg, device, n=4):
     """n evenly spaced validation pairs: a fixed debug batch, comparable across steps."""
     dataset = build_dataset(cfg, "val")
     items = [dataset[i] for i in torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long()]
-    stack = [torch.stack(t) for t in zip(*items)] if isinstance(items[0], tuple) else \
-        torch.stack(items)
-    return to_pair(stack, cfg, device)
+    if isinstance(items[0], tuple):  # aligned (A, B)
+        return to_pair([torch.stack(t) for t in zip(*items)], cfg, device)
+    return to_pair(torch.stack(items), cfg, device)
 
 # ----------------------------------------------------------------------------
 # 5. Steps
 # ----------------------------------------------------------------------------
-@contextmanager
-def frozen(*nets):
-    """Forward passes inside build no graph edges to these nets' parameters."""
-    for net in nets:
-        net.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for net in nets:
-            net.requires_grad_(True)
+def frozen_call(net, x):
+    """net(x) with net's weights detached: the gradient reaches x but never the weights."""
+    return functional_call(net, {k: p.detach() for k, p in net.named_parameters()}, (x,))
 
 
 def forward(nets, A, B, nz):
-    """Official `forward`: the first half is the cVAE-GAN pair (B -> z -> B_hat); the cLR-GAN
-    output reuses the first half's A with z ~ N(0, I); the second half's B is D2's real."""
+    """Official `forward`: 1st half -> cVAE-GAN (B -> z -> B_hat) and, with the same A, cLR-GAN
+    (z -> B_hat); the 2nd half only gives D2 its reals."""
     half = A.shape[0] // 2
     A_enc, B_enc, B_rand = A[:half], B[:half], B[half:]  # (B/2, C, H, W) each
     mu, logvar = nets["E"](B_enc)  # (B/2, nz) each
@@ -335,16 +314,14 @@ def forward(nets, A, B, nz):
 
 def ge_losses(nets, fw, cfg):
     """Weighted terms of Eq. (9) for G and E (official backward_EG + backward_G_alone)."""
-    with frozen(nets["D"], nets["D2"]):  # G/E step: D and D2 get no gradient
-        loss = dict(G_GAN=lsgan_loss(nets["D"](fw["x_enc"]), 1.0),  # L_GAN^VAE, Eq. (4)
-                    G_GAN2=lsgan_loss(nets["D2"](fw["x_rand"]), 1.0))  # L_GAN, Eq. (1)
+    loss = dict(G_GAN=lsgan_loss(frozen_call(nets["D"], fw["x_enc"]), 1.0),  # L_GAN^VAE (cVAE-GAN)
+                G_GAN2=lsgan_loss(frozen_call(nets["D2"], fw["x_rand"]), 1.0))  # L_GAN (cLR-GAN)
     loss["G_L1"] = cfg.lambda_l1 * l1_loss(fw["x_enc"], fw["B_enc"])
     loss["kl"] = cfg.lambda_kl * kl_loss(fw["mu"], fw["logvar"])
-    # §3.3: the latent regression trains G only ("we only update G ... to avoid a trivial
-    # solution"); E is frozen for this forward, so the gradient passes through E's activations
-    # to G but never reaches E's weights. mu2 is a point estimate (no sampling), as official.
-    with frozen(nets["E"]):
-        mu2, _ = nets["E"](fw["x_rand"])  # (B/2, nz)
+    # §3: L1^latent updates G only (optimising E on it too lets G and E hide z in the image
+    # instead of learning modes). E is frozen for this forward: the gradient passes through E's
+    # activations to G but never reaches E's weights. mu2 is a point estimate, as official.
+    mu2, _ = frozen_call(nets["E"], fw["x_rand"])  # (B/2, nz)
     loss["z_L1"] = cfg.lambda_z * l1_loss(mu2, fw["z_rand"])
     return loss
 
@@ -380,16 +357,15 @@ def train_step(nets, opts, A, B, cfg, device):
 
 
 def lr_at(step, cfg):
-    """Official 'linear' policy counted in iterations: constant for the first half, then
-    1 - k / (n_decay + 1) (never exactly 0). A pure function of the step: resume is exact."""
+    """Official 'linear' policy in iterations: constant, then 1 - k / (n_decay + 1) in 2nd half."""
     n_const = cfg.total_iters // 2
     return cfg.lr * (1.0 - max(0, step + 1 - n_const) / (cfg.total_iters - n_const + 1))
 
 
 def build_opts(nets, cfg, device):
-    """Adam(lr, (0.5, 0.999)) for each of G, E, D, D2; fused on CUDA, foreach elsewhere."""
+    """Adam(lr, betas (0.5, 0.999)) for each of G, E, D, D2; fused on CUDA, foreach elsewhere."""
     fused = device.type == "cuda"
-    return {k: torch.optim.Adam(n.parameters(), cfg.lr, betas=(cfg.beta1, 0.999),
+    return {k: torch.optim.Adam(n.parameters(), cfg.lr, betas=(0.5, 0.999),
                                 fused=fused or None, foreach=None if fused else True)
             for k, n in nets.items()}
 
@@ -398,8 +374,7 @@ def build_opts(nets, cfg, device):
 # ----------------------------------------------------------------------------
 @torch.no_grad()
 def sample_grid(nets, A, B, z_fixed, path):
-    """Row per input: [A, B, G(A, mu(E(B))), G(A, z_1) ... G(A, z_K)]. As official test.py: eval
-    mode (no dropout), encoded z = mu."""
+    """Rows [A, B, G(A, mu(E(B))), G(A, z_1..K)]; eval mode and z = mu, as official test.py."""
     G, (N, K) = nets["G"], (A.shape[0], z_fixed.shape[0])
     G.eval()
     x_enc = G(A, nets["E"](B)[0])  # (N, 3, H, W)
@@ -411,14 +386,13 @@ def sample_grid(nets, A, B, z_fixed, path):
 
 @torch.no_grad()
 def z_interp_gif(G, A, nz, path, n_keys=5, per_segment=4, seed=0):
-    """All inputs side by side, one z moving along slerp segments between random codes (official
-    video.py: util.interp_z, 4 frames per segment, 8 fps)."""
+    """Inputs side by side; one z slerps between random codes (official video.py, 4 frames per
+    segment, 8 fps)."""
     keys = torch.randn(n_keys, nz, generator=torch.Generator().manual_seed(seed)).to(A.device)
     frames = []
     for z0, z1 in zip(keys[:-1], keys[1:]):
         omega = torch.acos(F.cosine_similarity(z0, z1, 0).clamp(-1, 1))
-        for t in torch.arange(per_segment).tolist():
-            t = t / per_segment
+        for t in [k / per_segment for k in range(per_segment)]:
             z = (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
             x = G.eval()(A, z.expand(A.shape[0], nz)).float()  # (N, 3, H, W)
             frames.append(torch.cat(list(x), 2))  # (3, H, N * W)
@@ -432,8 +406,7 @@ def train(cfg):
     require(cfg.batch >= 2 and cfg.batch % 2 == 0, f"--batch {cfg.batch}: use an even number >= 2")
     seed_everything(cfg.seed)
     ckpt = prepare_run(cfg.out, cfg.resume, cfg.overwrite)
-    out = Path(cfg.out)
-    last = out / "last.pt"
+    out, last = Path(cfg.out), Path(cfg.out) / "last.pt"
     nets = build_nets(cfg, device)
     opts = build_opts(nets, cfg, device)
     step = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
@@ -467,19 +440,18 @@ def bench(cfg):
     """Warm-up + cfg.bench_iters timed training steps on random data; prints one line."""
     device = pick_device(cfg.device)
     nets, cuda = build_nets(cfg, device), device.type == "cuda"
-    opts = build_opts(nets, cfg, device)
-    A = torch.rand(cfg.batch, cfg.input_nc, cfg.img_size, cfg.img_size, device=device) * 2 - 1
-    B = torch.rand(cfg.batch, cfg.output_nc, cfg.img_size, cfg.img_size, device=device) * 2 - 1
+    opts, size = build_opts(nets, cfg, device), (cfg.batch, 1, cfg.img_size, cfg.img_size)
+    A = torch.rand(size, device=device) * 2 - 1
+    B = torch.rand(size, device=device).repeat(1, cfg.output_nc, 1, 1) * 2 - 1
     with FlopCounterMode(display=False) as counter:
         train_step(nets, opts, A, B, cfg, device)
-    for i in range(3 + cfg.bench_iters):
-        if i == 3:  # warm-up done
+    for i in range(3 + 20):  # 3 warm-up steps, 20 timed ones; synchronise only at the ends
+        if i == 3:
             torch.cuda.synchronize() if cuda else None
-            torch.cuda.reset_peak_memory_stats() if cuda else None
             t0 = time.perf_counter()
         train_step(nets, opts, A, B, cfg, device)
     torch.cuda.synchronize() if cuda else None
-    its = cfg.bench_iters / (time.perf_counter() - t0)
+    its = 20 / (time.perf_counter() - t0)
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"
     print(f"bench {cfg.img_size}px batch {cfg.batch} {device.type}: {its:.3g} it/s | "
           f"{its * cfg.batch:.3g} images/s | peak mem {mem} | "
@@ -500,30 +472,27 @@ def load_run(cfg, ckpt):
 
 @torch.no_grad()
 def evaluate(cfg, ckpt, n_inputs=100, n_z=20, lpips=None):
-    """Official diversity protocol: mean LPIPS over 19 consecutive pairs of 20 random-z outputs per
-    input; L1 of G(A, mu(E(B))) vs B; on toy data the oracle (shape/position kept, colour varies)."""
+    """Official diversity: mean LPIPS of 19 consecutive pairs of 20 random-z outputs per input;
+    L1 of G(A, mu(E(B))) vs B; toy oracle: shape and position kept, colour varying with z."""
     cfg, nets, device, G, E = load_run(cfg, ckpt)
     A, B = fixed_inputs(cfg, device, n_inputs)
     try:
         lpips = lpips or LPIPS("alex").to(device)
     except UserError as e:
         print(f"LPIPS diversity skipped: {e}")
+    x = torch.stack([G(a.expand(n_z, -1, -1, -1), torch.randn(n_z, cfg.nz, device=device))
+                     for a in A]).float()  # (N, n_z, 3, H, W)
     res = dict(n_inputs=len(A), l1_rec=l1_loss(G(A, E(B)[0]), B).item())
-    truth, rows = (read_shapes(B) if cfg.data in ("", "toy") else None), []
-    for i in range(len(A)):
-        x = G(A[i:i + 1].expand(n_z, -1, -1, -1), torch.randn(n_z, cfg.nz, device=device))
-        row = dict(lpips_diversity=lpips(x[:-1], x[1:]).mean()) if lpips else {}
-        if truth is not None:  # outputs keep the input's shape and position; colour follows z
-            r = read_shapes(x.float())
-            row.update(valid=r["valid"].float().mean(),
-                       shape_kept=(r["domain"] == truth["domain"][i]).float().mean(),
-                       pos_err=((r["cx"] - truth["cx"][i]).abs() +
-                                (r["cy"] - truth["cy"][i]).abs()).mean() / 2,
-                       color_std_over_z=r["color"][r["valid"]].std(0).mean().nan_to_num())
-        rows.append(row)
-    res.update({k: torch.stack([r[k] for r in rows]).mean().item() for k in rows[0]})
-    if truth is not None:
-        res["color_std_real"] = truth["color"][truth["valid"]].std(0).mean().item()
+    if lpips:
+        res["lpips_diversity"] = torch.cat([lpips(xi[:-1], xi[1:]) for xi in x]).mean().item()
+    if cfg.data in ("", "toy"):  # outputs should keep the input's shape and position; colour ~ z
+        truth, r = read_shapes(B), read_shapes(x.flatten(0, 1))
+        t = {k: v.repeat_interleave(n_z, 0) for k, v in truth.items()}
+        d_pos = ((r["cx"] - t["cx"]).abs() + (r["cy"] - t["cy"]).abs()) / 2  # (N * n_z,)
+        res.update(valid=r["valid"].float().mean().item(), pos_err=d_pos.mean().item(),
+                   shape_kept=(r["domain"] == t["domain"]).float().mean().item(),
+                   color_std_over_z=r["color"].view(len(A), n_z, 3).std(1).mean().item(),
+                   color_std_real=truth["color"].std(0).mean().item())
     print(" | ".join(f"{k} {v:.4g}" for k, v in res.items()))
     return res
 
@@ -531,7 +500,7 @@ def evaluate(cfg, ckpt, n_inputs=100, n_z=20, lpips=None):
 # 8. Entry point
 # ----------------------------------------------------------------------------
 def main(argv=None):
-    extra = ((("--ckpt",), dict(default="", help="checkpoint for sample/eval (default out/last.pt)")),)
+    extra = ((("--ckpt",), dict(default="", help="sample/eval checkpoint (default out/last.pt)")),)
     cfg, ns = parse_config(Config, PRESETS, argv, doc=__doc__, modes=("train", "sample", "eval"),
                            extra=extra)
     if cfg.bench:
