@@ -1,0 +1,244 @@
+"""Tests for 01_stargan_v1.py (StarGAN). Small widths and images except for the parameter counts."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import UserError, load_checkpoint, save_checkpoint
+from conftest import ROOT, load_script
+
+S = load_script("01_stargan_v1")
+SMALL = dict(img_size=16, g_conv_dim=4, d_conv_dim=4, g_repeat_num=1, d_repeat_num=3, amp=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Runs after conftest's 2-thread fixture. These nets are tiny: one thread is as fast on an idle
+    # machine and avoids a ~50x slowdown of 2 OpenMP threads when other jobs share the 2 cores.
+    torch.set_num_threads(1)
+    yield
+
+
+def small(**kw):
+    return S.Config(**{**SMALL, **kw})
+
+
+def nets(cfg, sizes=(5,)):
+    return S.build(cfg, list(sizes), torch.device("cpu"))
+
+
+def batch(B=4, S_=16, A=5):
+    x = torch.rand(B, 3, S_, S_) * 2 - 1
+    c = (torch.rand(B, A) > 0.5).float()
+    return x, c, c.flip(0)
+
+
+def n_params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+# ---------------------------------------------------------------------------- networks
+@pytest.mark.parametrize("size,B", [(16, 1), (32, 3)])
+def test_shapes(size, B):
+    cfg = small(img_size=size)
+    G, D, _, _ = nets(cfg)
+    x, c, _ = batch(B, size)
+    x_fake = G(x, c)
+    assert x_fake.shape == (B, 3, size, size) and x_fake.abs().max() <= 1
+    src, cls = D(x_fake)
+    assert src.shape == (B, 1, size // 8, size // 8) and cls.shape == (B, 5)
+
+
+def test_param_counts_match_official():
+    assert n_params(S.Generator(64, 5, 6)) == 8_430_528
+    assert n_params(S.Discriminator(128, 64, 5, 6)) == 44_762_048
+    assert n_params(S.Discriminator(256, 64, 5, 6)) == 44_884_928  # SPEC §1.6, CelebA 256
+    assert n_params(S.Generator(64, 8, 6)) == 8_439_936  # RaFD, c_dim 8
+    # IN keeps no running statistics (Deviation): no buffers at all
+    assert list(S.Generator(8, 5, 1).buffers()) == []
+
+
+def test_load_official_round_trip(tmp_path):
+    """A state_dict in the official layout (reference file, with IN running stats) loads strictly."""
+    ref = Path("/work/shared/reference/stargan_v1_celeba_128.txt")
+    lines = [ln.split(" ", 2) for ln in ref.read_text().splitlines() if ln[:2] in ("G ", "D ")] \
+        if ref.exists() else []
+    G, D = S.Generator(64, 5, 6), S.Discriminator(128, 64, 5, 6)
+    if lines:  # exact official key names and shapes
+        for who, net in (("G", G), ("D", D)):
+            state = {k: torch.randn(eval(shape)) for w, k, shape in lines if w == who}
+            torch.save(state, tmp_path / f"1-{who}.ckpt")
+    else:  # same layout, derived: our keys + the official running-stat buffers
+        for who, net in (("G", G), ("D", D)):
+            state = {k: torch.randn_like(v) for k, v in net.state_dict().items()}
+            for k in [k for k in state if k.endswith(".bias") and state[k].dim() == 1 and who == "G"]:
+                state[k[:-4] + "running_mean"] = torch.zeros(1)
+            torch.save(state, tmp_path / f"1-{who}.ckpt")
+    for who, net in (("G", G), ("D", D)):
+        S.load_official(tmp_path / f"1-{who}.ckpt", net)
+        saved = torch.load(tmp_path / f"1-{who}.ckpt", weights_only=True)
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, saved[k]), k
+    with pytest.raises(RuntimeError):  # strict: a D file does not load into G
+        S.load_official(tmp_path / "1-D.ckpt", S.Generator(64, 5, 6))
+
+
+# ---------------------------------------------------------------------------- losses
+def test_wgan_signs():
+    real, fake = torch.zeros(4, 1, 2, 2), torch.zeros(4, 1, 2, 2)
+    base = S.adv_loss_d(real, fake)
+    assert S.adv_loss_d(real + 1, fake) < base  # D's loss falls when D_src(real) rises
+    assert S.adv_loss_d(real, fake + 1) > base  # ... and rises when D_src(fake) rises
+    assert S.adv_loss_g(fake + 1) < S.adv_loss_g(fake)  # G's loss falls when D_src(fake) rises
+    assert S.adv_loss_d(real + 2, fake).item() == pytest.approx(-2.0)
+
+
+class LinearCritic(torch.nn.Module):
+    """D_src(x) = scale·<u, x> with ‖u‖ = 1: gradient norm = scale everywhere."""
+
+    def __init__(self, scale, dim=3 * 8 * 8):
+        super().__init__()
+        u = torch.randn(dim)
+        self.u, self.scale = u / u.norm(), scale
+
+    def forward(self, x):
+        return (self.scale * (x.flatten(1) @ self.u)).view(-1, 1, 1, 1), None
+
+
+def test_gradient_penalty_values():
+    x_real, x_fake = torch.randn(5, 3, 8, 8), torch.randn(5, 3, 8, 8)
+    assert S.gradient_penalty(LinearCritic(1.0), x_real, x_fake).item() == pytest.approx(0, abs=1e-6)
+    assert S.gradient_penalty(LinearCritic(3.0), x_real, x_fake).item() == pytest.approx(4.0)
+    assert S.gradient_penalty(LinearCritic(0.0), x_real, x_fake).item() == pytest.approx(1.0)
+
+
+def test_classification_and_reconstruction_losses():
+    c = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    right, wrong = (c * 2 - 1) * 5, (1 - 2 * c) * 5
+    assert S.cls_loss(right, c, True) < 0.1 < S.cls_loss(wrong, c, True)
+    # multi-label: BCE summed over attributes, averaged over the batch (official)
+    zero = S.cls_loss(torch.zeros(2, 3), c, True).item()
+    assert zero == pytest.approx(3 * torch.log(torch.tensor(2.0)).item(), rel=1e-5)
+    one_hot = torch.tensor([[0.0, 1.0, 0.0]])
+    assert S.cls_loss(torch.zeros(1, 3), one_hot, False).item() == pytest.approx(
+        torch.log(torch.tensor(3.0)).item(), rel=1e-5)  # single-label: cross-entropy
+    x = torch.rand(2, 3, 4, 4)
+    assert S.rec_loss(x, x).item() == 0 and S.rec_loss(x, x + 0.5).item() == pytest.approx(0.5)
+
+
+def test_lr_schedule_values():
+    cfg = S.Config()  # 200k iterations, linear decay over the last 100k
+    assert S.lr_at(0, 1e-4, cfg) == 1e-4 and S.lr_at(99_999, 1e-4, cfg) == 1e-4
+    assert S.lr_at(150_000, 1e-4, cfg) == pytest.approx(5e-5)
+    assert S.lr_at(199_999, 1e-4, cfg) == pytest.approx(1e-9)
+    assert S.lr_at(200_000, 1e-4, cfg) == 0.0
+
+
+def test_mask_vector_layout_and_known_part():
+    sizes = [5, 3]
+    c1 = torch.tensor([[1.0, 0, 0, 1, 1]])
+    assert S.mask_label(c1, 0, sizes).tolist() == [[1, 0, 0, 1, 1, 0, 0, 0, 1, 0]]
+    c2 = torch.tensor([[0.0, 0, 1]])
+    assert S.mask_label(c2, 1, sizes).tolist() == [[0, 0, 0, 0, 0, 0, 0, 1, 0, 1]]
+    assert S.mask_label(c1, 0, [5]) is c1  # one dataset: no mask vector
+    # D classifies only the known part: the unknown logits get no gradient
+    logits = torch.randn(1, 8, requires_grad=True)
+    S.cls_loss(S.known_logits(logits, 1, sizes), c2, False).backward()
+    assert logits.grad[:, :5].abs().sum() == 0 and logits.grad[:, 5:].abs().sum() > 0
+    G, D, _, _ = nets(small(), sizes)
+    assert G.main[0].in_channels == 3 + 5 + 3 + 2 and D.conv2.out_channels == 8
+
+
+# ---------------------------------------------------------------------------- steps
+def snapshot(net):
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def changed(net, before):
+    return [not torch.equal(p, q) for p, q in zip(net.parameters(), before)]
+
+
+def test_d_step_changes_only_D():
+    cfg = small()
+    G, D, opt_g, opt_d = nets(cfg)
+    g0, d0 = snapshot(G), snapshot(D)
+    losses = S.d_step(G, D, opt_d, *batch(), cfg)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["D/gp"] >= 0
+    assert not any(changed(G, g0)) and all(changed(D, d0))
+    assert all(p.grad is None for p in G.parameters())
+
+
+def test_g_step_changes_only_G():
+    cfg = small()
+    G, D, opt_g, opt_d = nets(cfg)
+    g0, d0 = snapshot(G), snapshot(D)
+    losses = S.g_step(G, D, opt_g, *batch(), cfg)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["G/rec"] > 0
+    assert all(changed(G, g0)) and not any(changed(D, d0))
+    assert all(p.grad is None for p in D.parameters()) and all(p.requires_grad for p in D.parameters())
+
+
+def test_resume_gives_identical_next_losses(tmp_path):
+    cfg = small()
+    torch.manual_seed(1)
+    G, D, opt_g, opt_d = nets(cfg)
+    data = [batch() for _ in range(3)]
+    for b in data[:2]:
+        S.d_step(G, D, opt_d, *b, cfg), S.g_step(G, D, opt_g, *b, cfg)
+    save_checkpoint(tmp_path / "last.pt", 2, cfg, {"G": G, "D": D}, {"G": opt_g, "D": opt_d})
+    expected = {**S.d_step(G, D, opt_d, *data[2], cfg), **S.g_step(G, D, opt_g, *data[2], cfg)}
+    torch.manual_seed(123)  # a different RNG state: the checkpoint must restore it
+    G2, D2, opt_g2, opt_d2 = nets(cfg)
+    state = load_checkpoint(tmp_path / "last.pt", {"G": G2, "D": D2}, {"G": opt_g2, "D": opt_d2})
+    assert state["step"] == 2
+    got = {**S.d_step(G2, D2, opt_d2, *data[2], cfg), **S.g_step(G2, D2, opt_g2, *data[2], cfg)}
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), k
+
+
+# ---------------------------------------------------------------------------- runs
+TINY = ["--img-size", "32", "--g-conv-dim", "4", "--d-conv-dim", "4", "--g-repeat-num", "1",
+        "--d-repeat-num", "4", "--batch", "4", "--log-every", "2", "--sample-every", "5",
+        "--save-every", "5", "--cls-iters", "2"]
+
+
+def test_short_toy_run_samples_resume_sample_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    S.main(TINY + ["--out", str(out), "--total-iters", "5"])
+    assert (out / "sample_000005.jpg").stat().st_size > 0
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["step"] == 5 and state["config"]["n_critic"] == 5
+    g_steps = {float(s["step"]) for s in state["opts"]["G"]["state"].values()}
+    d_steps = {float(s["step"]) for s in state["opts"]["D"]["state"].values()}
+    assert g_steps == {1.0} and d_steps == {5.0}  # n_critic = 5: one G update per 5 D updates
+    assert "oracle:" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--resume auto"):  # never silently overwritten
+        S.main(TINY + ["--out", str(out), "--total-iters", "5"])
+    S.main(TINY + ["--out", str(out), "--total-iters", "10", "--resume", "auto"])
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["step"] == 10 and {float(s["step"]) for s in state["opts"]["G"]["state"].values()} == {2.0}
+    face = next((ROOT / "data" / "toy" / "faces_32" / "images").iterdir())
+    S.main(["sample", "--out", str(out), "--src", str(face), "--attrs-set", "Blond_Hair=1,Male=0"])
+    assert (out / "sample_own.jpg").stat().st_size > 0
+    with pytest.raises(UserError, match="attrs-set"):
+        S.main(["sample", "--out", str(out), "--src", str(face), "--attrs-set", "Bald=1"])
+    S.main(["eval", "--out", str(out), "--train-classifier", "--cls-iters", "2"])
+    text = capsys.readouterr().out
+    assert "oracle: real 100.0%" in text and "ResNet-18: real" in text
+
+
+def test_joint_training_with_mask_vector(tmp_path):
+    out = tmp_path / "joint"
+    S.main(TINY + ["--out", str(out), "--total-iters", "5", "--data2", "toy"])
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["extra"]["names"] == [list(S.Config.attrs), ["circle", "square", "triangle"]]
+    assert state["nets"]["G"]["main.0.weight"].shape[1] == 3 + 5 + 3 + 2
+    assert state["nets"]["D"]["conv2.weight"].shape[0] == 5 + 3
+    assert (out / "sample_000005.jpg").exists()
+
+
+def test_bench_prints_one_line(capsys):
+    S.main(TINY + ["--bench", "--bench-iters", "5"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "it/s" in line and "images/s" in line and "TFLOP/s" in line and "n/a" in line
