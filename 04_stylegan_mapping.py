@@ -1,0 +1,555 @@
+"""A Style-Based Generator Architecture for Generative Adversarial Networks (Karras, Laine, Aila,
+CVPR 2019, arXiv:1812.04948v3). Read beside §2 (mapping f, AdaIN Eq. (1), noise), §3 (mixing,
+stochastic variation), §4.1 (PPL, Eqs. (2)-(3)), App. B (truncation), App. C (training).
+Symbols: f → mapping; A → AdaIN.affine, y = (y_s, y_b); B → StyleLayer.noise_scale; g → synthesis;
+w̄ → w_avg; ψ → psi; γ → r1_gamma. Shapes: B batch, Z = W latent size, L = 2·log2(R) − 2 layers.
+
+  python 04_stylegan_mapping.py                                # toy shapes, 32 px, CPU minutes
+  python 04_stylegan_mapping.py --data data/afhq --out runs/04_afhq   # 256 px (AFHQ, CelebA...)
+  python 04_stylegan_mapping.py --resume auto                   # resume (exact)
+  python 04_stylegan_mapping.py sample --out runs/04_toy        # Figs. 3, 4, 8 + interpolation GIFs
+  python 04_stylegan_mapping.py eval --out runs/04_toy          # PPL in Z and W + toy oracle
+  python 04_stylegan_mapping.py --bench                         # one line: it/s, TFLOP/s
+
+Measured (2-core CPU): default toy run TOY_TIME; oracle: TOY_ORACLE of generated images valid.
+Params: f 2,101,248; G at 1024 px 26,212,019 = official 26,219,627 less the 8 lower to-RGB layers
+(7,608) only progressive growing uses; D at 1024 px 23,077,137 (official D_basic, fixed structure).
+Deviation (progressive growing): the paper (after ProGAN) starts G and D at 4×4 and adds one
+resolution at a time, fading each new block in over 600k images, because GANs then diverged when
+trained at 1024 px from scratch, and low resolutions are cheap. We train at the final resolution
+from step 0: at 32-256 px R1 keeps a fixed-size StyleGAN stable (StyleGAN2 dropped growing too),
+and growing would double the code. Where NVlabs and the rosinality port differ, comments say which.
+"""
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.utils import make_grid
+
+from common import (LPIPS, SHAPES, ImageFiles, Logger, autocast, check_finite, infinite,
+                    load_checkpoint, main_guard, make_loader, parse_config, pick_device,
+                    prepare_run, read_shapes, require, resolve_data, save_checkpoint, save_gif,
+                    save_grid, seed_everything)
+
+# ----------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------
+PSI_GRID = (1.0, 0.7, 0.5, 0.0, -0.5)  # Fig. 8 columns
+
+
+@dataclass
+class Config:
+    data: str = ""  # image folder (all images below it or its train/); "" or "toy" -> shapes
+    img_size: int = 256  # R, fixed training resolution (power of 2, 8..1024)
+    out: str = "runs/04_stylegan"  # run folder (last.pt, samples, log.jsonl, figures)
+    resume: str = ""  # "" fresh, "auto" out/last.pt if present, or a checkpoint path
+    overwrite: bool = False  # allow a fresh run to replace out/last.pt
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0  # RNG seed
+    w_dim: int = 512  # dimensionality of z and w (§2: 512)
+    mapping_layers: int = 8  # depth of the mapping network f (§2: 8 FC layers)
+    mapping_lr_mul: float = 0.01  # λ' = 0.01·λ for f (App. C: two orders of magnitude lower)
+    fmap_base: int = 8192  # channels at 2^r px = min(fmap_base / 2^(r−1), fmap_max) (official)
+    fmap_max: int = 512  # channel cap: 512 up to 32 px, then halving
+    batch: int = 32  # minibatch (official at 64-256 px)
+    lr: float = 1e-3  # Adam λ (App. C; official FFHQ raises it at 128+ px, not done here)
+    betas: tuple[float, ...] = (0.0, 0.99)  # Adam β1, β2 (App. C)
+    r1_gamma: float = 10.0  # γ of the R1 penalty on reals (App. C, FFHQ)
+    mixing_prob: float = 0.9  # style mixing regularisation probability (§3.1, Table 2: 90 %)
+    w_avg_beta: float = 0.995  # decay of the running average w̄ (official dlatent_avg_beta)
+    ema_kimg: float = 10.0  # EMA of G: half-life in thousands of images (official)
+    psi: float = 0.7  # ψ of the figures (App. B; the paper's figures use 0.7)
+    trunc_cutoff: int = 8  # truncate layers < cutoff only, i.e. 4-32 px (official)
+    ppl_samples: int = 100_000  # latent pairs for PPL (§4.1: 100k)
+    ppl_crop: bool = True  # crop to the central face before LPIPS (§4.1, FFHQ)
+    oracle_samples: int = 1000  # generated images read by the toy oracle in eval
+    total_iters: int = 400_000  # training steps (12.8M images; official FFHQ 25M)
+    log_every: int = 100  # print/log every N steps
+    sample_every: int = 2000  # save a sample grid every N steps
+    save_every: int = 5000  # write last.pt every N steps
+    num_workers: int = 4  # DataLoader workers
+    amp: bool = True  # bf16 autocast (CUDA only)
+    bench: bool = False  # time bench_iters training steps on random data instead of training
+    bench_iters: int = 20  # timed iterations for --bench
+
+
+PRESETS = {  # Deviation (toy): small widths so the default run takes CPU minutes
+    "toy": dict(img_size=32, w_dim=64, fmap_base=256, fmap_max=64, total_iters=600, log_every=50,
+                sample_every=200, save_every=200, num_workers=0, ppl_samples=2000, ppl_crop=False,
+                ema_kimg=2.0, oracle_samples=500, out="runs/04_toy"),
+    "afhq": dict(img_size=256, ppl_crop=False, out="runs/04_afhq"),
+    "celeba": dict(img_size=128, out="runs/04_celeba"),
+}
+
+# ----------------------------------------------------------------------------
+# 2. Networks
+# ----------------------------------------------------------------------------
+SQRT2 = math.sqrt(2)  # He gain for LeakyReLU layers; linear outputs (A, to-RGB, D's last) use 1
+
+
+class EqualLR(nn.Module):
+    """Equalized learning rate (ProGAN §4.1): weight stored ~N(0, 1), scaled at runtime by
+    gain/√fan_in, so Adam's scale-free steps move every layer at the same relative speed.
+    k = 0: fully connected (B, c_in) -> (B, c_out); k > 0: k×k conv with 'same' padding."""
+    def __init__(self, c_in, c_out, k=0, gain=SQRT2, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, *((k, k) if k else ())))
+        self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
+        self.scale = gain / math.sqrt(self.weight[0].numel())  # fan_in = c_in·k·k
+
+    def forward(self, x):
+        w = self.weight * self.scale
+        if w.dim() == 2:
+            return F.linear(x, w, self.bias)
+        return F.conv2d(x, w, self.bias, padding=w.shape[-1] // 2)
+
+
+def pixel_norm(z):
+    """z / √(mean(z²) + 1e-8) over features: every z lands on the sphere of radius √Z."""
+    return z * torch.rsqrt(z.pow(2).mean(1, keepdim=True) + 1e-8)
+
+
+def blur(x):
+    """Depthwise [1,2,1]ᵀ[1,2,1]/16 low-pass around up/down-sampling (§2, official)."""
+    k = torch.tensor([1.0, 2.0, 1.0], device=x.device, dtype=x.dtype)
+    k = (k[:, None] * k[None, :] / 16).expand(x.shape[1], 1, 3, 3)  # (C, 1, 3, 3)
+    return F.conv2d(x, k, padding=1, groups=x.shape[1])
+
+
+class MappingNetwork(nn.Module):
+    """f: Z → W (§2, Fig. 1b): PixelNorm, then 8 × (FC + LeakyReLU 0.2). Its ×0.01 lr is an Adam
+    param group (rosinality); official scales inside the layer (init ×100, runtime ×0.01): the same
+    under Adam up to its ε, and ours keeps every stored weight ~N(0, 1)."""
+    def __init__(self, w_dim=512, n_layers=8):
+        super().__init__()
+        self.net = nn.Sequential(*[m for _ in range(n_layers)
+                                   for m in (EqualLR(w_dim, w_dim), nn.LeakyReLU(0.2))])
+
+    def forward(self, z):
+        """z (B, Z) -> w (B, W)."""
+        return self.net(pixel_norm(z))
+
+
+class AdaIN(nn.Module):
+    """Eq. (1): AdaIN(x_i, y) = y_s,i (x_i − μ(x_i)) / σ(x_i) + y_b,i, y = A(w). The y_s bias starts
+    at 1 (rosinality); official adds 1 to a zero-biased y_s: the same function."""
+    def __init__(self, channels, w_dim):
+        super().__init__()
+        self.affine = EqualLR(w_dim, 2 * channels, gain=1.0)  # A
+        with torch.no_grad():
+            self.affine.bias[:channels] = 1.0
+
+    def forward(self, x, w):
+        """x (B, C, H, W), w (B, W) -> (B, C, H, W) with per-channel mean y_b and std |y_s|."""
+        y_s, y_b = self.affine(w)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
+        x = x - x.mean((2, 3), keepdim=True)
+        return y_s * x * torch.rsqrt(x.pow(2).mean((2, 3), keepdim=True) + 1e-8) + y_b
+
+
+class StyleLayer(nn.Module):
+    """One of the L layers of g: [up ×2 → conv 3×3 → blur] → + B·noise → + bias → LReLU → AdaIN.
+    Noise: one single-channel Gaussian image per layer (official; rosinality shares one per block),
+    per-channel scale B initialised at 0, a plain parameter (official; rosinality equalizes it).
+    Official fuses up-sampling and conv at 128+ px, a speed trick with the same result."""
+    def __init__(self, c_in, c_out, w_dim, up=False, const=False):
+        super().__init__()
+        self.up = up
+        self.conv = None if const else EqualLR(c_in, c_out, 3, bias=False)
+        self.noise_scale = nn.Parameter(torch.zeros(1, c_out, 1, 1))  # B
+        self.bias = nn.Parameter(torch.zeros(1, c_out, 1, 1))  # also after the constant (official)
+        self.adain = AdaIN(c_out, w_dim)
+
+    def forward(self, x, w, noise=None):
+        """x (B, C_in, H, W), w (B, W), noise (B or 1, 1, H', W') or None -> (B, C_out, H', W')."""
+        if self.up:
+            x = blur(self.conv(F.interpolate(x, scale_factor=2, mode="nearest")))  # (B, C, 2H, 2W)
+        elif self.conv is not None:
+            x = self.conv(x)
+        if noise is None:
+            noise = torch.randn_like(x[:, :1])  # (B, 1, H, W)
+        return self.adain(F.leaky_relu(x + self.noise_scale * noise + self.bias, 0.2), w)
+
+
+class Synthesis(nn.Module):
+    """g (Fig. 1b): learned 4×4 constant → 2 StyleLayers per resolution → to-RGB (1×1, linear)."""
+    def __init__(self, img_size, w_dim, fmap_base, fmap_max):
+        super().__init__()
+        top, nf = int(math.log2(img_size)), lambda r: min(fmap_base >> r - 1, fmap_max)  # at 2^r px
+        self.const = nn.Parameter(torch.ones(1, nf(2), 4, 4))  # official ones; rosinality randn
+        layers = [StyleLayer(0, nf(2), w_dim, const=True), StyleLayer(nf(2), nf(2), w_dim)]
+        for r in range(3, top + 1):  # 8×8 … R×R
+            layers += [StyleLayer(nf(r - 1), nf(r), w_dim, up=True),
+                       StyleLayer(nf(r), nf(r), w_dim)]
+        self.layers = nn.ModuleList(layers)
+        self.to_rgb = EqualLR(nf(top), 3, 1, gain=1.0)
+        self.num_layers = len(layers)  # L = 2·log2(R) − 2
+
+    def make_noise(self, batch, device):
+        """One noise image per layer: [(batch, 1, 4, 4), (batch, 1, 4, 4), (batch, 1, 8, 8), …]."""
+        return [torch.randn(batch, 1, 4 << i // 2, 4 << i // 2, device=device)
+                for i in range(self.num_layers)]
+
+    def forward(self, ws, noise=None):
+        """ws (B, L, W): one w per layer; noise: L maps or None (fresh) -> (B, 3, R, R) ≈ [-1, 1]"""
+        x = self.const.repeat(ws.shape[0], 1, 1, 1)  # (B, 512, 4, 4); a no_grad expand would
+        # still "require grad" (a view of a leaf), which trips FlopCounterMode's module hooks
+        for i, layer in enumerate(self.layers):  # 4×4 → R×R
+            x = layer(x, ws[:, i], None if noise is None else noise[i])
+        return self.to_rgb(x)  # (B, 3, R, R), linear
+
+
+def broadcast(w, num_layers):
+    """w (B, W) -> ws (B, L, W): the same w for every layer."""
+    return w[:, None].expand(-1, num_layers, -1)
+
+
+def truncate(ws, w_avg, psi, cutoff=None):
+    """App. B: w' = w̄ + ψ(w − w̄) on layers < cutoff (official 8; rosinality has no cutoff)."""
+    layer = torch.arange(ws.shape[1], device=ws.device)[None, :, None]  # (1, L, 1)
+    w_trunc = torch.lerp(w_avg.to(ws.dtype).expand_as(ws), ws, psi)  # (B, L, W)
+    return w_trunc if cutoff is None else torch.where(layer < cutoff, w_trunc, ws)
+
+
+def style_mix(ws1, ws2, crossover):
+    """§3.1: layers before `crossover` keep w1, the rest take w2. ws (B, L, W)."""
+    layer = torch.arange(ws1.shape[1], device=ws1.device)[None, :, None]  # (1, L, 1)
+    return torch.where(layer < crossover, ws1, ws2)
+
+
+class Generator(nn.Module):
+    """f + g + the running average w̄ (a buffer: saved and copied into the EMA, never trained)."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.mapping = MappingNetwork(cfg.w_dim, cfg.mapping_layers)
+        self.synthesis = Synthesis(cfg.img_size, cfg.w_dim, cfg.fmap_base, cfg.fmap_max)
+        self.register_buffer("w_avg", torch.zeros(cfg.w_dim))
+
+    def styles(self, z, psi=1.0, cutoff=None):
+        """z (B, Z) -> ws (B, L, W), truncated towards w̄ unless ψ = 1."""
+        ws = broadcast(self.mapping(z), self.synthesis.num_layers)  # (B, L, W)
+        return ws if psi == 1 else truncate(ws, self.w_avg, psi, cutoff)
+
+    def forward(self, z, psi=1.0, cutoff=None, noise=None):
+        """z (B, Z) -> images (B, 3, R, R)."""
+        return self.synthesis(self.styles(z, psi, cutoff), noise)
+
+
+def minibatch_stddev(x, group=4):
+    """ProGAN §3: std of every feature over a group of 4 samples, averaged into one extra channel
+    (official group 4; rosinality uses the whole batch). Sample b is in group b mod (B/4)."""
+    B, C, H, W = x.shape
+    G = min(group, B)
+    require(B % G == 0, f"--batch {B}: must be a multiple of the minibatch-stddev group ({group})")
+    y = x.float().reshape(G, -1, C, H, W)  # (G, B/G, C, H, W)
+    y = (y - y.mean(0)).pow(2).mean(0).add(1e-8).sqrt().mean((1, 2, 3))  # (B/G,)
+    return torch.cat([x, y.to(x.dtype).repeat(G)[:, None, None, None].expand(B, 1, H, W)], 1)
+
+
+class Discriminator(nn.Module):
+    """Official StyleGAN D: from-RGB 1×1 + LReLU; per resolution conv 3×3 → blur → conv 3×3 →
+    avg-pool (official widens in the 2nd conv, rosinality in the 1st); at 4×4 minibatch stddev →
+    conv 3×3 → FC → FC (gain 1) -> a logit. (Official fuses conv + pool at 128+ px: same result.)"""
+    def __init__(self, img_size, fmap_base, fmap_max, mbstd_group=4):
+        super().__init__()
+        top, nf = int(math.log2(img_size)), lambda r: min(fmap_base >> r - 1, fmap_max)
+        self.from_rgb, self.mbstd_group = EqualLR(3, nf(top), 1), mbstd_group
+        self.blocks = nn.ModuleList([nn.ModuleList([EqualLR(nf(r), nf(r), 3),
+                                                    EqualLR(nf(r), nf(r - 1), 3)])
+                                     for r in range(top, 2, -1)])  # R×R → 8×8
+        self.conv, self.fc = EqualLR(nf(2) + 1, nf(2), 3), EqualLR(nf(2) * 16, nf(1))
+        self.out = EqualLR(nf(1), 1, gain=1.0)
+
+    def forward(self, x):
+        """x (B, 3, R, R) in [-1, 1] -> logits (B,)."""
+        h = F.leaky_relu(self.from_rgb(x), 0.2)  # (B, C, R, R)
+        for conv0, conv1 in self.blocks:  # R×R → 4×4
+            h = F.leaky_relu(conv0(h), 0.2)
+            h = F.leaky_relu(F.avg_pool2d(conv1(blur(h)), 2), 0.2)  # (B, C', H/2, W/2)
+        h = F.leaky_relu(self.conv(minibatch_stddev(h, self.mbstd_group)), 0.2)  # (B, 512, 4, 4)
+        h = F.leaky_relu(self.fc(h.flatten(1)), 0.2)  # (B, 512)
+        return self.out(h).squeeze(1)  # (B,)
+
+
+# ----------------------------------------------------------------------------
+# 3. Losses
+# ----------------------------------------------------------------------------
+def d_logistic(real_logits, fake_logits):
+    """Non-saturating logistic loss (App. C, FFHQ), D side: softplus(D(G(z))) + softplus(−D(x))."""
+    return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+
+
+def g_nonsaturating(fake_logits):
+    """Non-saturating logistic loss, G side: softplus(−D(G(z))) = −log σ(D(G(z)))."""
+    return F.softplus(-fake_logits).mean()
+
+
+def r1_penalty(real_logits, x_real):
+    """R1 (Mescheder et al. 2018): E‖∇_x D(x)‖² on reals; the caller weights it by γ/2."""
+    (grad,) = torch.autograd.grad(real_logits.sum(), x_real, create_graph=True)
+    return grad.float().pow(2).sum((1, 2, 3)).mean()
+
+
+# ----------------------------------------------------------------------------
+# 4. Data
+# ----------------------------------------------------------------------------
+def make_dataset(cfg):
+    """Every image below --data (below its train/ if any); short side → R, centre crop, mirror."""
+    root = resolve_data(cfg.data, "shapes", cfg.img_size)
+    root = root / "train" if (root / "train").is_dir() else root
+    return ImageFiles(root, T.Compose([
+        T.Resize(cfg.img_size, antialias=True), T.CenterCrop(cfg.img_size),
+        T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]))
+
+
+# ----------------------------------------------------------------------------
+# 5. Steps
+# ----------------------------------------------------------------------------
+def mixed_styles(G, z, mixing_prob):
+    """§3.1 style mixing regularisation (official): with probability p a second latent takes over
+    from a random crossover layer in [1, L), one per minibatch (rosinality: per block)."""
+    L, w = G.synthesis.num_layers, G.mapping(z)  # w (B, W)
+    ws = broadcast(w, L)  # (B, L, W)
+    if torch.rand(()) < mixing_prob:  # CPU generator: no GPU sync, restored on resume
+        ws = style_mix(ws, broadcast(G.mapping(torch.randn_like(z)), L), torch.randint(1, L, ()))
+    return ws, w
+
+
+def d_step(G, D, opt_D, x_real, cfg):
+    """logistic loss + γ/2·R1 on reals; updates D only (G runs without gradients)."""
+    z = torch.randn(x_real.shape[0], cfg.w_dim, device=x_real.device)
+    x_real = x_real.detach().requires_grad_(True)
+    with autocast(x_real.device, cfg.amp):
+        with torch.no_grad():
+            x_fake = G.synthesis(mixed_styles(G, z, cfg.mixing_prob)[0])  # (B, 3, R, R)
+        # view_as: D gets a non-leaf, as FlopCounterMode's hooks on a leaf break autograd.grad
+        real_logits, fake_logits = D(x_real.view_as(x_real)).float(), D(x_fake).float()  # (B,)
+    loss_adv = d_logistic(real_logits, fake_logits)
+    loss_r1 = r1_penalty(real_logits, x_real)
+    opt_D.zero_grad(set_to_none=True)
+    (loss_adv + cfg.r1_gamma / 2 * loss_r1).backward()
+    opt_D.step()
+    return {"D/adv": loss_adv.detach(), "D/r1": loss_r1.detach()}
+
+
+def g_step(G, D, opt_G, batch, cfg, device):
+    """Non-saturating loss on style-mixed fakes, updates G (f and g); then w̄ ← lerp(w̄, mean f(z),
+    1 − β). Official updates w̄ in the D pass too; we don't, so the D step leaves G untouched."""
+    z = torch.randn(batch, cfg.w_dim, device=device)
+    D.requires_grad_(False)  # no D weight gradients: faster, and D cannot change
+    with autocast(device, cfg.amp):
+        ws, w = mixed_styles(G, z, cfg.mixing_prob)
+        loss = g_nonsaturating(D(G.synthesis(ws)).float())
+    opt_G.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_G.step()
+    D.requires_grad_(True)
+    with torch.no_grad():
+        G.w_avg.lerp_(w.float().mean(0), 1 - cfg.w_avg_beta)
+    return {"G/adv": loss.detach()}
+
+
+@torch.no_grad()
+def update_ema(G_ema, G, cfg):
+    """Official EMA of G: half-life ema_kimg thousand images (β ≈ 0.9978 at batch 32; rosinality
+    0.999); w̄, not a trained parameter, is copied as the official Gs does."""
+    beta = 0.5 ** (cfg.batch / (cfg.ema_kimg * 1000))
+    torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1 - beta)
+    G_ema.w_avg.copy_(G.w_avg)
+
+
+def build(cfg, device):
+    """G, D, G_ema, Adam for G (f at lr × mapping_lr_mul, a param group as rosinality) and D."""
+    G, G_ema = Generator(cfg).to(device), Generator(cfg).to(device).requires_grad_(False)
+    G_ema.load_state_dict(G.state_dict())
+    D = Discriminator(cfg.img_size, cfg.fmap_base, cfg.fmap_max).to(device)
+    kw = dict(lr=cfg.lr, betas=cfg.betas, eps=1e-8, fused=device.type == "cuda" or None)
+    opt_G = torch.optim.Adam([{"params": G.synthesis.parameters()}, {
+        "params": G.mapping.parameters(), "lr": cfg.lr * cfg.mapping_lr_mul}], **kw)
+    return G, D, G_ema, opt_G, torch.optim.Adam(D.parameters(), **kw)
+
+
+# ----------------------------------------------------------------------------
+# 6. Sampling
+# ----------------------------------------------------------------------------
+def slerp(a, b, t):
+    """Spherical interpolation between normalised latents (official PPL and interpolation in Z)."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    d = (a * b).sum(-1, keepdim=True).clamp(-1, 1)
+    return a * torch.cos(t * d.acos()) + F.normalize(b - d * a, dim=-1) * torch.sin(t * d.acos())
+
+
+@torch.no_grad()
+def figures(G, cfg, out, device):
+    """Fig. 8 truncation (columns ψ), Fig. 3 style mixing, Fig. 4 stochastic variation + per-pixel
+    std, GIFs of slerp in Z vs lerp in W. Noise is fixed (broadcast) except in Fig. 4."""
+    gen, L, R = torch.Generator().manual_seed(cfg.seed), G.synthesis.num_layers, cfg.img_size
+    randn = lambda n: torch.randn(n, cfg.w_dim, generator=gen).to(device)  # noqa: E731
+    noise, z = G.synthesis.make_noise(1, device), randn(6)
+    x = torch.stack([G(z, psi, cfg.trunc_cutoff, noise) for psi in PSI_GRID], 1)  # (6, 5, 3, R, R)
+    save_grid(x.flatten(0, 1), out / "truncation.png", len(PSI_GRID))
+    # Fig. 3: top row = sources A; each row copies the coarse (4-8 px), middle (16-32 px) or fine
+    # (64+ px) styles of its source B (left) into every A
+    ws_a, ws_b = (G.styles(randn(n), cfg.psi, cfg.trunc_cutoff) for n in (5, 6))
+    rows = [torch.full((1, 3, R, R), -1.0, device=device), G.synthesis(ws_a, noise)]
+    for j, (lo, hi) in enumerate(r for r in [(0, 4)] * 2 + [(4, 8)] * 2 + [(8, L)] * 2 if r[0] < L):
+        ws = ws_a.clone()
+        ws[:, lo:hi] = ws_b[j, lo:hi]
+        rows += [G.synthesis(ws_b[j:j + 1], noise), G.synthesis(ws, noise)]
+    save_grid(torch.cat(rows), out / "style_mixing.png", 6)
+    ws = G.styles(z[:3], cfg.psi, cfg.trunc_cutoff)  # Fig. 4: one w, 100 noise draws
+    x = torch.stack([G.synthesis(ws) for _ in range(100)])  # (100, 3, 3, R, R)
+    std = x.std(0).mean(1, keepdim=True)  # (3, 1, R, R)
+    std = (std / std.amax((2, 3), keepdim=True).clamp(min=1e-8) * 2 - 1).expand(-1, 3, -1, -1)
+    save_grid(torch.cat([x[:4].transpose(0, 1), std[:, None]], 1).flatten(0, 1),
+              out / "stochastic_variation.png", 5)
+    z0, z1 = randn(4), randn(4)
+    for space in ("z", "w"):  # the same endpoints; §4.1 expects W to be the smoother one
+        frames = [G.mapping(slerp(z0, z1, t)) if space == "z" else
+                  torch.lerp(G.mapping(z0), G.mapping(z1), t) for t in torch.linspace(0, 1, 24)]
+        save_gif([make_grid(G.synthesis(broadcast(w, L), noise).cpu(), nrow=4, pad_value=-1)
+                  for w in frames], out / f"interpolation_{space}.gif")
+
+
+@torch.no_grad()
+def ppl(G, lpips, space, cfg, device, eps=1e-4, batch=16):
+    """§4.1 Eqs. (2)-(3), 'full': E[d(g(l(t)), g(l(t + ε))) / ε²], t ~ U(0, 1), l = slerp in Z or
+    lerp in W, d = LPIPS-VGG16; noise fixed per minibatch; keep the 1-99 % percentiles (official)"""
+    dists, L = [], G.synthesis.num_layers
+    for _ in range(math.ceil(cfg.ppl_samples / batch)):
+        z0, z1 = torch.randn(2, batch, cfg.w_dim, device=device)
+        t = torch.rand(batch, 1, device=device)
+        if space == "z":
+            w = G.mapping(torch.cat([slerp(z0, z1, t), slerp(z0, z1, t + eps)]))  # (2B, W)
+        else:
+            w = torch.cat([torch.lerp(G.mapping(z0), G.mapping(z1), s) for s in (t, t + eps)])
+        x = G.synthesis(broadcast(w, L), G.synthesis.make_noise(1, device))  # (2B, 3, R, R)
+        c = x.shape[2] // 8  # the paper's face crop: rows 3/8..7/8, columns 2/8..6/8
+        x = x[:, :, 3 * c:7 * c, 2 * c:6 * c] if cfg.ppl_crop else x
+        x = F.avg_pool2d(x, max(x.shape[2] // 256, 1))  # box-downsample to 256 if larger
+        dists.append(lpips(*x.float().chunk(2)) / eps ** 2)  # (B,)
+    d = torch.cat(dists)[: cfg.ppl_samples].cpu()
+    lo, hi = torch.quantile(d, torch.tensor([0.01, 0.99]))
+    return d[(d >= lo) & (d <= hi)].mean().item()
+
+
+@torch.no_grad()
+def oracle_scores(G, cfg, device):
+    """Toy shapes: share of generated images read as one valid object, and the distance of their
+    factors to real ones (domain shares: total variation; size, position, colour: Wasserstein-1)."""
+    data, n, q = make_dataset(cfg), cfg.oracle_samples, torch.linspace(0, 1, 101)
+    z = torch.randn(n, cfg.w_dim).split(50)
+    fake = read_shapes(torch.cat([G(zb.to(device)).cpu() for zb in z]))  # (n, 3, R, R) read
+    real = read_shapes(torch.stack([data[i] for i in torch.randperm(len(data))[:n].tolist()]))
+    share = [torch.bincount(o["domain"][o["valid"]], minlength=3) / max(o["valid"].sum(), 1)
+             for o in (fake, real)]
+    scores = {"valid_fake": fake["valid"].float().mean().item(),
+              "valid_real": real["valid"].float().mean().item(),
+              "domain_tv": 0.5 * (share[0] - share[1]).abs().sum().item(),
+              **{f"share_{k}_fake_real": v for k, *v in zip(SHAPES, *[a.tolist() for a in share])}}
+    for o in (fake, real):
+        o["red"], o["green"], o["blue"] = o["color"].T
+    for k in ("size", "cx", "cy", "red", "green", "blue") if fake["valid"].any() else ():
+        a, b = fake[k][fake["valid"]], real[k][real["valid"]]
+        scores[f"w1_{k}"] = (torch.quantile(a, q) - torch.quantile(b, q)).abs().mean().item()
+    return scores
+
+
+# ----------------------------------------------------------------------------
+# 7. Train
+# ----------------------------------------------------------------------------
+def train(cfg, device):
+    ckpt, out = prepare_run(cfg.out, cfg.resume, cfg.overwrite), Path(cfg.out)
+    G, D, G_ema, opt_G, opt_D = build(cfg, device)
+    nets, opts = {"G": G, "D": D, "G_ema": G_ema}, {"G": opt_G, "D": opt_D}
+    step = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
+    loader = infinite(make_loader(make_dataset(cfg), cfg.batch, num_workers=cfg.num_workers,
+                                  device=device, seed=cfg.seed + step))  # new order after resume
+    logger, last, losses, t0 = Logger(out, cfg.total_iters, cfg.log_every), ckpt, {}, time.time()
+    z_fixed = torch.randn(16, cfg.w_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    try:
+        while step < cfg.total_iters:
+            x_real = next(loader).to(device, non_blocking=True)  # (B, 3, R, R)
+            losses = d_step(G, D, opt_D, x_real, cfg)
+            losses |= g_step(G, D, opt_G, cfg.batch, cfg, device)
+            update_ema(G_ema, G, cfg)
+            step += 1
+            if step % cfg.log_every == 0:
+                logger.log(step, losses)
+            if step % cfg.sample_every == 0:
+                with torch.no_grad():
+                    save_grid(G_ema(z_fixed.to(device)), out / f"sample_{step:06d}.png", 4)
+            if step % cfg.save_every == 0 or step == cfg.total_iters:
+                check_finite(losses, step, last)
+                save_checkpoint(out / "last.pt", step, cfg, nets, opts)
+                last = out / "last.pt"
+    except KeyboardInterrupt:
+        check_finite(losses, step, last)
+        save_checkpoint(out / "last.pt", step, cfg, nets, opts)
+        print(f"interrupted at step {step}; saved {out / 'last.pt'} (continue with --resume auto)")
+    print(f"step {step}: {time.time() - t0:.0f} s; checkpoint {out / 'last.pt'}")
+    return nets
+
+
+def bench(cfg, device):
+    """FLOPs of one training step, 2 warm-up steps, bench_iters timed steps on random images."""
+    G, D, G_ema, opt_G, opt_D = build(cfg, device)
+    x = torch.rand(cfg.batch, 3, cfg.img_size, cfg.img_size, device=device) * 2 - 1
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with FlopCounterMode(display=False) as counter:
+        d_step(G, D, opt_D, x, cfg), g_step(G, D, opt_G, cfg.batch, cfg, device)
+    for i in range(cfg.bench_iters + 2):
+        if i == 2:
+            sync()
+            t0 = time.perf_counter()
+        d_step(G, D, opt_D, x, cfg), g_step(G, D, opt_G, cfg.batch, cfg, device)
+        update_ema(G_ema, G, cfg)
+    sync()
+    rate = cfg.bench_iters / (time.perf_counter() - t0)
+    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
+    print(f"bench {cfg.img_size} px, batch {cfg.batch}, {device.type}: {rate:.2f} it/s | "
+          f"{rate * cfg.batch:.1f} images/s | peak mem {mem} | "
+          f"{counter.get_total_flops() * rate / 1e12:.4f} TFLOP/s")
+
+
+# ----------------------------------------------------------------------------
+# 8. Entry point
+# ----------------------------------------------------------------------------
+def main(argv=None):
+    cfg, ns = parse_config(Config, PRESETS, argv, __doc__, modes=("train", "sample", "eval"))
+    require(cfg.img_size in [2 ** k for k in range(3, 11)],
+            f"--img-size {cfg.img_size}: must be a power of 2 from 8 to 1024")
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    if cfg.bench or ns.mode == "train":
+        return bench(cfg, device) if cfg.bench else train(cfg, device)
+    # sample / eval: G_ema of --resume PATH or out/last.pt, with the widths it was trained with
+    path = Path(cfg.resume if cfg.resume not in ("", "auto") else Path(cfg.out) / "last.pt")
+    require(path.is_file(), f"{path}: no checkpoint; train first or pass --out RUN / --resume PATH")
+    saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    keep = ("img_size", "w_dim", "mapping_layers", "fmap_base", "fmap_max", "data")
+    cfg, out = dataclasses.replace(cfg, **{k: saved[k] for k in keep}), Path(cfg.out)
+    G = Generator(cfg).to(device).eval()
+    load_checkpoint(path, {"G_ema": G}, restore_rng=False)
+    if ns.mode == "sample":
+        figures(G, cfg, out, device)
+        return print(f"wrote {out}/truncation.png, style_mixing.png, stochastic_variation.png, "
+                     "interpolation_z.gif, interpolation_w.gif")
+    lpips = LPIPS("vgg").to(device)  # pretrained LPIPS-VGG16 (clear error when offline)
+    scores = {f"ppl_{s}_full": ppl(G, lpips, s, cfg, device) for s in ("z", "w")}
+    if cfg.data in ("", "toy"):
+        scores |= oracle_scores(G, cfg, device)
+    (out / "eval.json").write_text(json.dumps(scores, indent=1))
+    print(json.dumps(scores))
+    return scores
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,272 @@
+"""Tests for 04_stylegan_mapping.py (StyleGAN v1: mapping network, AdaIN, noise, mixing, truncation).
+Small widths and 8-16 px images keep them CPU-fast; the parameter-count test builds full-size nets
+without running them."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import load_script
+from PIL import Image
+
+import common
+
+m = load_script("04_stylegan_mapping")
+TINY = dict(img_size=16, w_dim=16, fmap_base=64, fmap_max=16, batch=4, amp=False)
+TINY_FLAGS = ["--img-size", "16", "--w-dim", "16", "--fmap-base", "64", "--fmap-max", "16",
+              "--batch", "4", "--num-workers", "0"]
+
+
+def tiny_cfg(**kw):
+    return dataclasses.replace(m.Config(), **{**TINY, **kw})
+
+
+def n_params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def snapshot(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def changed(before, net):
+    return {k for k, v in net.state_dict().items() if not torch.equal(before[k], v)}
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """8 random RGB PNGs in a nested folder: any folder of images is a dataset (StyleGAN)."""
+    folder = tmp_path / "imgs" / "sub"
+    folder.mkdir(parents=True)
+    for i in range(8):
+        img = torch.randint(0, 256, (24, 20, 3), dtype=torch.uint8)
+        Image.frombytes("RGB", (20, 24), bytes(img.flatten().tolist())).save(folder / f"{i}.png")
+    return tmp_path / "imgs"
+
+
+def test_shapes():
+    for R, B in ((8, 2), (16, 4)):
+        cfg = tiny_cfg(img_size=R)
+        G, D = m.Generator(cfg), m.Discriminator(R, cfg.fmap_base, cfg.fmap_max)
+        L = G.synthesis.num_layers
+        assert L == 2 * int(math.log2(R)) - 2
+        z = torch.randn(B, cfg.w_dim)
+        assert G.mapping(z).shape == (B, cfg.w_dim)
+        assert G.styles(z, 0.7, 8).shape == (B, L, cfg.w_dim)
+        x = G(z)
+        assert x.shape == (B, 3, R, R)
+        assert D(x).shape == (B,)
+        assert [n.shape[-1] for n in G.synthesis.make_noise(1, "cpu")] == [4 << i // 2 for i in range(L)]
+
+
+def test_param_counts():
+    cfg = m.Config(img_size=1024)
+    G = m.Generator(cfg)
+    assert n_params(G.mapping) == 2_101_248  # 8 × (512·512 + 512)
+    # Official Gs (NVlabs README) 26,219,627 also holds the to-RGB of 4..512 px for growing.
+    lower_rgb = sum(c * 3 + 3 for c in (512, 512, 512, 512, 256, 128, 64, 32))
+    assert n_params(G) == 26_212_019 == 26_219_627 - lower_rgb
+    assert n_params(m.Discriminator(1024, 8192, 512)) == 23_077_137
+    # 256 px = rosinality's active G at 256 (26,078,403) + the official bias after the constant
+    assert n_params(m.Generator(m.Config(img_size=256))) == 26_078_403 + 512
+    assert G.synthesis.num_layers == 18 and m.Discriminator(256, 8192, 512).from_rgb.weight.shape[0] == 64
+
+
+def test_equalized_lr_scales_at_runtime():
+    torch.manual_seed(0)
+    lin, conv = m.EqualLR(512, 512), m.EqualLR(64, 32, 3)
+    for layer, fan_in in ((lin, 512), (conv, 64 * 9)):
+        w = layer.weight
+        assert abs(w.std().item() - 1) < 0.02 and abs(w.mean().item()) < 0.02  # stored ~N(0, 1)
+        assert layer.scale == pytest.approx(math.sqrt(2 / fan_in))
+    x = torch.randn(3, 512)
+    torch.testing.assert_close(lin(x), x @ (lin.weight * math.sqrt(2 / 512)).T + lin.bias)
+    y = torch.randn(2, 64, 5, 5)
+    torch.testing.assert_close(conv(y), F.conv2d(y, conv.weight * math.sqrt(2 / 576), conv.bias,
+                                                 padding=1))
+    # the effective weight, not the stored one, has He's std: activations keep their scale
+    assert abs(lin(torch.randn(4096, 512)).std().item() - math.sqrt(2)) < 0.1
+
+
+def test_pixel_norm_unit_mean_square():
+    z = torch.randn(5, 64) * torch.tensor([0.1, 1, 3, 100, 1e4])[:, None]
+    torch.testing.assert_close(m.pixel_norm(z).pow(2).mean(1), torch.ones(5))
+
+
+def test_adain_output_has_style_statistics():
+    torch.manual_seed(0)
+    adain = m.AdaIN(8, 16)
+    x = torch.randn(3, 8, 6, 6) * 5 + 2
+    w = torch.randn(3, 16)
+    y_s, y_b = adain.affine(w).chunk(2, dim=1)  # (3, 8) each
+    out = adain(x, w)
+    torch.testing.assert_close(out.mean((2, 3)), y_b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.std((2, 3), unbiased=False), y_s.abs(), atol=1e-4, rtol=1e-4)
+    # at init y_s ≈ 1 + small and the bias of y_s is exactly 1
+    assert torch.equal(adain.affine.bias[:8], torch.ones(8)) and torch.equal(adain.affine.bias[8:],
+                                                                            torch.zeros(8))
+
+
+def test_noise_scale_starts_at_zero_then_matters():
+    cfg = tiny_cfg()
+    G, D, _, opt_G, _ = m.build(cfg, torch.device("cpu"))
+    assert all(torch.equal(layer.noise_scale, torch.zeros_like(layer.noise_scale))
+               for layer in G.synthesis.layers)
+    z = torch.randn(2, cfg.w_dim)
+    torch.testing.assert_close(G(z), G(z), rtol=0, atol=0)  # fresh noise, no effect at init
+    m.g_step(G, D, opt_G, cfg.batch, cfg, torch.device("cpu"))
+    assert all(layer.noise_scale.abs().min() > 0 for layer in G.synthesis.layers)
+    assert (G(z) - G(z)).abs().max() > 1e-6  # now two noise draws give different images
+
+
+def test_style_mixing_uses_two_ws_across_crossover():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    G = m.Generator(cfg)
+    L = G.synthesis.num_layers
+    ws1, ws2 = torch.randn(2, L, 4), torch.randn(2, L, 4)
+    mixed = m.style_mix(ws1, ws2, 2)
+    assert torch.equal(mixed[:, :2], ws1[:, :2]) and torch.equal(mixed[:, 2:], ws2[:, 2:])
+    z = torch.randn(3, cfg.w_dim)
+    crossovers = set()
+    for _ in range(20):
+        ws, w = m.mixed_styles(G, z, mixing_prob=1.0)
+        first = (ws == w[:, None]).all(-1).all(0)  # (L,) layers that use f(z)
+        c = int(first.sum())
+        assert 1 <= c < L and first[:c].all() and not first[c:].any()  # a prefix, then w2
+        assert (ws[:, c:] == ws[:, c:c + 1]).all()  # one second w for all later layers
+        crossovers.add(c)
+    assert len(crossovers) > 1  # the crossover layer is random
+    ws, w = m.mixed_styles(G, z, mixing_prob=0.0)
+    assert torch.equal(ws, w[:, None].expand_as(ws))
+
+
+def test_truncation_psi_0_gives_w_avg_and_psi_1_gives_w():
+    cfg = tiny_cfg()
+    G = m.Generator(cfg)
+    G.w_avg.copy_(torch.randn(cfg.w_dim))
+    z = torch.randn(3, cfg.w_dim)
+    ws = G.styles(z)
+    assert torch.equal(G.styles(z, psi=1.0, cutoff=4), ws)
+    assert torch.equal(G.styles(z, psi=0.0), G.w_avg.expand_as(ws))  # every layer → w̄ exactly
+    cut = G.styles(z, psi=0.0, cutoff=4)
+    assert torch.equal(cut[:, :4], G.w_avg.expand(3, 4, -1)) and torch.equal(cut[:, 4:], ws[:, 4:])
+    half = G.styles(z, psi=0.5)
+    torch.testing.assert_close(half, G.w_avg + 0.5 * (ws - G.w_avg))
+
+
+def test_losses_signs_and_r1():
+    hi, lo = torch.full((4,), 5.0), torch.full((4,), -5.0)
+    assert m.d_logistic(hi, lo) < 0.02 < m.d_logistic(lo, hi)  # D wants real high, fake low
+    assert m.g_nonsaturating(hi) < 0.01 < m.g_nonsaturating(lo)  # G wants D(G(z)) high
+    a = torch.randn(3, 4, 4)
+    x = torch.randn(5, 3, 4, 4, requires_grad=True)
+    r1 = m.r1_penalty((x * a).sum((1, 2, 3)), x)  # linear D: ∇_x D = a for every sample
+    torch.testing.assert_close(r1, a.pow(2).sum())
+    cfg = tiny_cfg()
+    D = m.Discriminator(16, cfg.fmap_base, cfg.fmap_max)
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    assert m.r1_penalty(D(x), x) >= 0
+
+
+def test_minibatch_stddev_groups_of_four():
+    x = torch.randn(8, 3, 2, 2)
+    out = m.minibatch_stddev(x)
+    assert out.shape == (8, 4, 2, 2)
+    group0 = x[[0, 2, 4, 6]]  # (G=4, M=2): sample b is in group b mod 2
+    expect = (group0.var(0, unbiased=False) + 1e-8).sqrt().mean()
+    torch.testing.assert_close(out[0, 3], expect.expand(2, 2))
+    torch.testing.assert_close(out[6, 3], expect.expand(2, 2))
+    with pytest.raises(common.UserError, match="--batch"):
+        m.minibatch_stddev(torch.randn(6, 3, 2, 2))
+
+
+def test_d_and_g_steps_change_only_their_nets():
+    cfg = tiny_cfg()
+    dev = torch.device("cpu")
+    G, D, G_ema, opt_G, opt_D = m.build(cfg, dev)
+    assert opt_G.param_groups[1]["lr"] == pytest.approx(cfg.lr * 0.01)  # the mapping's ×0.01
+    assert {id(p) for p in opt_G.param_groups[1]["params"]} == {id(p) for p in G.mapping.parameters()}
+    g0, d0 = snapshot(G), snapshot(D)
+    losses = m.d_step(G, D, opt_D, torch.rand(4, 3, 16, 16) * 2 - 1, cfg)
+    assert changed(g0, G) == set() and changed(d0, D) == set(D.state_dict())
+    assert losses["D/adv"] > 0 and losses["D/r1"] >= 0
+    d1 = snapshot(D)
+    opt_D.zero_grad(set_to_none=True)
+    losses = m.g_step(G, D, opt_G, 4, cfg, dev)
+    assert changed(d1, D) == set() and all(p.grad is None for p in D.parameters())
+    moved = changed(g0, G)
+    assert "w_avg" in moved and any(k.startswith("mapping.") for k in moved)
+    assert any(k.startswith("synthesis.") for k in moved) and losses["G/adv"] > 0
+    e0 = snapshot(G_ema)
+    m.update_ema(G_ema, G, cfg)
+    beta = 0.5 ** (cfg.batch / 10_000)
+    k = "synthesis.to_rgb.weight"
+    torch.testing.assert_close(G_ema.state_dict()[k], beta * e0[k] + (1 - beta) * G.state_dict()[k])
+    assert torch.equal(G_ema.w_avg, G.w_avg)
+
+
+def test_resume_gives_identical_next_losses(tmp_path):
+    cfg = tiny_cfg()
+    dev = torch.device("cpu")
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+
+    def step(nets):
+        G, D, G_ema, opt_G, opt_D = nets
+        out = m.d_step(G, D, opt_D, x, cfg) | m.g_step(G, D, opt_G, 4, cfg, dev)
+        m.update_ema(G_ema, G, cfg)
+        return {k: v.item() for k, v in out.items()}
+
+    torch.manual_seed(1)
+    nets = m.build(cfg, dev)
+    step(nets)
+    named = lambda n: ({"G": n[0], "D": n[1], "G_ema": n[2]}, {"G": n[3], "D": n[4]})  # noqa: E731
+    common.save_checkpoint(tmp_path / "last.pt", 1, cfg, *named(nets))
+    expected = [step(nets) for _ in range(2)]
+    torch.manual_seed(123)  # a different RNG state and fresh weights: all must come from the file
+    fresh = m.build(cfg, dev)
+    assert common.load_checkpoint(tmp_path / "last.pt", *named(fresh))["step"] == 1
+    assert [step(fresh) for _ in range(2)] == expected
+
+
+def test_train_resume_and_bad_input(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["--data", str(image_folder), "--out", str(out), *TINY_FLAGS, "--log-every", "1",
+             "--save-every", "2", "--sample-every", "2"]
+    m.main(flags + ["--total-iters", "2"])
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    with pytest.raises(common.UserError, match="--resume auto"):
+        m.main(flags + ["--total-iters", "3"])  # never silently overwrite a run
+    m.main(flags + ["--total-iters", "3", "--resume", "auto"])
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["step"] == 3 and set(state["nets"]) == {"G", "D", "G_ema"}
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(m.main, flags + ["--img-size", "48"])
+    assert e.value.code == 2 and "--img-size" in capsys.readouterr().err
+
+
+def test_bench_cpu_one_line(capsys):
+    m.main(["--bench", "--bench-iters", "1", *TINY_FLAGS])
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line and "it/s" in line and "n/a" in line and "TFLOP/s" in line
+
+
+def test_short_toy_run_sample_and_eval(tmp_path, monkeypatch):
+    out = tmp_path / "toy"
+    m.main(["--out", str(out), "--total-iters", "3", "--batch", "8", "--log-every", "1"])
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["step"] == 3 and state["config"]["img_size"] == 32  # the toy preset
+    m.main(["sample", "--out", str(out)])
+    for name in ("truncation.png", "style_mixing.png", "stochastic_variation.png",
+                 "interpolation_z.gif", "interpolation_w.gif"):
+        assert (out / name).stat().st_size > 0
+    with Image.open(out / "truncation.png") as img:
+        assert img.width > 5 * 32  # 5 ψ columns
+    monkeypatch.setattr(m, "LPIPS", lambda net: common.LPIPS(net, pretrained=False))
+    scores = m.main(["eval", "--out", str(out), "--ppl-samples", "32", "--oracle-samples", "40"])
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved.keys() == scores.keys() and saved["ppl_w_full"] == scores["ppl_w_full"]
+    assert 0 < scores["ppl_z_full"] < float("inf") and 0 < scores["ppl_w_full"] < float("inf")
+    assert 0 <= scores["valid_fake"] <= 1 and scores["valid_real"] > 0.9  # the oracle reads reals
