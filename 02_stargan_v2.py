@@ -1,0 +1,789 @@
+"""StarGAN v2: Diverse Image Synthesis for Multiple Domains. Choi, Uh, Yoo, Ha. CVPR 2020,
+arXiv:1912.01865v2. Read §2 (networks, Eqs. (1)-(5)), App. A/B (architecture, training details).
+
+Symbols: G generator, F -> `mapping` (mapping network), E style encoder, D multi-task discriminator;
+x image, y domain, z latent (16), s style (64), λ_sty/λ_ds/λ_cyc/λ_reg -> lambda_sty/_ds/_cyc/_reg;
+ψ -> psi (truncation toward the domain's average style s_avg).
+Shapes: B batch, K domains, S style_dim, Z latent_dim, C channels, H = W = img_size.
+
+Run:     python 02_stargan_v2.py                      # toy shapes, 2-core CPU (see TOY_RESULT)
+         python 02_stargan_v2.py --data data/afhq     # preset afhq (3 domains, λ_ds 2, w_hpf 0)
+         python 02_stargan_v2.py --data data/celeba_hq   # preset celeba_hq (λ_ds 1, w_hpf 1)
+Smoke:   python 02_stargan_v2.py --total-iters 20 --out runs/smoke --overwrite
+Resume:  python 02_stargan_v2.py --out runs/stargan_v2_toy --resume auto
+Bench:   python 02_stargan_v2.py --bench [--preset afhq]   # one line: it/s, img/s, memory, TFLOP/s
+Sample:  python 02_stargan_v2.py sample --ckpt runs/stargan_v2_toy/last.pt --src a.png --ref refs/
+         --domain 1   |  ... sample --preset afhq --official-ckpt 100000_nets_ema.ckpt --src ...
+Eval:    python 02_stargan_v2.py eval --ckpt runs/stargan_v2_toy/last.pt [--random-weights]
+GPU time / memory: not measured yet (the benchmark issue fills this in).
+
+Official quirks (SPEC §5) and what we do:
+- Deviation: EMA copies start as copies of the He-initialised nets (official: PyTorch default init,
+  because it deep-copies before init). Irrelevant after 100k steps, but a short run would sample
+  from half-initialised EMA nets otherwise.
+- Deviation: λ_ds decay is a pure function of the step, so it survives resume (official restarts it).
+- Copied: with w_hpf > 0 the AdaIN block drops its shortcut (conv1x1 exists, gets no gradient);
+  the ds loss detaches the 2nd image; the reference G step updates G only.
+- w_hpf > 0 needs face masks from a pretrained landmark net (FAN) we do not ship: G accepts masks,
+  without them the high-pass skip path is off (CelebA-HQ quality will be lower than official).
+"""
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.utils import make_grid
+
+from common import (DomainFolder, ImageFiles, InceptionPool, LPIPS, Logger, ReferencePairs,
+                    UserError, autocast, check_finite, frechet_distance, infinite, load_checkpoint,
+                    load_rgb, main_guard, make_loader, parse_config, pick_device, prepare_run,
+                    read_shapes, require, resolve_data, save_checkpoint, save_gif, save_grid,
+                    seed_everything, strip_prefixes)
+
+# ----------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------
+@dataclass
+class Config:
+    data: str = ""                   # root with {train,val}/<domain>/*.png; "" or "toy" -> toy shapes
+    out: str = "runs/stargan_v2"     # run folder: last.pt, samples/, log.jsonl
+    resume: str = ""                 # "" fresh, "auto" (out/last.pt if present) or a checkpoint path
+    overwrite: bool = False          # start fresh even if out/last.pt exists
+    device: str = "auto"             # auto | cpu | cuda
+    seed: int = 777                  # official seed
+    amp: bool = True                 # bf16 autocast (CUDA only)
+    channels_last: bool = False      # NHWC tensors and weights (CUDA speed-up)
+    bench: bool = False              # time training iterations on random data instead of training
+    bench_iters: int = 20            # timed iterations for --bench
+    img_size: int = 256              # image side H = W (official 256)
+    num_domains: int = 3             # K; must equal the number of domain folders
+    latent_dim: int = 16             # Z, dimension of z (§2)
+    style_dim: int = 64              # S, dimension of s (§2)
+    dim_in: int = 0                  # first conv width of G, E, D; 0 -> official 2**14 // img_size
+    max_conv_dim: int = 512          # channel cap of G, E, D (official 512)
+    mapping_dim: int = 512           # hidden width of F (official hard-codes 512)
+    w_hpf: float = 0.0               # high-pass skip weight: 1 for CelebA-HQ, 0 for AFHQ (App. A)
+    lambda_reg: float = 1.0          # λ_reg, weight of R1 on real images (App. B, γ = 1)
+    lambda_sty: float = 1.0          # λ_sty, style reconstruction, Eq. (5)
+    lambda_ds: float = 1.0           # λ_ds at step 0, diversity sensitive (subtracted), Eq. (5)
+    lambda_cyc: float = 1.0          # λ_cyc, cycle consistency, Eq. (5)
+    ds_iter: int = 100000            # λ_ds decays linearly to 0 over this many iterations (App. B)
+    lr: float = 1e-4                 # Adam lr of G, E, D
+    f_lr: float = 1e-6               # Adam lr of F (mapping), 100x smaller
+    beta1: float = 0.0               # Adam β1
+    beta2: float = 0.99              # Adam β2
+    weight_decay: float = 1e-4       # Adam's coupled L2 (not AdamW), as official
+    ema_beta: float = 0.999          # EMA decay of G, F, E
+    batch: int = 8                   # batch size
+    total_iters: int = 100000        # training iterations
+    randcrop_prob: float = 0.5       # p of RandomResizedCrop(scale 0.8-1, ratio 0.9-1.1)
+    num_workers: int = 4             # data loader workers
+    log_every: int = 10              # print/log losses every N steps
+    sample_every: int = 5000         # write sample grids from the EMA nets every N steps
+    save_every: int = 10000          # write out/last.pt every N steps
+
+
+PRESETS = {
+    "afhq": dict(num_domains=3, lambda_ds=2.0, w_hpf=0.0, out="runs/stargan_v2_afhq"),
+    "celeba_hq": dict(num_domains=2, lambda_ds=1.0, w_hpf=1.0, out="runs/stargan_v2_celeba_hq"),
+    # Not in paper: 32×32 shapes, widths 8-64, lr 3e-4, EMA 0.99 so that a 1500-step CPU run
+    # (λ_ds decaying over it) learns the toy domains; everything else official.
+    "toy": dict(img_size=32, dim_in=8, max_conv_dim=64, mapping_dim=64, num_domains=3, lr=3e-4,
+                lambda_ds=1.0, total_iters=1500, ds_iter=1500, ema_beta=0.99, batch=8,
+                randcrop_prob=0.0, num_workers=0, log_every=50, sample_every=500,
+                save_every=500, out="runs/stargan_v2_toy"),
+}
+NET_NAMES = ("G", "mapping", "E", "D")
+OFFICIAL_NAMES = {"G": "generator", "mapping": "mapping_network", "E": "style_encoder",
+                  "D": "discriminator"}
+
+
+# ----------------------------------------------------------------------------
+# 2. Networks
+# ----------------------------------------------------------------------------
+class ResBlk(nn.Module):
+    """Pre-activation residual block (E, D, G's encoder); sum scaled by 1/√2 to keep unit variance."""
+    def __init__(self, dim_in, dim_out, normalize=False, downsample=False):
+        super().__init__()
+        self.normalize, self.downsample = normalize, downsample
+        self.conv1 = nn.Conv2d(dim_in, dim_in, 3, 1, 1)  # official order: conv1, conv2, norms, 1×1
+        self.conv2 = nn.Conv2d(dim_in, dim_out, 3, 1, 1)
+        if normalize:
+            self.norm1 = nn.InstanceNorm2d(dim_in, affine=True)
+            self.norm2 = nn.InstanceNorm2d(dim_in, affine=True)
+        self.learned_sc = dim_in != dim_out
+        if self.learned_sc:
+            self.conv1x1 = nn.Conv2d(dim_in, dim_out, 1, 1, 0, bias=False)
+
+    def forward(self, x):
+        """x (B, Cin, H, W) -> (B, Cout, H', W'), H' = H/2 if downsample."""
+        sc = self.conv1x1(x) if self.learned_sc else x
+        sc = F.avg_pool2d(sc, 2) if self.downsample else sc
+        h = self.norm1(x) if self.normalize else x
+        h = self.conv1(F.leaky_relu(h, 0.2))
+        h = F.avg_pool2d(h, 2) if self.downsample else h
+        h = self.norm2(h) if self.normalize else h
+        h = self.conv2(F.leaky_relu(h, 0.2))
+        return (sc + h) / math.sqrt(2)
+
+
+class AdaIN(nn.Module):
+    """(1 + γ(s)) · IN(x) + β(s): '1 +' so that a zero-initialised bias starts at identity scale."""
+    def __init__(self, style_dim, num_features):
+        super().__init__()
+        self.norm = nn.InstanceNorm2d(num_features, affine=False)
+        self.fc = nn.Linear(style_dim, num_features * 2)
+
+    def forward(self, x, s):
+        """x (B, C, H, W), s (B, S) -> (B, C, H, W)."""
+        gamma, beta = self.fc(s)[:, :, None, None].chunk(2, dim=1)  # 2 × (B, C, 1, 1)
+        return (1 + gamma) * self.norm(x) + beta
+
+
+class AdainResBlk(nn.Module):
+    """Decoder block of G: the style s enters through two AdaINs."""
+    def __init__(self, dim_in, dim_out, style_dim=64, w_hpf=0.0, upsample=False):
+        super().__init__()
+        self.w_hpf, self.upsample = w_hpf, upsample
+        self.conv1 = nn.Conv2d(dim_in, dim_out, 3, 1, 1)
+        self.conv2 = nn.Conv2d(dim_out, dim_out, 3, 1, 1)
+        self.norm1 = AdaIN(style_dim, dim_in)
+        self.norm2 = AdaIN(style_dim, dim_out)
+        self.learned_sc = dim_in != dim_out
+        if self.learned_sc:
+            self.conv1x1 = nn.Conv2d(dim_in, dim_out, 1, 1, 0, bias=False)
+
+    def forward(self, x, s):
+        """x (B, Cin, H, W), s (B, S) -> (B, Cout, H', W'), H' = 2H if upsample."""
+        h = F.leaky_relu(self.norm1(x, s), 0.2)
+        h = F.interpolate(h, scale_factor=2, mode="nearest") if self.upsample else h
+        h = self.conv2(F.leaky_relu(self.norm2(self.conv1(h), s), 0.2))
+        if self.w_hpf > 0:  # official quirk: the shortcut is dropped (its conv1x1 stays unused)
+            return h
+        sc = F.interpolate(x, scale_factor=2, mode="nearest") if self.upsample else x
+        sc = self.conv1x1(sc) if self.learned_sc else sc
+        return (sc + h) / math.sqrt(2)
+
+
+class HighPass(nn.Module):
+    """Depthwise 3×3 Laplacian / w_hpf: passes edges of masked encoder features to the decoder."""
+    def __init__(self, w_hpf):
+        super().__init__()
+        kernel = torch.tensor([[-1.0, -1, -1], [-1, 8, -1], [-1, -1, -1]]) / w_hpf
+        self.register_buffer("filter", kernel)
+
+    def forward(self, x):
+        C = x.shape[1]
+        return F.conv2d(x, self.filter.expand(C, 1, 3, 3), padding=1, groups=C)
+
+
+class Generator(nn.Module):
+    """G(x, s): encoder (ResBlk + IN, downsampling) -> bottleneck -> AdaIN decoder -> to_rgb."""
+    def __init__(self, img_size=256, style_dim=64, max_conv_dim=512, w_hpf=0.0, dim_in=0):
+        super().__init__()
+        dim = dim_in or 2**14 // img_size
+        self.from_rgb = nn.Conv2d(3, dim, 3, 1, 1)
+        self.encode, self.decode = nn.ModuleList(), nn.ModuleList()
+        self.to_rgb = nn.Sequential(nn.InstanceNorm2d(dim, affine=True), nn.LeakyReLU(0.2),
+                                    nn.Conv2d(dim, 3, 1, 1, 0))  # linear output, no tanh
+        repeat_num = int(math.log2(img_size)) - 4 + (1 if w_hpf > 0 else 0)
+        for _ in range(repeat_num):  # down/up-sampling pairs; the decoder mirrors the encoder
+            dim_out = min(dim * 2, max_conv_dim)
+            self.encode.append(ResBlk(dim, dim_out, normalize=True, downsample=True))
+            self.decode.insert(0, AdainResBlk(dim_out, dim, style_dim, w_hpf, upsample=True))
+            dim = dim_out
+        for _ in range(2):  # bottleneck
+            self.encode.append(ResBlk(dim, dim, normalize=True))
+            self.decode.insert(0, AdainResBlk(dim, dim, style_dim, w_hpf))
+        if w_hpf > 0:
+            self.hpf = HighPass(w_hpf)
+
+    def forward(self, x, s, masks=None):
+        """x (B, 3, H, W) in [-1, 1], s (B, S), masks: None or 2 face heatmaps (B, 1, H, W).
+        Returns (B, 3, H, W), unbounded (no tanh, as official)."""
+        cache = {}
+        x = self.from_rgb(x)  # (B, dim_in, H, W)
+        for block in self.encode:  # H -> H/2^repeat_num
+            if masks is not None and x.shape[2] in (32, 64, 128):
+                cache[x.shape[2]] = x
+            x = block(x)
+        for block in self.decode:  # back to H
+            x = block(x, s)
+            if masks is not None and x.shape[2] in (32, 64, 128):
+                mask = masks[0] if x.shape[2] == 32 else masks[1]  # full face | eyes/nose only
+                mask = F.interpolate(mask, size=x.shape[2:], mode="bilinear")
+                x = x + self.hpf(mask * cache[x.shape[2]])
+        return self.to_rgb(x)  # (B, 3, H, W)
+
+
+class MappingNetwork(nn.Module):
+    """F(z, y): shared MLP, then one output branch per domain; the branch of y gives s."""
+    def __init__(self, latent_dim=16, style_dim=64, num_domains=2, hidden=512):
+        super().__init__()
+        layers = [nn.Linear(latent_dim, hidden), nn.ReLU()]
+        for _ in range(3):
+            layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+        self.shared = nn.Sequential(*layers)
+        self.unshared = nn.ModuleList(nn.Sequential(
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, style_dim))
+            for _ in range(num_domains))
+
+    def forward(self, z, y):
+        """z (B, Z), y (B,) long -> s (B, S)."""
+        h = self.shared(z)  # (B, hidden)
+        out = torch.stack([branch(h) for branch in self.unshared], dim=1)  # (B, K, S)
+        return out[torch.arange(len(y), device=y.device), y]  # (B, S)
+
+
+def _trunk(img_size, dim_in, max_conv_dim):
+    """Shared layout of E and D: conv, ResBlks down to 4×4, 4×4 valid conv to 1×1."""
+    dim = dim_in or 2**14 // img_size
+    layers = [nn.Conv2d(3, dim, 3, 1, 1)]
+    for _ in range(int(math.log2(img_size)) - 2):  # H -> 4
+        dim_out = min(dim * 2, max_conv_dim)
+        layers.append(ResBlk(dim, dim_out, downsample=True))
+        dim = dim_out
+    layers += [nn.LeakyReLU(0.2), nn.Conv2d(dim, dim, 4, 1, 0), nn.LeakyReLU(0.2)]
+    return layers, dim
+
+
+class StyleEncoder(nn.Module):
+    """E(x, y): style code of image x in domain y (one linear head per domain)."""
+    def __init__(self, img_size=256, style_dim=64, num_domains=2, max_conv_dim=512, dim_in=0):
+        super().__init__()
+        layers, dim = _trunk(img_size, dim_in, max_conv_dim)
+        self.shared = nn.Sequential(*layers)
+        self.unshared = nn.ModuleList(nn.Linear(dim, style_dim) for _ in range(num_domains))
+
+    def forward(self, x, y):
+        """x (B, 3, H, W), y (B,) -> s (B, S)."""
+        h = self.shared(x).flatten(1)  # (B, C)
+        out = torch.stack([head(h) for head in self.unshared], dim=1)  # (B, K, S)
+        return out[torch.arange(len(y), device=y.device), y]  # (B, S)
+
+
+class Discriminator(nn.Module):
+    """D(x, y): one real/fake logit per domain (multi-task D, §2); y picks the output."""
+    def __init__(self, img_size=256, num_domains=2, max_conv_dim=512, dim_in=0):
+        super().__init__()
+        layers, dim = _trunk(img_size, dim_in, max_conv_dim)
+        self.main = nn.Sequential(*layers, nn.Conv2d(dim, num_domains, 1, 1, 0))
+
+    def forward(self, x, y):
+        """x (B, 3, H, W), y (B,) -> logits (B,)."""
+        out = self.main(x).flatten(1)  # (B, K)
+        return out[torch.arange(len(y), device=y.device), y]  # (B,)
+
+
+def he_init(module):
+    """Kaiming-normal (fan_in, ReLU gain) on every conv/linear weight, biases 0 (official)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
+def build_nets(cfg, device="cpu"):
+    """Online nets G, mapping, E, D (He init) and EMA copies of G, mapping, E."""
+    c = cfg
+    nets = SimpleNamespace(
+        G=Generator(c.img_size, c.style_dim, c.max_conv_dim, c.w_hpf, c.dim_in),
+        mapping=MappingNetwork(c.latent_dim, c.style_dim, c.num_domains, c.mapping_dim),
+        E=StyleEncoder(c.img_size, c.style_dim, c.num_domains, c.max_conv_dim, c.dim_in),
+        D=Discriminator(c.img_size, c.num_domains, c.max_conv_dim, c.dim_in))
+    fmt = torch.channels_last if c.channels_last else torch.contiguous_format
+    for name, net in vars(nets).items():
+        setattr(nets, name, he_init(net).to(device, memory_format=fmt))
+    # Deviation: EMA copies are taken after He init (official: before; see header).
+    ema = SimpleNamespace(**{k: copy.deepcopy(getattr(nets, k)).requires_grad_(False)
+                             for k in ("G", "mapping", "E")})
+    return nets, ema
+
+
+def load_official(path, nets):
+    """Load an official checkpoint ({'generator': sd, 'mapping_network': sd, ...}) into our
+    modules by position: the i-th tensor of the official state_dict goes to our i-th tensor,
+    shapes checked, so our attribute names do not matter. nets: {"G"|"mapping"|"E"|"D": module}."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise UserError(f"--official-ckpt {path}: cannot read ({e.__class__.__name__}); "
+                        "pass a *_nets_ema.ckpt from the StarGAN v2 release") from None
+    for ours, theirs in OFFICIAL_NAMES.items():
+        if ours not in nets:
+            continue
+        require(theirs in ckpt, f"--official-ckpt {path}: no '{theirs}' entry (has {list(ckpt)})")
+        src = list(strip_prefixes(ckpt[theirs]).items())
+        dst = nets[ours].state_dict()
+        require(len(src) == len(dst), f"--official-ckpt {path}: {theirs} has {len(src)} tensors, "
+                f"ours {len(dst)}; pass the matching --preset (afhq / celeba_hq)")
+        for (key, value), ours_t in zip(src, dst.values()):
+            require(value.shape == ours_t.shape, f"--official-ckpt {path}: {theirs}.{key} is "
+                    f"{tuple(value.shape)}, ours {tuple(ours_t.shape)}; check --preset/--img-size")
+        nets[ours].load_state_dict({k: value for k, (_, value) in zip(dst, src)})
+
+
+# ----------------------------------------------------------------------------
+# 3. Losses
+# ----------------------------------------------------------------------------
+def adv_loss(logits, target):
+    """Eq. (1): non-saturating BCE with logits: softplus(-l) for target 1, softplus(l) for 0."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(target)))
+
+
+def r1_reg(d_out, x_real):
+    """R1 (App. B, Mescheder et al. 2018): 0.5 · E ||∇_x D(x)||² on real images only."""
+    grad, = torch.autograd.grad(d_out.sum(), x_real, create_graph=True)
+    return 0.5 * grad.float().pow(2).flatten(1).sum(1).mean()
+
+
+def style_rec_loss(s_pred, s_trg):
+    """Eq. (2): E ||s̃ - E_ỹ(G(x, s̃))||_1."""
+    return (s_pred - s_trg).abs().mean()
+
+
+def ds_loss(x_fake, x_fake2):
+    """Eq. (3): E ||G(x, s̃1) - G(x, s̃2)||_1, maximised; the 2nd image is detached (official)."""
+    return (x_fake - x_fake2.detach()).abs().mean()
+
+
+def cycle_loss(x_rec, x_real):
+    """Eq. (4): E ||x - G(G(x, s̃), ŝ)||_1 with ŝ = E_y(x)."""
+    return (x_rec - x_real).abs().mean()
+
+
+def g_total(loss_adv, loss_sty, loss_ds, loss_cyc, cfg, lambda_ds):
+    """Eq. (5): L_G = L_adv + λ_sty L_sty - λ_ds L_ds + λ_cyc L_cyc (L_ds is maximised)."""
+    return (loss_adv + cfg.lambda_sty * loss_sty - lambda_ds * loss_ds
+            + cfg.lambda_cyc * loss_cyc)
+
+
+def lambda_ds_at(step, cfg):
+    """λ_ds decays linearly from cfg.lambda_ds at step 0 to 0 at ds_iter (pure: resume-exact)."""
+    return cfg.lambda_ds * max(0.0, 1.0 - step / cfg.ds_iter)
+
+
+def d_loss(nets, cfg, x_real, y_org, y_trg, z_trg=None, x_ref=None, masks=None):
+    """L_D = L_real + L_fake + λ_reg R1; the fake's style comes from F(z) or E(x_ref)."""
+    # R1 needs ∂D/∂x. "* 1" makes x a non-leaf: FlopCounterMode (--bench) rejects grads of leaves.
+    x_real = x_real.detach().requires_grad_() * 1
+    out = nets.D(x_real, y_org)  # (B,)
+    loss_real, loss_reg = adv_loss(out, 1), r1_reg(out, x_real)
+    with torch.no_grad():
+        s_trg = nets.mapping(z_trg, y_trg) if z_trg is not None else nets.E(x_ref, y_trg)
+        x_fake = nets.G(x_real, s_trg, masks)  # (B, 3, H, W)
+    loss_fake = adv_loss(nets.D(x_fake, y_trg), 0)
+    loss = loss_real + loss_fake + cfg.lambda_reg * loss_reg
+    return loss, dict(real=loss_real, fake=loss_fake, reg=loss_reg)
+
+
+def g_loss(nets, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_refs=None, masks=None):
+    """Eq. (5) for one batch; styles from (z, z2) through F or from (x_ref, x_ref2) through E."""
+    if z_trgs is not None:
+        s_trg, s_trg2 = (nets.mapping(z, y_trg) for z in z_trgs)  # 2 × (B, S)
+    else:
+        s_trg, s_trg2 = (nets.E(x, y_trg) for x in x_refs)
+    x_fake = nets.G(x_real, s_trg, masks)  # (B, 3, H, W)
+    loss_adv = adv_loss(nets.D(x_fake, y_trg), 1)
+    loss_sty = style_rec_loss(nets.E(x_fake, y_trg), s_trg)
+    with torch.no_grad():  # detached anyway (official): building its graph would be wasted work
+        x_fake2 = nets.G(x_real, s_trg2, masks)
+    loss_ds = ds_loss(x_fake, x_fake2)
+    s_org = nets.E(x_real, y_org)  # ŝ, style of the source in its own domain
+    loss_cyc = cycle_loss(nets.G(x_fake, s_org, masks), x_real)  # masks: FAN(x_fake) officially
+    loss = g_total(loss_adv, loss_sty, loss_ds, loss_cyc, cfg, lambda_ds)
+    return loss, dict(adv=loss_adv, sty=loss_sty, ds=loss_ds, cyc=loss_cyc)
+
+
+# ----------------------------------------------------------------------------
+# 4. Data
+# ----------------------------------------------------------------------------
+def train_transform(cfg):
+    """Official: with p, RandomResizedCrop(0.8-1, ratio 0.9-1.1); resize; h-flip; [-1, 1]."""
+    crop = T.RandomResizedCrop(cfg.img_size, scale=(0.8, 1.0), ratio=(0.9, 1.1))
+    return T.Compose([T.RandomApply([crop], p=cfg.randcrop_prob),
+                      T.Resize([cfg.img_size, cfg.img_size]), T.RandomHorizontalFlip(),
+                      T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+def eval_transform(img_size):
+    return T.Compose([T.Resize([img_size, img_size]), T.ToTensor(),
+                      T.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+def domain_sets(cfg):
+    """Source reader + reference reader (two images of one domain) on the train split."""
+    root = resolve_data(cfg.data, "shapes", cfg.img_size)
+    src = DomainFolder(root, "train", train_transform(cfg))
+    require(len(src.domains) == cfg.num_domains, f"--data {root}: {len(src.domains)} domain "
+            f"folders {src.domains} but --num-domains {cfg.num_domains}; pass --num-domains "
+            f"{len(src.domains)}")
+    return root, src, ReferencePairs(root, "train", train_transform(cfg))
+
+
+def stack_split(root, split, img_size, per_domain=None):
+    """All images of a split (or the first per_domain of each domain) as tensors (N, 3, H, W)."""
+    data = DomainFolder(root, split, eval_transform(img_size))
+    y = torch.tensor(data.targets)
+    idx = [i for i in range(len(y)) if per_domain is None or (y[:i] == y[i]).sum() < per_domain]
+    return torch.stack([data[i][0] for i in idx]), y[idx]  # (N, 3, H, W), (N,)
+
+
+# ----------------------------------------------------------------------------
+# 5. Steps
+# ----------------------------------------------------------------------------
+def apply_grads(loss, optims, names):
+    """Backprop into the parameters of `names` only, then step their optimizers."""
+    for o in optims.values():
+        o.zero_grad(set_to_none=True)
+    params = [p for n in names for g in optims[n].param_groups for p in g["params"]]
+    loss.backward(inputs=params)
+    for n in names:
+        optims[n].step()
+
+
+@torch.no_grad()
+def ema_update(ema, nets, beta):
+    """θ_ema <- β θ_ema + (1 - β) θ for G, F, E (parameters only; they hold no buffers to sync)."""
+    for name in ("G", "mapping", "E"):
+        torch._foreach_lerp_(list(getattr(ema, name).parameters()),
+                             list(getattr(nets, name).parameters()), 1 - beta)
+
+
+def d_step(nets, optims, cfg, x_real, y_org, y_trg, z_trg=None, x_ref=None):
+    """One D update with a latent (z_trg) or reference (x_ref) style; changes D only."""
+    with autocast(x_real.device, cfg.amp):
+        loss, terms = d_loss(nets, cfg, x_real, y_org, y_trg, z_trg=z_trg, x_ref=x_ref)
+    apply_grads(loss, optims, ["D"])
+    return {k: v.detach() for k, v in terms.items()}
+
+
+def g_step(nets, optims, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_refs=None):
+    """Latent styles update G, F and E; reference styles update G only (official: E would
+    otherwise be trained to make references easy to imitate, not to encode them)."""
+    with autocast(x_real.device, cfg.amp):
+        loss, terms = g_loss(nets, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs, x_refs)
+    apply_grads(loss, optims, ["G", "mapping", "E"] if z_trgs is not None else ["G"])
+    return {k: v.detach() for k, v in terms.items()}
+
+
+def train_step(nets, ema, optims, batch, step, cfg):
+    """One official iteration (SPEC §2.3). Returns detached loss tensors (no host sync)."""
+    x_real, y_org, x_ref, x_ref2, y_trg = batch  # y_trg: reference domain, also for latent steps
+    z_trg, z_trg2 = torch.randn(2, x_real.shape[0], cfg.latent_dim, device=x_real.device)
+    lambda_ds = lambda_ds_at(step, cfg)
+    logs = {}
+    # 1. D step, latent style  2. D step, reference style
+    for mode, kw in (("latent", dict(z_trg=z_trg)), ("ref", dict(x_ref=x_ref))):
+        terms = d_step(nets, optims, cfg, x_real, y_org, y_trg, **kw)
+        logs.update({f"D/{mode}_{k}": v for k, v in terms.items()})
+    # 3. G step, latent styles (G, F, E)  4. G step, reference styles (G only)
+    for mode, kw in (("latent", dict(z_trgs=(z_trg, z_trg2))), ("ref", dict(x_refs=(x_ref, x_ref2)))):
+        terms = g_step(nets, optims, cfg, lambda_ds, x_real, y_org, y_trg, **kw)
+        logs.update({f"G/{mode}_{k}": v for k, v in terms.items()})
+    # 5. EMA of G, F, E
+    ema_update(ema, nets, cfg.ema_beta)
+    logs["G/lambda_ds"] = torch.tensor(lambda_ds)
+    return logs
+
+
+def build_optims(nets, cfg):
+    """Adam β = (0, 0.99), coupled weight decay; F at lr 1e-6 (official)."""
+    fast = dict(fused=True) if next(nets.G.parameters()).is_cuda else dict(foreach=True)
+    return {n: torch.optim.Adam(getattr(nets, n).parameters(),
+                                lr=cfg.f_lr if n == "mapping" else cfg.lr,
+                                betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, **fast)
+            for n in NET_NAMES}
+
+
+# ----------------------------------------------------------------------------
+# 6. Sampling
+# ----------------------------------------------------------------------------
+@torch.no_grad()
+def style_avg(mapping, num_domains, latent_dim, device, n=10000):
+    """s_avg per domain: mean of F(z, y) over n latents (the centre that ψ truncates toward)."""
+    z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
+    return torch.stack([mapping(z, torch.full((n,), k, device=device)).mean(0)
+                        for k in range(num_domains)])  # (K, S)
+
+
+def ref_rows(G, E, x_src, x_ref, y_ref):
+    """Reference grid rows: a white cell + the sources, then per reference: it + translations."""
+    rows, N = [torch.ones_like(x_src[:1]), x_src], x_src.shape[0]
+    for j in range(x_ref.shape[0]):
+        rows += [x_ref[j:j + 1], G(x_src, E(x_ref[j:j + 1], y_ref[j:j + 1]).expand(N, -1))]
+    return torch.cat(rows)  # ((R + 1) (N + 1), 3, H, W)
+
+
+@torch.no_grad()
+def write_samples(ema, fixed, out, tag, cfg, n_z=5):
+    """EMA nets on a fixed batch: cycle strip, latent grids (ψ ∈ {0.5, 0.7, 1}), reference grid."""
+    x_src, y_src, x_ref, y_ref = fixed
+    (N, device), G, mapping, E = (x_src.shape[0], x_src.device), ema.G, ema.mapping, ema.E
+    x_fake = G(x_src, E(x_ref, y_ref))
+    x_rec = G(x_fake, E(x_src, y_src))
+    save_grid(torch.cat([x_src, x_ref, x_fake, x_rec]), out / f"{tag}_cycle.png", nrow=N)
+    s_avg = style_avg(mapping, cfg.num_domains, cfg.latent_dim, device)  # (K, S)
+    z = torch.randn(n_z, cfg.latent_dim, generator=torch.Generator().manual_seed(1)).to(device)
+    for psi in (0.5, 0.7, 1.0):  # rows: sources, then one row per (domain, z)
+        rows = [x_src] + [G(x_src, torch.lerp(s_avg[k], mapping(z[i:i + 1], y[:1]), psi).expand(
+            N, -1)) for k in range(cfg.num_domains) for y in [torch.tensor([k], device=device)]
+            for i in range(n_z)]
+        save_grid(torch.cat(rows), out / f"{tag}_latent_psi{psi:.1f}.png", nrow=N)
+    save_grid(ref_rows(G, E, x_src, x_ref, y_ref), out / f"{tag}_reference.png", nrow=N + 1)
+
+
+def fixed_batch(root, cfg, device):
+    """2 val sources and 2 val references per domain, the same for every sample call."""
+    x, y = stack_split(root, "val", cfg.img_size, per_domain=4)
+    src = torch.arange(len(y)) % 4 < 2
+    return x[src].to(device), y[src].to(device), x[~src].to(device), y[~src].to(device)
+
+
+@torch.no_grad()
+def translate_all(G, x_src, styles, chunk=64):
+    """G(x_src, styles) in chunks (memory): x_src (N, 3, H, W), styles (N, S)."""
+    return torch.cat([G(x_src[i:i + chunk], styles[i:i + chunk])
+                      for i in range(0, len(x_src), chunk)])
+
+
+@torch.no_grad()
+def oracle_scores(ema, root, cfg, device):
+    """Toy data: read shape, colour, position back from pixels (common.read_shapes). Every val
+    image goes to every other domain with a latent style and a random reference's style."""
+    x, y = stack_split(root, "val", cfg.img_size)
+    gen = torch.Generator().manual_seed(0)
+    src = torch.cat([(y != k).nonzero().squeeze(1) for k in range(cfg.num_domains)])
+    trg = torch.cat([torch.full(((y != k).sum(),), k) for k in range(cfg.num_domains)])
+    pools = [(y == k).nonzero().squeeze(1) for k in range(cfg.num_domains)]
+    ref = torch.stack([pools[k][torch.randint(len(pools[k]), (), generator=gen)] for k in trg])
+    x_src, x_ref, y_trg = x[src].to(device), x[ref].to(device), trg.to(device)
+    z = torch.randn(2, len(src), cfg.latent_dim, generator=gen).to(device)
+    f_lat, f_lat2, f_ref_out = (read_shapes(translate_all(ema.G, x_src, s).clamp(-1, 1)) for s in
+                                (ema.mapping(z[0], y_trg), ema.mapping(z[1], y_trg),
+                                 ema.E(x_ref, y_trg)))
+    f_src, f_ref = read_shapes(x_src), read_shapes(x_ref)
+
+    def content_err(f):  # mean |Δ| of centre x, centre y and size (fractions of the image side)
+        return (sum((f[k] - f_src[k]).abs() for k in ("cx", "cy", "size"))[f["valid"]] / 3).mean()
+
+    return {"acc_latent": (f_lat["domain"] == trg).float().mean().item(),
+            "acc_ref": (f_ref_out["domain"] == trg).float().mean().item(),
+            "content_err_latent": content_err(f_lat).item(),
+            "content_err_ref": content_err(f_ref_out).item(),
+            "color_err_ref": (f_ref_out["color"] - f_ref["color"]).abs().mean(1)[
+                f_ref_out["valid"]].mean().item(),
+            "diversity_color": (f_lat["color"] - f_lat2["color"]).abs().mean().item()}
+
+
+def print_oracle(nets, root, cfg, device, step):
+    scores = oracle_scores(nets, root, cfg, device)
+    print(f"oracle @ {step}: " + " | ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
+    return scores
+
+
+def read_images(path, img_size, flag):
+    """A file or a folder (recursive) of images of any size/mode -> (N, 3, img, img) in [-1, 1]."""
+    p = Path(path)
+    require(p.exists(), f"{flag} {path}: not found; pass an image file or a folder of images")
+    if p.is_file():
+        return eval_transform(img_size)(load_rgb(p))[None]
+    files = ImageFiles(p, eval_transform(img_size))
+    return torch.stack([files[i] for i in range(len(files))])
+
+
+def sampling_nets(cfg, ns, device):
+    """EMA G, F, E from our checkpoint (its saved config wins) or from an official checkpoint."""
+    if ns.official_ckpt:
+        nets, _ = build_nets(cfg, device)
+        load_official(ns.official_ckpt, {"G": nets.G, "mapping": nets.mapping, "E": nets.E})
+        return cfg, nets
+    path = ns.ckpt or str(Path(cfg.out) / "last.pt")
+    require(Path(path).is_file(), f"--ckpt {path}: not found; pass a run's last.pt "
+            "(or --official-ckpt with --preset afhq / celeba_hq)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    keep = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
+    cfg = Config(**{**keep, "device": cfg.device, "out": str(Path(path).parent)})
+    _, ema = build_nets(cfg, device)
+    load_checkpoint(path, {"G_ema": ema.G, "mapping_ema": ema.mapping, "E_ema": ema.E},
+                    restore_rng=False)
+    return cfg, ema
+
+
+@torch.no_grad()
+def sample(cfg, ns):
+    """--src images to --domain with --ref styles (reference grid) or --n-styles latent styles
+    (latent grid); a GIF interpolates between consecutive styles (official video weights)."""
+    device = pick_device(cfg.device)
+    require(ns.src, "--src: required in sample mode; pass an image file or folder")
+    cfg, nets = sampling_nets(cfg, ns, device)
+    require(0 <= ns.domain < cfg.num_domains, f"--domain {ns.domain}: use 0..{cfg.num_domains - 1}")
+    require(ns.n_styles > 0, f"--n-styles {ns.n_styles}: must be ≥ 1")
+    x_src = read_images(ns.src, cfg.img_size, "--src").to(device)  # (N, 3, H, W)
+    N, out = x_src.shape[0], Path(cfg.out) / "sample"
+    if ns.ref:
+        x_ref = read_images(ns.ref, cfg.img_size, "--ref").to(device)
+        y_ref = torch.full((len(x_ref),), ns.domain, device=device)
+        styles = nets.E(x_ref, y_ref)  # (R, S)
+        save_grid(ref_rows(nets.G, nets.E, x_src, x_ref, y_ref), out / "reference.png", N + 1)
+    else:
+        z = torch.randn(ns.n_styles, cfg.latent_dim, device=device)
+        styles = nets.mapping(z, torch.full((ns.n_styles,), ns.domain, device=device))
+        grid = [x_src] + [nets.G(x_src, s.expand(N, -1)) for s in styles]
+        save_grid(torch.cat(grid), out / "latent.png", nrow=N)
+    if len(styles) >= 2:  # weights 0, sigmoid(-5..4.5 step 0.5), then 1 × 10 (official)
+        alphas = [0.0] + torch.sigmoid(torch.arange(-5, 5, 0.5)).tolist() + [1.0] * 10
+        frames = [make_grid(nets.G(x_src, torch.lerp(s0, s1, a).expand(N, -1)).clamp(-1, 1),
+                            nrow=N) for s0, s1 in zip(styles[:-1], styles[1:]) for a in alphas]
+        save_gif(frames, out / "interpolation.gif", duration_ms=60)
+    print(f"wrote {sorted(p.name for p in out.iterdir())} to {out}")
+
+
+@torch.no_grad()
+def evaluate(cfg, ns):
+    """Official protocol (SPEC §2.7): each src≠trg task, --num-outs outputs per val source;
+    LPIPS = mean over output pairs; FID vs all train images of the target domain."""
+    device = pick_device(cfg.device)
+    cfg, nets = sampling_nets(cfg, ns, device)
+    root = resolve_data(cfg.data, "shapes", cfg.img_size)
+    inception = InceptionPool(pretrained=not ns.random_weights).to(device)
+    lpips = LPIPS("alex", pretrained=not ns.random_weights).to(device).eval()
+    label = " (RANDOM backbone weights: not real FID/LPIPS)" if ns.random_weights else ""
+    (x_val, y_val), (x_train, y_train) = (stack_split(root, s, cfg.img_size) for s in ("val", "train"))
+    feats = lambda x: torch.cat([inception(b.to(device)).cpu() for b in x.split(32)])  # noqa: E731
+    res = {"latent": [], "reference": []}
+    for trg, src in ((t, s) for t in range(cfg.num_domains) for s in range(cfg.num_domains) if s != t):
+        real, refs = feats(x_train[y_train == trg]), x_val[y_val == trg]
+        x_src = x_val[y_val == src][:ns.eval_src or None].to(device)
+        y = torch.full((len(x_src),), trg, device=device)
+        for mode in res:
+            outs = [translate_all(nets.G, x_src, nets.mapping(torch.randn(
+                len(x_src), cfg.latent_dim, device=device), y) if mode == "latent" else nets.E(
+                refs[torch.randint(len(refs), (len(x_src),))].to(device), y)).clamp(-1, 1)
+                for _ in range(ns.num_outs)]
+            lp = torch.stack([lpips(a, b).mean() for i, a in enumerate(outs) for b in outs[i + 1:]])
+            res[mode].append((frechet_distance(feats(torch.cat(outs)), real), lp.mean().item()))
+            print(f"{mode} {src}->{trg}: FID {res[mode][-1][0]:.2f} | LPIPS {lp.mean():.4f}{label}")
+    for mode, rows in res.items():
+        print(f"{mode} mean: FID {sum(r[0] for r in rows) / len(rows):.2f} | "
+              f"LPIPS {sum(r[1] for r in rows) / len(rows):.4f}{label}")
+    if cfg.data in ("", "toy"):
+        print_oracle(nets, root, cfg, device, "eval")
+    return res
+
+
+# ----------------------------------------------------------------------------
+# 7. Train
+# ----------------------------------------------------------------------------
+def to_device(batch, device, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [t.to(device, non_blocking=True, memory_format=fmt if t.dim() == 4 else
+                 torch.preserve_format) for t in batch]
+
+
+def train(cfg):
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    if cfg.bench:
+        return bench(cfg, device)
+    resume = prepare_run(cfg.out, cfg.resume, cfg.overwrite)
+    out = Path(cfg.out)
+    root, src_set, ref_set = domain_sets(cfg)
+    nets, ema = build_nets(cfg, device)
+    optims = build_optims(nets, cfg)
+    all_nets = {**vars(nets), **{k + "_ema": v for k, v in vars(ema).items()}}
+    step = load_checkpoint(resume, all_nets, optims)["step"] if resume else 0
+    # A resumed run reseeds its loaders from the step: data order is a function of the step.
+    loaders = [infinite(make_loader(d, cfg.batch, balanced=True, num_workers=cfg.num_workers,
+                                    device=device, seed=cfg.seed + step)) for d in (src_set, ref_set)]
+    fixed = fixed_batch(root, cfg, device)
+    logger, last, toy = Logger(out, cfg.total_iters, cfg.log_every), out / "last.pt", cfg.data in (
+        "", "toy")
+    print(f"{sum(p.numel() for p in nets.G.parameters()):,} G params | data {root} | "
+          f"{len(src_set)} images, domains {src_set.domains} | device {device} | from step {step}")
+    t0, losses = time.time(), {}
+    try:
+        while step < cfg.total_iters:
+            (x_real, y_org), (x_ref, x_ref2, y_trg) = next(loaders[0]), next(loaders[1])
+            batch = to_device((x_real, y_org, x_ref, x_ref2, y_trg), device, cfg.channels_last)
+            losses = train_step(nets, ema, optims, batch, step, cfg)
+            step += 1
+            if step % cfg.log_every == 0:
+                logger.log(step, losses)
+            if step % cfg.sample_every == 0 or step == cfg.total_iters:
+                write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg)
+                if toy and step < cfg.total_iters:
+                    print_oracle(ema, root, cfg, device, step)
+            if step % cfg.save_every == 0 or step == cfg.total_iters:
+                check_finite(losses, step, last if last.exists() else None)
+                save_checkpoint(last, step, cfg, all_nets, optims)
+    except KeyboardInterrupt:
+        save_checkpoint(last, step, cfg, all_nets, optims)
+        print(f"\ninterrupted: saved {last} at step {step}; resume with --resume auto")
+        return None
+    print(f"done: {step} steps in {time.time() - t0:.0f} s; samples in {out / 'samples'}")
+    return print_oracle(ema, root, cfg, device, step) if toy else None
+
+
+def bench(cfg, device):
+    """Warm-up + cfg.bench_iters timed iterations on random data; FLOPs of one iteration."""
+    nets, ema = build_nets(cfg, device)
+    optims = build_optims(nets, cfg)
+    B, H, K = cfg.batch, cfg.img_size, cfg.num_domains
+    x, y = torch.rand(3, B, 3, H, H, device=device) * 2 - 1, torch.randint(K, (2, B), device=device)
+    batch = to_device((x[0], y[0], x[1], x[2], y[1]), device, cfg.channels_last)
+    for step in range(2):
+        train_step(nets, ema, optims, batch, step, cfg)
+    with FlopCounterMode(display=False) as counter:
+        train_step(nets, ema, optims, batch, 2, cfg)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for step in range(cfg.bench_iters):
+        losses = train_step(nets, ema, optims, batch, step, cfg)
+    if cuda:
+        torch.cuda.synchronize()
+    its = cfg.bench_iters / (time.perf_counter() - t0)
+    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"
+    print(f"bench {device} img {H} batch {B}: {its:.2f} it/s | {its * B:.1f} images/s | "
+          f"peak mem {mem} | {counter.get_total_flops() * its / 1e12:.3f} TFLOP/s")
+    return losses
+
+
+# ----------------------------------------------------------------------------
+# 8. Entry point
+# ----------------------------------------------------------------------------
+EXTRA = (
+    (("--ckpt",), dict(default="", help="sample/eval: our last.pt (default: <out>/last.pt)")),
+    (("--official-ckpt",), dict(default="", help="sample/eval: official *_nets_ema.ckpt")),
+    (("--src",), dict(default="", help="sample: source image file or folder")),
+    (("--ref",), dict(default="", help="sample: reference image file or folder (of --domain)")),
+    (("--domain",), dict(type=int, default=0, help="sample: target domain index")),
+    (("--n-styles",), dict(type=int, default=4, help="sample: latent styles when no --ref")),
+    (("--num-outs",), dict(type=int, default=10, help="eval: outputs per source image")),
+    (("--eval-src",), dict(type=int, default=0, help="eval: sources per task (0 = all val)")),
+    (("--random-weights",), dict(action="store_true",
+                                 help="eval: random Inception/LPIPS weights (offline smoke only)")),
+)
+
+
+def main(argv=None):
+    cfg, ns = parse_config(Config, PRESETS, argv, doc=__doc__, modes=("train", "sample", "eval"),
+                           extra=EXTRA)
+    return {"sample": sample, "eval": evaluate}.get(ns.mode, lambda c, _: train(c))(cfg, ns)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,241 @@
+"""Tests for 02_stargan_v2.py: shapes, official parameter counts and layout, loss signs, which nets
+each step updates, EMA, λ_ds schedule, exact resume, official-checkpoint loading, a short toy run."""
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import load_script
+
+m = load_script("02_stargan_v2")
+from common import UserError, load_checkpoint, save_checkpoint  # noqa: E402 (after sys.path set-up)
+
+REF = Path("/work/shared/reference")
+
+
+def tiny_cfg(**kw):
+    base = dict(img_size=32, dim_in=8, max_conv_dim=16, mapping_dim=16, num_domains=3, batch=2,
+                total_iters=10, ds_iter=10, randcrop_prob=0.0, num_workers=0)
+    return m.Config(**{**base, **kw})
+
+
+def batch_of(cfg, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = lambda: torch.rand(B, 3, cfg.img_size, cfg.img_size, generator=g) * 2 - 1  # noqa: E731
+    y = lambda: torch.randint(cfg.num_domains, (B,), generator=g)  # noqa: E731
+    return x(), y(), x(), x(), y()
+
+
+def snapshot(nets):
+    return {k: [p.detach().clone() for p in getattr(nets, k).parameters()] for k in m.NET_NAMES}
+
+
+def changed(before, nets):
+    return {k for k in m.NET_NAMES
+            if any(not torch.equal(a, b) for a, b in zip(before[k], getattr(nets, k).parameters()))}
+
+
+@pytest.mark.parametrize("img_size,B", [(32, 1), (64, 3)])
+def test_shapes(img_size, B):
+    cfg = tiny_cfg(img_size=img_size)
+    nets, _ = m.build_nets(cfg)
+    x, y = torch.randn(B, 3, img_size, img_size), torch.randint(3, (B,))
+    s = nets.mapping(torch.randn(B, 16), y)
+    assert s.shape == (B, 64)
+    assert nets.E(x, y).shape == (B, 64)
+    assert nets.G(x, s).shape == (B, 3, img_size, img_size)
+    assert nets.D(x, y).shape == (B,)
+
+
+def test_shapes_with_hpf_masks():
+    cfg = tiny_cfg(img_size=64, w_hpf=1.0)
+    nets, _ = m.build_nets(cfg)
+    x, s = torch.randn(2, 3, 64, 64), torch.randn(2, 64)
+    masks = (torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64))
+    out_masked, out_plain = nets.G(x, s, masks), nets.G(x, s)
+    assert out_masked.shape == (2, 3, 64, 64)
+    assert not torch.allclose(out_masked, out_plain)  # the high-pass skip path is active
+
+
+def _count(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("preset,counts", [
+    ("afhq", (33_892_995, 3_259_072, 20_949_760, 20_852_803)),
+    ("celeba_hq", (43_467_395, 2_438_272, 20_916_928, 20_852_290))])
+def test_parameter_counts_and_official_layout(preset, counts):
+    c = m.Config(**m.PRESETS[preset])
+    nets = [m.Generator(c.img_size, c.style_dim, c.max_conv_dim, c.w_hpf),
+            m.MappingNetwork(c.latent_dim, c.style_dim, c.num_domains),
+            m.StyleEncoder(c.img_size, c.style_dim, c.num_domains, c.max_conv_dim),
+            m.Discriminator(c.img_size, c.num_domains, c.max_conv_dim)]
+    assert tuple(_count(n) for n in nets) == counts
+    layout = REF / f"stargan_v2_{preset}_256.txt"
+    if layout.exists():  # the official state_dict entries, in order: what load_official relies on
+        want = [ln.split(" ", 2) for ln in layout.read_text().splitlines() if ln[:1] not in "#"]
+        ours = [(t, k, str(tuple(v.shape))) for t, n in zip(m.OFFICIAL_NAMES.values(), nets)
+                for k, v in n.state_dict().items()]
+        assert [(a, b, c.replace(" ", "")) for a, b, c in want] == \
+               [(a, b, c.replace(" ", "")) for a, b, c in ours]
+
+
+def test_he_init_and_biases_zero():
+    conv = m.he_init(torch.nn.Sequential(torch.nn.Conv2d(256, 256, 3), torch.nn.Linear(512, 64)))
+    assert conv[0].bias.abs().max() == 0 and conv[1].bias.abs().max() == 0
+    assert abs(conv[0].weight.std().item() - (2 / (256 * 9)) ** 0.5) < 0.002  # fan_in, ReLU gain
+    assert abs(conv[1].weight.std().item() - (2 / 512) ** 0.5) < 0.003
+
+
+def test_losses_finite_and_signs():
+    cfg = tiny_cfg()
+    nets, _ = m.build_nets(cfg)
+    x_real, y_org, x_ref, x_ref2, y_trg = batch_of(cfg)
+    loss, terms = m.d_loss(nets, cfg, x_real, y_org, y_trg, z_trg=torch.randn(2, 16))
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
+    assert terms["reg"] > 0 and terms["real"] > 0 and terms["fake"] > 0  # R1 ≥ 0, BCE > 0
+    assert torch.allclose(loss, terms["real"] + terms["fake"] + cfg.lambda_reg * terms["reg"])
+    loss, terms = m.g_loss(nets, cfg, 1.0, x_real, y_org, y_trg, x_refs=(x_ref, x_ref2))
+    assert torch.isfinite(loss) and all(v >= 0 for v in terms.values())
+    assert torch.allclose(loss, terms["adv"] + terms["sty"] - terms["ds"] + terms["cyc"])
+    assert torch.isclose(m.adv_loss(torch.zeros(4), 1), torch.tensor(2.0).log())
+    assert m.adv_loss(torch.full((4,), 5.0), 1) < m.adv_loss(torch.full((4,), 5.0), 0)
+
+
+def test_g_total_gradient_signs():
+    cfg = tiny_cfg(lambda_sty=1.5, lambda_cyc=3.0)
+    terms = [torch.tensor(0.3, requires_grad=True) for _ in range(4)]
+    m.g_total(*terms, cfg, lambda_ds=2.0).backward()
+    assert [t.grad.item() for t in terms] == [1.0, 1.5, -2.0, 3.0]  # ∂L_G/∂L_ds = −λ_ds
+
+
+def test_ds_loss_detaches_second_image():
+    a, b = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    m.ds_loss(a, b).backward()
+    assert b.grad is None and a.grad.abs().sum() > 0
+
+
+def test_each_step_updates_only_its_nets():
+    cfg = tiny_cfg()
+    nets, _ = m.build_nets(cfg)
+    optims = m.build_optims(nets, cfg)
+    x_real, y_org, x_ref, x_ref2, y_trg = batch_of(cfg)
+    before = snapshot(nets)
+    m.d_step(nets, optims, cfg, x_real, y_org, y_trg, z_trg=torch.randn(2, 16))
+    assert changed(before, nets) == {"D"}
+    before = snapshot(nets)
+    m.d_step(nets, optims, cfg, x_real, y_org, y_trg, x_ref=x_ref)
+    assert changed(before, nets) == {"D"}
+    before = snapshot(nets)
+    m.g_step(nets, optims, cfg, 1.0, x_real, y_org, y_trg, z_trgs=torch.randn(2, 2, 16))
+    assert changed(before, nets) == {"G", "mapping", "E"}
+    before = snapshot(nets)
+    m.g_step(nets, optims, cfg, 1.0, x_real, y_org, y_trg, x_refs=(x_ref, x_ref2))
+    assert changed(before, nets) == {"G"}
+
+
+def test_ema_moves_toward_online():
+    cfg = tiny_cfg(ema_beta=0.9)
+    nets, ema = m.build_nets(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(ema.G.parameters(), nets.G.parameters()))
+    with torch.no_grad():
+        for p in nets.G.parameters():
+            p.add_(1.0)
+    gap = [(p - q).clone() for p, q in zip(nets.G.parameters(), ema.G.parameters())]
+    m.ema_update(ema, nets, cfg.ema_beta)
+    for g, p, q in zip(gap, nets.G.parameters(), ema.G.parameters()):
+        assert torch.allclose(p - q, 0.9 * g, atol=1e-6)  # the gap shrinks by β
+    assert not any(p.requires_grad for p in ema.E.parameters())
+
+
+def test_lambda_ds_schedule():
+    cfg = tiny_cfg(lambda_ds=2.0, ds_iter=100000)
+    assert m.lambda_ds_at(0, cfg) == 2.0
+    assert m.lambda_ds_at(50000, cfg) == pytest.approx(1.0)
+    assert m.lambda_ds_at(100000, cfg) == 0.0 and m.lambda_ds_at(150000, cfg) == 0.0
+
+
+def test_resume_gives_identical_next_losses(tmp_path):
+    cfg = tiny_cfg()
+    torch.manual_seed(1)
+    nets, ema = m.build_nets(cfg)
+    optims = m.build_optims(nets, cfg)
+    all_nets = {**vars(nets), **{k + "_ema": v for k, v in vars(ema).items()}}
+    for step in range(2):
+        m.train_step(nets, ema, optims, batch_of(cfg, seed=step), step, cfg)
+    save_checkpoint(tmp_path / "last.pt", 2, cfg, all_nets, optims)
+    want = m.train_step(nets, ema, optims, batch_of(cfg, seed=2), 2, cfg)
+    torch.manual_seed(123)  # a different init and RNG state: the checkpoint must restore both
+    nets2, ema2 = m.build_nets(cfg)
+    optims2 = m.build_optims(nets2, cfg)
+    all2 = {**vars(nets2), **{k + "_ema": v for k, v in vars(ema2).items()}}
+    step = load_checkpoint(tmp_path / "last.pt", all2, optims2)["step"]
+    got = m.train_step(nets2, ema2, optims2, batch_of(cfg, seed=2), step, cfg)
+    assert step == 2 and {k: v.item() for k, v in got.items()} == \
+        {k: v.item() for k, v in want.items()}
+
+
+def test_load_official_round_trip(tmp_path):
+    cfg = tiny_cfg(w_hpf=1.0, img_size=64)
+    src, _ = m.build_nets(cfg)
+    # Official files: DataParallel "module." prefixes, official network names, official key order.
+    ckpt = {official: {"module." + k: torch.randn_like(v) if v.is_floating_point() else v
+                       for k, v in getattr(src, ours).state_dict().items()}
+            for ours, official in m.OFFICIAL_NAMES.items()}
+    torch.save(ckpt, tmp_path / "100000_nets_ema.ckpt")
+    dst, _ = m.build_nets(cfg)
+    m.load_official(tmp_path / "100000_nets_ema.ckpt", {"G": dst.G, "mapping": dst.mapping,
+                                                        "E": dst.E, "D": dst.D})
+    for ours, official in m.OFFICIAL_NAMES.items():
+        theirs = list(ckpt[official].values())
+        assert all(torch.equal(a, b) for a, b in zip(theirs, getattr(dst, ours).state_dict().values()))
+    wrong, _ = m.build_nets(tiny_cfg(w_hpf=1.0, img_size=64, num_domains=2))
+    with pytest.raises(UserError, match="official-ckpt"):
+        m.load_official(tmp_path / "100000_nets_ema.ckpt", {"E": wrong.E})
+
+
+def test_short_toy_run_writes_samples_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["--out", str(out), "--total-iters", "4", "--sample-every", "2", "--save-every", "2",
+             "--log-every", "1"]
+    scores = m.main(flags)
+    assert set(scores) >= {"acc_latent", "acc_ref", "content_err_latent", "color_err_ref"}
+    names = {p.name for p in (out / "samples").iterdir()}
+    assert {"000004_cycle.png", "000004_latent_psi0.5.png", "000004_latent_psi1.0.png",
+            "000004_reference.png"} <= names
+    logs = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert logs and all(v == v and abs(v) < 1e6 for rec in logs for v in rec.values())
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["step"] == 4 and set(saved["nets"]) == {"G", "mapping", "E", "D", "G_ema",
+                                                         "mapping_ema", "E_ema"}
+    with pytest.raises(UserError, match="--resume auto"):
+        m.main(flags)  # never silently overwrite a run
+    m.main(flags[:3] + ["6"] + flags[4:] + ["--resume", "auto"])
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 6
+    # sample mode on a user image (any size, any mode) with latent styles -> grid + GIF
+    from PIL import Image
+    Image.new("L", (50, 40), 128).save(tmp_path / "grey.png")
+    m.main(["sample", "--ckpt", str(out / "last.pt"), "--src", str(tmp_path / "grey.png"),
+            "--domain", "2", "--n-styles", "2"])
+    assert (out / "sample" / "latent.png").exists() and (out / "sample" / "interpolation.gif").exists()
+    with pytest.raises(UserError, match="--domain"):
+        m.main(["sample", "--ckpt", str(out / "last.pt"), "--src", str(tmp_path / "grey.png"),
+                "--domain", "7"])
+
+
+def test_bench_prints_one_line(capsys):
+    m.main(["--bench", "--bench-iters", "1", "--dim-in", "8", "--max-conv-dim", "16", "--batch", "2"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("bench")]
+    assert len(lines) == 1 and "it/s" in lines[0] and "n/a" in lines[0] and "TFLOP/s" in lines[0]
+
+
+def test_config_presets_match_official():
+    afhq, celeba = m.Config(**m.PRESETS["afhq"]), m.Config(**m.PRESETS["celeba_hq"])
+    assert (afhq.lambda_ds, afhq.w_hpf, afhq.num_domains) == (2.0, 0.0, 3)
+    assert (celeba.lambda_ds, celeba.w_hpf, celeba.num_domains) == (1.0, 1.0, 2)
+    d = dataclasses.asdict(afhq)
+    assert (d["lr"], d["f_lr"], d["beta1"], d["beta2"], d["weight_decay"], d["batch"],
+            d["total_iters"], d["ema_beta"], d["img_size"]) == \
+        (1e-4, 1e-6, 0.0, 0.99, 1e-4, 8, 100000, 0.999, 256)
