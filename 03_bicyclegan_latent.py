@@ -8,8 +8,7 @@ z_hat = E(G(A, z_rand)) -> mu2. Shapes: B batch, C channels, H = W = img_size, n
 Run:      python 03_bicyclegan_latent.py      (toy shapes, 2-core CPU; resume: --resume auto)
 Paired:   python 03_bicyclegan_latent.py --data data/edges2shoes     (pix2pix A|B files)
 Photos:   python 03_bicyclegan_latent.py --data data/afhq    (A = edge map of B, made on the fly)
-Sample:   python 03_bicyclegan_latent.py sample   (grid + z-interpolation GIF from out/last.pt)
-Eval:     python 03_bicyclegan_latent.py eval     (LPIPS diversity, L1 recon, toy oracle)
+Sample:   python 03_bicyclegan_latent.py sample|eval  (grid + z GIF | LPIPS diversity, L1, oracle)
 Bench:    python 03_bicyclegan_latent.py --bench --preset edges2shoes   (256 px, batch 2)
 Measured GPU time/memory: not measured yet (this machine has no GPU).
 Deviations: lr decays per iteration, not per epoch (resume stays exact); the U-Net/encoder depth
@@ -28,7 +27,6 @@ from torch.utils.data import Subset
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
-from torchvision.transforms import functional as TF
 
 from common import (LPIPS, AlignedPairs, ImageFiles, Logger, UserError, autocast, check_finite,
                     load_checkpoint, main_guard, make_loader, parse_config, pick_device,
@@ -55,7 +53,6 @@ class Config:
     ndf: int = 64  # D base width (second scale uses ndf / 2)
     where_add: str = "all"  # z concatenated to every down-conv ("all") or only the input
     dropout: bool = True  # Dropout(0.5) in the inner up blocks (--use_dropout)
-    edge_thresh: float = 0.25  # edge map: Sobel magnitude threshold, relative to the image max
     flip: bool = True  # paired horizontal flips (the official script never passes --no_flip)
     batch: int = 2  # half cVAE-GAN (encoded z), half cLR-GAN (random z); must be even
     lr: float = 2e-4  # Adam lr for G, E, D, D2
@@ -66,7 +63,6 @@ class Config:
     log_every: int = 100  # print + log.jsonl every N steps
     sample_every: int = 5000  # sample grid every N steps
     save_every: int = 5000  # checkpoint every N steps
-    n_random: int = 5  # random-z outputs per input in sample grids
     num_workers: int = 4  # data loader workers (official: 4 threads)
     amp: bool = True  # bf16 autocast (CUDA only)
     bench: bool = False  # time training on synthetic data instead of training
@@ -77,7 +73,7 @@ PRESETS = {  # edges2shoes = the defaults; afhq: 60 epochs of 14,630 images / 2
     # Deviation (toy only): 64 px (the smallest size both PatchGAN scales take), narrow nets and
     # batch 8 instead of 2, so that a 2-core CPU sees enough pairs in a few minutes.
     "toy": dict(img_size=64, ngf=16, nef=16, ndf=16, batch=8, total_iters=1500, log_every=100,
-                sample_every=500, save_every=500, num_workers=0, n_random=5),
+                sample_every=500, save_every=500, num_workers=0),
 }
 
 # ----------------------------------------------------------------------------
@@ -85,7 +81,6 @@ PRESETS = {  # edges2shoes = the defaults; afhq: 60 epochs of 14,630 images / 2
 # ----------------------------------------------------------------------------
 class UnetBlock(nn.Module):
     """U-Net level: [LReLU] Conv4s2 [IN] -> inner levels -> ReLU ConvT4s2 [IN | Tanh] [Dropout]."""
-
     def __init__(self, in_nc, outer_nc, inner_nc, nz, inner=None, outermost=False, dropout=False):
         super().__init__()
         self.nz, self.inner, self.outermost = nz, inner, outermost
@@ -118,7 +113,6 @@ class UnetBlock(nn.Module):
 class Generator(nn.Module):
     """G(A, z): U-Net, log2(img_size) levels (256 -> 1 -> 256 px); z tiled onto every down-conv
     input (where_add="all", official G_Unet_add_all) or onto A only ("input", G_Unet_add_input)."""
-
     def __init__(self, input_nc=1, output_nc=3, nz=8, ngf=64, img_size=256, where_add="all",
                  dropout=True):
         super().__init__()
@@ -138,7 +132,6 @@ class Generator(nn.Module):
 
 class ResBlock(nn.Module):
     """E's BasicBlock: IN LReLU Conv3 IN LReLU Conv3 AvgPool2 + shortcut AvgPool2 Conv1."""
-
     def __init__(self, in_nc, out_nc):
         super().__init__()
         self.conv = nn.Sequential(
@@ -153,15 +146,12 @@ class ResBlock(nn.Module):
 
 class Encoder(nn.Module):
     """E(B) -> (mu, logvar) of q(z|B): ResNet ending at 8x8 then average pooled (resnet_256)."""
-
     def __init__(self, input_nc=3, nz=8, nef=64, img_size=256):
         super().__init__()
         n_blocks = int(math.log2(img_size)) - 3  # 5 at 256 px (resnet_256), 4 at 128 (resnet_128)
-        layers = [nn.Conv2d(input_nc, nef, 4, 2, 1)]
-        for n in range(1, n_blocks):  # widths 64 -> 128 -> 192 -> 256 -> 256
-            layers.append(ResBlock(nef * min(4, n), nef * min(4, n + 1)))
-        layers += [nn.LeakyReLU(0.2), nn.AvgPool2d(8)]
-        self.conv = nn.Sequential(*layers)
+        blocks = [ResBlock(nef * min(4, n), nef * min(4, n + 1)) for n in range(1, n_blocks)]
+        self.conv = nn.Sequential(nn.Conv2d(input_nc, nef, 4, 2, 1), *blocks,  # 64 128 192 256 256
+                                  nn.LeakyReLU(0.2), nn.AvgPool2d(8))
         c = nef * min(4, n_blocks)
         self.fc, self.fc_var = nn.Linear(c, nz), nn.Linear(c, nz)  # heads for mu and log sigma^2
 
@@ -182,7 +172,6 @@ def patch_layers(in_nc, ndf):
 
 class MultiScaleD(nn.Module):
     """D_NLayersMulti with num_D=2: PatchGAN on x and (with ndf/2) on x downsampled by 2."""
-
     def __init__(self, input_nc=3, ndf=64):
         super().__init__()
         self.scales = nn.ModuleList([patch_layers(input_nc, ndf), patch_layers(input_nc, ndf // 2)])
@@ -217,8 +206,7 @@ def lsgan_loss(preds, target):
 
 
 def kl_loss(mu, logvar):
-    """L_KL = KL(N(mu, sigma^2) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - e^logvar): a sum over
-    batch and dimensions, as official (not a mean)."""
+    """KL(N(mu, sigma^2) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - e^logvar), summed (official)."""
     return -0.5 * torch.sum(1 + logvar.float() - mu.float() ** 2 - logvar.float().exp())
 
 
@@ -230,13 +218,12 @@ def l1_loss(x, y):
 # 4. Data
 # ----------------------------------------------------------------------------
 def edge_map(x, thresh=0.25):
-    """x (B, 3, H, W) in [-1, 1] -> A (B, 1, H, W) in {-1, 1}: dark Sobel edges on white, like
-    edges2shoes. Magnitudes are divided by max(image max, 1): flat images give no edges."""
+    """x (B, 3, H, W) in [-1, 1] -> A (B, 1, H, W) in {-1, 1}: dark Sobel edges on white."""
     gray = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device)[:, None, None]).sum(1, True)
     kx = torch.tensor([[-1., 0., 1.], [-2., 0., 2.], [-1., 0., 1.]], device=x.device)
     g = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), torch.stack([kx, kx.t()])[:, None])
     mag = g.square().sum(1, keepdim=True).sqrt()  # (B, 1, H, W) from g (B, 2, H, W)
-    mag = mag / mag.amax((2, 3), keepdim=True).clamp_min(1.0)
+    mag = mag / mag.amax((2, 3), keepdim=True).clamp_min(1.0)  # flat image -> no edges
     return 1.0 - 2.0 * (mag > thresh).float()  # (B, 1, H, W)
 
 
@@ -248,7 +235,7 @@ def build_dataset(cfg, split="train"):
     if files and Image.open(files[0]).width == 2 * Image.open(files[0]).height:  # A|B files
         def norm(img, nc):  # official: Resize([256, 256], BICUBIC) per half, A grayscale
             img = img.resize((cfg.img_size, cfg.img_size), Image.BICUBIC)
-            return TF.to_tensor(img.convert("L" if nc == 1 else "RGB")) * 2 - 1
+            return T.functional.to_tensor(img.convert("L" if nc == 1 else "RGB")) * 2 - 1
         return AlignedPairs(root, folder.name, lambda a, b: (norm(a, cfg.input_nc),
                                                              norm(b, cfg.output_nc)))
     tf = T.Compose([T.Resize(cfg.img_size), T.CenterCrop(cfg.img_size), T.ToTensor(),
@@ -260,7 +247,7 @@ def to_pair(batch, cfg, device, flip=None):
     """Loader batch -> (A, B) on device (A = edge_map(B) if absent); flip: (B,) bool, paired."""
     A, B = batch if isinstance(batch, (list, tuple)) else (None, batch)
     B = B.to(device, non_blocking=True)
-    A = edge_map(B, cfg.edge_thresh) if A is None else A.to(device, non_blocking=True)
+    A = edge_map(B) if A is None else A.to(device, non_blocking=True)
     if flip is not None:
         f = flip.to(device)[:, None, None, None]  # (B, 1, 1, 1)
         A, B = torch.where(f, A.flip(3), A), torch.where(f, B.flip(3), B)
@@ -299,8 +286,7 @@ def frozen_call(net, x):
 
 
 def forward(nets, A, B, nz):
-    """Official `forward`: 1st half -> cVAE-GAN (B -> z -> B_hat) and, with the same A, cLR-GAN
-    (z -> B_hat); the 2nd half only gives D2 its reals."""
+    """Official `forward`: half 1 -> cVAE-GAN and cLR-GAN outputs (same A); half 2 -> D2's reals."""
     half = A.shape[0] // 2
     A_enc, B_enc, B_rand = A[:half], B[:half], B[half:]  # (B/2, C, H, W) each
     mu, logvar = nets["E"](B_enc)  # (B/2, nz) each
@@ -318,10 +304,9 @@ def ge_losses(nets, fw, cfg):
                 G_GAN2=lsgan_loss(frozen_call(nets["D2"], fw["x_rand"]), 1.0))  # L_GAN (cLR-GAN)
     loss["G_L1"] = cfg.lambda_l1 * l1_loss(fw["x_enc"], fw["B_enc"])
     loss["kl"] = cfg.lambda_kl * kl_loss(fw["mu"], fw["logvar"])
-    # §3: L1^latent updates G only (optimising E on it too lets G and E hide z in the image
-    # instead of learning modes). E is frozen for this forward: the gradient passes through E's
-    # activations to G but never reaches E's weights. mu2 is a point estimate, as official.
-    mu2, _ = frozen_call(nets["E"], fw["x_rand"])  # (B/2, nz)
+    # §3: L1^latent trains G only (if E learnt from it too, G and E could hide z in the image
+    # rather than learn modes): its gradient passes through E into G, never into E's weights.
+    mu2, _ = frozen_call(nets["E"], fw["x_rand"])  # (B/2, nz), E's mean (official point estimate)
     loss["z_L1"] = cfg.lambda_z * l1_loss(mu2, fw["z_rand"])
     return loss
 
@@ -363,11 +348,9 @@ def lr_at(step, cfg):
 
 
 def build_opts(nets, cfg, device):
-    """Adam(lr, betas (0.5, 0.999)) for each of G, E, D, D2; fused on CUDA, foreach elsewhere."""
-    fused = device.type == "cuda"
+    """Adam(lr, betas (0.5, 0.999)) for each of G, E, D, D2; fused kernels on CUDA."""
     return {k: torch.optim.Adam(n.parameters(), cfg.lr, betas=(0.5, 0.999),
-                                fused=fused or None, foreach=None if fused else True)
-            for k, n in nets.items()}
+                                fused=device.type == "cuda" or None) for k, n in nets.items()}
 
 # ----------------------------------------------------------------------------
 # 6. Sampling
@@ -375,8 +358,7 @@ def build_opts(nets, cfg, device):
 @torch.no_grad()
 def sample_grid(nets, A, B, z_fixed, path):
     """Rows [A, B, G(A, mu(E(B))), G(A, z_1..K)]; eval mode and z = mu, as official test.py."""
-    G, (N, K) = nets["G"], (A.shape[0], z_fixed.shape[0])
-    G.eval()
+    G, (N, K) = nets["G"].eval(), (A.shape[0], z_fixed.shape[0])
     x_enc = G(A, nets["E"](B)[0])  # (N, 3, H, W)
     x_rand = G(A.repeat_interleave(K, 0), z_fixed.repeat(N, 1)).view(N, K, *B.shape[1:])
     G.train()
@@ -386,8 +368,7 @@ def sample_grid(nets, A, B, z_fixed, path):
 
 @torch.no_grad()
 def z_interp_gif(G, A, nz, path, n_keys=5, per_segment=4, seed=0):
-    """Inputs side by side; one z slerps between random codes (official video.py, 4 frames per
-    segment, 8 fps)."""
+    """Inputs side by side, one z slerping between random codes (as official video.py)."""
     keys = torch.randn(n_keys, nz, generator=torch.Generator().manual_seed(seed)).to(A.device)
     frames = []
     for z0, z1 in zip(keys[:-1], keys[1:]):
@@ -412,7 +393,7 @@ def train(cfg):
     step = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
     stream = batch_stream(build_dataset(cfg, "train"), cfg, device, step)
     A_fix, B_fix = fixed_inputs(cfg, device)
-    z_fix = torch.randn(cfg.n_random, cfg.nz, generator=torch.Generator().manual_seed(1)).to(device)
+    z_fix = torch.randn(5, cfg.nz, generator=torch.Generator().manual_seed(1)).to(device)
     logger, losses = Logger(out, cfg.total_iters, cfg.log_every), {}
     logger.log(step, {})  # starts the it/s clock
     try:
@@ -437,15 +418,14 @@ def train(cfg):
 
 
 def bench(cfg):
-    """Warm-up + cfg.bench_iters timed training steps on random data; prints one line."""
+    """3 warm-up + 20 timed training steps on random data; prints one line."""
     device = pick_device(cfg.device)
-    nets, cuda = build_nets(cfg, device), device.type == "cuda"
-    opts, size = build_opts(nets, cfg, device), (cfg.batch, 1, cfg.img_size, cfg.img_size)
-    A = torch.rand(size, device=device) * 2 - 1
-    B = torch.rand(size, device=device).repeat(1, cfg.output_nc, 1, 1) * 2 - 1
+    nets, cuda, s = build_nets(cfg, device), device.type == "cuda", cfg.img_size
+    opts = build_opts(nets, cfg, device)
+    A, B = (torch.rand(cfg.batch, c, s, s, device=device) * 2 - 1 for c in (cfg.input_nc, 3))
     with FlopCounterMode(display=False) as counter:
         train_step(nets, opts, A, B, cfg, device)
-    for i in range(3 + 20):  # 3 warm-up steps, 20 timed ones; synchronise only at the ends
+    for i in range(23):  # synchronise only at the ends of the timed steps
         if i == 3:
             torch.cuda.synchronize() if cuda else None
             t0 = time.perf_counter()
@@ -453,9 +433,8 @@ def bench(cfg):
     torch.cuda.synchronize() if cuda else None
     its = 20 / (time.perf_counter() - t0)
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"
-    print(f"bench {cfg.img_size}px batch {cfg.batch} {device.type}: {its:.3g} it/s | "
-          f"{its * cfg.batch:.3g} images/s | peak mem {mem} | "
-          f"{counter.get_total_flops() * its / 1e12:.3g} TFLOP/s")
+    print(f"bench {s}px batch {cfg.batch} {device.type}: {its:.3g} it/s | {its * cfg.batch:.3g} "
+          f"images/s | peak mem {mem} | {counter.get_total_flops() * its / 1e12:.3g} TFLOP/s")
 
 
 def load_run(cfg, ckpt):
