@@ -31,10 +31,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
+from torch.utils.data import Subset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
-from common import (LPIPS, SHAPES, ImageFiles, Logger, autocast, check_finite, infinite,
+from common import (LPIPS, SHAPES, ImageFiles, Logger, autocast, check_finite,
                     load_checkpoint, main_guard, make_loader, parse_config, pick_device,
                     prepare_run, read_shapes, require, resolve_data, save_checkpoint, save_gif,
                     save_grid, seed_everything)
@@ -301,12 +302,29 @@ def r1_penalty(real_logits, x_real):
 # 4. Data
 # ----------------------------------------------------------------------------
 def make_dataset(cfg):
-    """Every image below --data (below its train/ if any); short side → R, centre crop, mirror."""
+    """Every image below --data (below its train/ if any); short side → R, centre crop."""
     root = resolve_data(cfg.data, "shapes", cfg.img_size)
     root = root / "train" if (root / "train").is_dir() else root
-    return ImageFiles(root, T.Compose([
-        T.Resize(cfg.img_size, antialias=True), T.CenterCrop(cfg.img_size),
-        T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]))
+    return ImageFiles(root, T.Compose([T.Resize(cfg.img_size, antialias=True),
+                                       T.CenterCrop(cfg.img_size), T.ToTensor(),
+                                       T.Normalize([0.5] * 3, [0.5] * 3)]))
+
+
+def real_batches(dataset, cfg, device, step):
+    """Endless x_real (B, 3, R, R) from `step` on, randomly mirrored (official mirror_augment);
+    order and flips are pure functions of (seed, step), so a resumed run sees the same data."""
+    n, b = len(dataset), cfg.batch
+    require(n >= b, f"--batch {b}: the data has only {n} images; lower --batch or add images")
+    while True:
+        epoch, skip = divmod(step, n // b)
+        g = torch.Generator().manual_seed(cfg.seed + epoch)
+        order, flip = torch.randperm(n, generator=g), torch.rand(n, generator=g) < 0.5
+        loader = make_loader(Subset(dataset, order[skip * b:].tolist()), b, shuffle=False,
+                             num_workers=cfg.num_workers, device=device)
+        for i, x in enumerate(loader, skip):
+            x = torch.where(flip[i * b:(i + 1) * b, None, None, None], x.flip(3), x)
+            yield x.to(device, non_blocking=True)
+            step += 1
 
 
 # ----------------------------------------------------------------------------
@@ -470,14 +488,12 @@ def train(cfg, device):
     G, D, G_ema, opt_G, opt_D = build(cfg, device)
     nets, opts = {"G": G, "D": D, "G_ema": G_ema}, {"G": opt_G, "D": opt_D}
     step = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
-    loader = infinite(make_loader(make_dataset(cfg), cfg.batch, num_workers=cfg.num_workers,
-                                  device=device, seed=cfg.seed + step))  # new order after resume
+    batches = real_batches(make_dataset(cfg), cfg, device, step)
     logger, last, losses, t0 = Logger(out, cfg.total_iters, cfg.log_every), ckpt, {}, time.time()
     z_fixed = torch.randn(16, cfg.w_dim, generator=torch.Generator().manual_seed(cfg.seed))
     try:
         while step < cfg.total_iters:
-            x_real = next(loader).to(device, non_blocking=True)  # (B, 3, R, R)
-            losses = d_step(G, D, opt_D, x_real, cfg)
+            losses = d_step(G, D, opt_D, next(batches), cfg)
             losses |= g_step(G, D, opt_G, cfg.batch, cfg, device)
             update_ema(G_ema, G, cfg)
             step += 1

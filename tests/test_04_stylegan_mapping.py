@@ -231,19 +231,23 @@ def test_resume_gives_identical_next_losses(tmp_path):
     assert [step(fresh) for _ in range(2)] == expected
 
 
-def test_train_resume_and_bad_input(image_folder, tmp_path, capsys):
-    out = tmp_path / "run"
-    flags = ["--data", str(image_folder), "--out", str(out), *TINY_FLAGS, "--log-every", "1",
-             "--save-every", "2", "--sample-every", "2"]
-    m.main(flags + ["--total-iters", "2"])
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+def test_train_resume_is_exact_and_bad_input(image_folder, tmp_path, capsys):
+    def run(out, *extra):
+        m.main(["--data", str(image_folder), "--out", str(tmp_path / out), *TINY_FLAGS,
+                "--log-every", "1", "--save-every", "2", "--sample-every", "2", *extra])
+        return torch.load(tmp_path / out / "last.pt", weights_only=True)
+
+    straight = run("a", "--total-iters", "4")  # 8 images / batch 4: the resume crosses an epoch
+    assert run("b", "--total-iters", "2")["step"] == 2
     with pytest.raises(common.UserError, match="--resume auto"):
-        m.main(flags + ["--total-iters", "3"])  # never silently overwrite a run
-    m.main(flags + ["--total-iters", "3", "--resume", "auto"])
-    state = torch.load(out / "last.pt", weights_only=True)
-    assert state["step"] == 3 and set(state["nets"]) == {"G", "D", "G_ema"}
+        run("b", "--total-iters", "3")  # never silently overwrite a run
+    resumed = run("b", "--total-iters", "4", "--resume", "auto")
+    assert resumed["step"] == 4 and set(resumed["nets"]) == {"G", "D", "G_ema"}
+    for net in ("G", "D", "G_ema"):
+        for k, v in straight["nets"][net].items():
+            assert torch.equal(v, resumed["nets"][net][k]), (net, k)
     with pytest.raises(SystemExit) as e:
-        common.main_guard(m.main, flags + ["--img-size", "48"])
+        common.main_guard(m.main, ["--data", str(image_folder), "--img-size", "48"])
     assert e.value.code == 2 and "--img-size" in capsys.readouterr().err
 
 
