@@ -274,3 +274,10 @@ def test_short_toy_run_sample_and_eval(tmp_path, monkeypatch):
     assert saved.keys() == scores.keys() and saved["ppl_w_full"] == scores["ppl_w_full"]
     assert 0 < scores["ppl_z_full"] < float("inf") and 0 < scores["ppl_w_full"] < float("inf")
     assert 0 <= scores["valid_fake"] <= 1 and scores["valid_real"] > 0.9  # the oracle reads reals
+
+    def offline(net):
+        raise common.UserError("no LPIPS weights; run `python data/download.py weights`")
+
+    monkeypatch.setattr(m, "LPIPS", offline)  # offline: PPL skipped, the oracle still runs
+    scores = m.main(["eval", "--out", str(out), "--oracle-samples", "8"])
+    assert "ppl_z_full" not in scores and 0 <= scores["valid_fake"] <= 1
