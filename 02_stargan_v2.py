@@ -2,11 +2,12 @@
 arXiv:1912.01865v2. Read §2 (networks, Eqs. (1)-(5)), App. A/B (architecture, training details).
 
 Symbols: G generator, F -> `mapping` (mapping network), E style encoder, D multi-task discriminator;
-x image, y domain, z latent (16), s style (64), λ_sty/λ_ds/λ_cyc/λ_reg -> lambda_sty/_ds/_cyc/_reg;
+x image, y domain, z latent (16), s style (64), λ_sty/_ds/_cyc/_reg -> lambda_sty/_ds/_cyc/_reg;
 ψ -> psi (truncation toward the domain's average style s_avg).
 Shapes: B batch, K domains, S style_dim, Z latent_dim, C channels, H = W = img_size.
 
-Run:     python 02_stargan_v2.py                      # toy shapes, 2-core CPU (see TOY_RESULT)
+Run:     python 02_stargan_v2.py                      # toy shapes 32×32, 1500 steps, CPU; prints
+                                                      # oracle domain accuracy / content error
          python 02_stargan_v2.py --data data/afhq     # preset afhq (3 domains, λ_ds 2, w_hpf 0)
          python 02_stargan_v2.py --data data/celeba_hq   # preset celeba_hq (λ_ds 1, w_hpf 1)
 Smoke:   python 02_stargan_v2.py --total-iters 20 --out runs/smoke --overwrite
@@ -18,10 +19,9 @@ Eval:    python 02_stargan_v2.py eval --ckpt runs/stargan_v2_toy/last.pt [--rand
 GPU time / memory: not measured yet (the benchmark issue fills this in).
 
 Official quirks (SPEC §5) and what we do:
-- Deviation: EMA copies start as copies of the He-initialised nets (official: PyTorch default init,
-  because it deep-copies before init). Irrelevant after 100k steps, but a short run would sample
-  from half-initialised EMA nets otherwise.
-- Deviation: λ_ds decay is a pure function of the step, so it survives resume (official restarts it).
+- Deviation: EMA copies start as copies of the He-initialised nets (official: default init, as it
+  deep-copies before init): irrelevant after 100k steps, but it would spoil short runs.
+- Deviation: λ_ds decay is a pure function of the step: it survives resume (official restarts it).
 - Copied: with w_hpf > 0 the AdaIN block drops its shortcut (conv1x1 exists, gets no gradient);
   the ds loss detaches the 2nd image; the reference G step updates G only.
 - w_hpf > 0 needs face masks from a pretrained landmark net (FAN) we do not ship: G accepts masks,
@@ -52,9 +52,9 @@ from common import (DomainFolder, ImageFiles, InceptionPool, LPIPS, Logger, Refe
 # ----------------------------------------------------------------------------
 @dataclass
 class Config:
-    data: str = ""                   # root with {train,val}/<domain>/*.png; "" or "toy" -> toy shapes
+    data: str = ""                   # {train,val}/<domain>/*.png root; "" or "toy": toy shapes
     out: str = "runs/stargan_v2"     # run folder: last.pt, samples/, log.jsonl
-    resume: str = ""                 # "" fresh, "auto" (out/last.pt if present) or a checkpoint path
+    resume: str = ""                 # "" fresh, "auto" (out/last.pt if present) or a checkpoint
     overwrite: bool = False          # start fresh even if out/last.pt exists
     device: str = "auto"             # auto | cpu | cuda
     seed: int = 777                  # official seed
@@ -109,7 +109,7 @@ OFFICIAL_NAMES = {"G": "generator", "mapping": "mapping_network", "E": "style_en
 # 2. Networks
 # ----------------------------------------------------------------------------
 class ResBlk(nn.Module):
-    """Pre-activation residual block (E, D, G's encoder); sum scaled by 1/√2 to keep unit variance."""
+    """Pre-activation residual block (E, D, G's encoder); the sum / √2 keeps unit variance."""
     def __init__(self, dim_in, dim_out, normalize=False, downsample=False):
         super().__init__()
         self.normalize, self.downsample = normalize, downsample
@@ -135,7 +135,7 @@ class ResBlk(nn.Module):
 
 
 class AdaIN(nn.Module):
-    """(1 + γ(s)) · IN(x) + β(s): '1 +' so that a zero-initialised bias starts at identity scale."""
+    """(1 + γ(s)) · IN(x) + β(s): '1 +': a zero-initialised bias starts at identity scale."""
     def __init__(self, style_dim, num_features):
         super().__init__()
         self.norm = nn.InstanceNorm2d(num_features, affine=False)
@@ -375,7 +375,7 @@ def lambda_ds_at(step, cfg):
 
 def d_loss(nets, cfg, x_real, y_org, y_trg, z_trg=None, x_ref=None, masks=None):
     """L_D = L_real + L_fake + λ_reg R1; the fake's style comes from F(z) or E(x_ref)."""
-    # R1 needs ∂D/∂x. "* 1" makes x a non-leaf: FlopCounterMode (--bench) rejects grads of leaves.
+    # R1 needs ∂D/∂x. "* 1": a non-leaf, as FlopCounterMode (--bench) rejects grads of leaves.
     x_real = x_real.detach().requires_grad_() * 1
     out = nets.D(x_real, y_org)  # (B,)
     loss_real, loss_reg = adv_loss(out, 1), r1_reg(out, x_real)
@@ -454,7 +454,7 @@ def apply_grads(loss, optims, names):
 
 @torch.no_grad()
 def ema_update(ema, nets, beta):
-    """θ_ema <- β θ_ema + (1 - β) θ for G, F, E (parameters only; they hold no buffers to sync)."""
+    """θ_ema <- β θ_ema + (1 - β) θ for G, F, E (parameters; they hold no buffers to sync)."""
     for name in ("G", "mapping", "E"):
         torch._foreach_lerp_(list(getattr(ema, name).parameters()),
                              list(getattr(nets, name).parameters()), 1 - beta)
@@ -469,8 +469,8 @@ def d_step(nets, optims, cfg, x_real, y_org, y_trg, z_trg=None, x_ref=None):
 
 
 def g_step(nets, optims, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_refs=None):
-    """Latent styles update G, F and E; reference styles update G only (official: E would
-    otherwise be trained to make references easy to imitate, not to encode them)."""
+    """Latent styles update G, F and E; reference styles update G only (official: E's gradient
+    from the reference step is computed there but never applied; we do not compute it)."""
     with autocast(x_real.device, cfg.amp):
         loss, terms = g_loss(nets, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs, x_refs)
     apply_grads(loss, optims, ["G", "mapping", "E"] if z_trgs is not None else ["G"])
@@ -488,7 +488,8 @@ def train_step(nets, ema, optims, batch, step, cfg):
         terms = d_step(nets, optims, cfg, x_real, y_org, y_trg, **kw)
         logs.update({f"D/{mode}_{k}": v for k, v in terms.items()})
     # 3. G step, latent styles (G, F, E)  4. G step, reference styles (G only)
-    for mode, kw in (("latent", dict(z_trgs=(z_trg, z_trg2))), ("ref", dict(x_refs=(x_ref, x_ref2)))):
+    for mode, kw in (("latent", dict(z_trgs=(z_trg, z_trg2))),
+                     ("ref", dict(x_refs=(x_ref, x_ref2)))):
         terms = g_step(nets, optims, cfg, lambda_ds, x_real, y_org, y_trg, **kw)
         logs.update({f"G/{mode}_{k}": v for k, v in terms.items()})
     # 5. EMA of G, F, E
@@ -527,7 +528,7 @@ def ref_rows(G, E, x_src, x_ref, y_ref):
 
 @torch.no_grad()
 def write_samples(ema, fixed, out, tag, cfg, n_z=5):
-    """EMA nets on a fixed batch: cycle strip, latent grids (ψ ∈ {0.5, 0.7, 1}), reference grid."""
+    """EMA nets on a fixed batch: cycle strip, latent grids (ψ 0.5, 0.7, 1), reference grid."""
     x_src, y_src, x_ref, y_ref = fixed
     (N, device), G, mapping, E = (x_src.shape[0], x_src.device), ema.G, ema.mapping, ema.E
     x_fake = G(x_src, E(x_ref, y_ref))
@@ -659,10 +660,12 @@ def evaluate(cfg, ns):
     inception = InceptionPool(pretrained=not ns.random_weights).to(device)
     lpips = LPIPS("alex", pretrained=not ns.random_weights).to(device).eval()
     label = " (RANDOM backbone weights: not real FID/LPIPS)" if ns.random_weights else ""
-    (x_val, y_val), (x_train, y_train) = (stack_split(root, s, cfg.img_size) for s in ("val", "train"))
+    x_val, y_val = stack_split(root, "val", cfg.img_size)
+    x_train, y_train = stack_split(root, "train", cfg.img_size)
     feats = lambda x: torch.cat([inception(b.to(device)).cpu() for b in x.split(32)])  # noqa: E731
     res = {"latent": [], "reference": []}
-    for trg, src in ((t, s) for t in range(cfg.num_domains) for s in range(cfg.num_domains) if s != t):
+    K = cfg.num_domains
+    for trg, src in ((t, s) for t in range(K) for s in range(K) if s != t):
         real, refs = feats(x_train[y_train == trg]), x_val[y_val == trg]
         x_src = x_val[y_val == src][:ns.eval_src or None].to(device)
         y = torch.full((len(x_src),), trg, device=device)
@@ -705,7 +708,8 @@ def train(cfg):
     step = load_checkpoint(resume, all_nets, optims)["step"] if resume else 0
     # A resumed run reseeds its loaders from the step: data order is a function of the step.
     loaders = [infinite(make_loader(d, cfg.batch, balanced=True, num_workers=cfg.num_workers,
-                                    device=device, seed=cfg.seed + step)) for d in (src_set, ref_set)]
+                                    device=device, seed=cfg.seed + step))
+               for d in (src_set, ref_set)]
     fixed = fixed_batch(root, cfg, device)
     logger, last, toy = Logger(out, cfg.total_iters, cfg.log_every), out / "last.pt", cfg.data in (
         "", "toy")

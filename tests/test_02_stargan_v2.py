@@ -1,5 +1,5 @@
 """Tests for 02_stargan_v2.py: shapes, official parameter counts and layout, loss signs, which nets
-each step updates, EMA, λ_ds schedule, exact resume, official-checkpoint loading, a short toy run."""
+each step updates, EMA, λ_ds schedule, exact resume, official-checkpoint loading, a toy run."""
 import dataclasses
 import json
 from pathlib import Path
@@ -190,7 +190,8 @@ def test_load_official_round_trip(tmp_path):
                                                         "E": dst.E, "D": dst.D})
     for ours, official in m.OFFICIAL_NAMES.items():
         theirs = list(ckpt[official].values())
-        assert all(torch.equal(a, b) for a, b in zip(theirs, getattr(dst, ours).state_dict().values()))
+        loaded = getattr(dst, ours).state_dict().values()
+        assert all(torch.equal(a, b) for a, b in zip(theirs, loaded))
     wrong, _ = m.build_nets(tiny_cfg(w_hpf=1.0, img_size=64, num_domains=2))
     with pytest.raises(UserError, match="official-ckpt"):
         m.load_official(tmp_path / "100000_nets_ema.ckpt", {"E": wrong.E})
@@ -206,7 +207,8 @@ def test_short_toy_run_writes_samples_and_resumes(tmp_path, capsys):
     assert {"000004_cycle.png", "000004_latent_psi0.5.png", "000004_latent_psi1.0.png",
             "000004_reference.png"} <= names
     logs = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
-    assert logs and all(v == v and abs(v) < 1e6 for rec in logs for v in rec.values())
+    assert logs and all(v == v and abs(v) < 1e6 for rec in logs for k, v in rec.items()
+                        if k not in ("step", "time"))
     saved = torch.load(out / "last.pt", weights_only=True)
     assert saved["step"] == 4 and set(saved["nets"]) == {"G", "mapping", "E", "D", "G_ema",
                                                          "mapping_ema", "E_ema"}
@@ -219,14 +221,15 @@ def test_short_toy_run_writes_samples_and_resumes(tmp_path, capsys):
     Image.new("L", (50, 40), 128).save(tmp_path / "grey.png")
     m.main(["sample", "--ckpt", str(out / "last.pt"), "--src", str(tmp_path / "grey.png"),
             "--domain", "2", "--n-styles", "2"])
-    assert (out / "sample" / "latent.png").exists() and (out / "sample" / "interpolation.gif").exists()
+    assert {"latent.png", "interpolation.gif"} <= {p.name for p in (out / "sample").iterdir()}
     with pytest.raises(UserError, match="--domain"):
         m.main(["sample", "--ckpt", str(out / "last.pt"), "--src", str(tmp_path / "grey.png"),
                 "--domain", "7"])
 
 
 def test_bench_prints_one_line(capsys):
-    m.main(["--bench", "--bench-iters", "1", "--dim-in", "8", "--max-conv-dim", "16", "--batch", "2"])
+    m.main(["--bench", "--bench-iters", "1", "--dim-in", "8", "--max-conv-dim", "16", "--batch",
+            "2"])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("bench")]
     assert len(lines) == 1 and "it/s" in lines[0] and "n/a" in lines[0] and "TFLOP/s" in lines[0]
 
