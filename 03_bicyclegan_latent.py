@@ -396,7 +396,6 @@ def train(cfg):
     A_fix, B_fix = fixed_inputs(cfg, device)
     z_fix = torch.randn(5, cfg.nz, generator=torch.Generator().manual_seed(1)).to(device)
     logger, losses = Logger(out, cfg.total_iters, cfg.log_every), {}
-    logger.log(step, {})  # starts the it/s clock
     try:
         while step < cfg.total_iters:
             for group in (g for o in opts.values() for g in o.param_groups):

@@ -401,12 +401,11 @@ class Logger:
         self.t0, self.step0 = time.time(), None
 
     def log(self, step, losses):
-        if self.step0 is None:
+        if self.step0 is None:  # the first call starts the clock (call it at the first step)
             self.step0, self.t0 = step, time.time()
-            return
         vals = {k: float(v) for k, v in losses.items()}  # the only host sync of a training step
         rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
-        eta = time.strftime("%H:%M:%S", time.gmtime((self.total - step) / max(rate, 1e-9)))
+        eta = time.strftime("%H:%M:%S", time.gmtime((self.total - step) / rate)) if rate else "-"
         terms = " ".join(f"{k} {v:.4g}" for k, v in vals.items())
         print(f"step {step}/{self.total} | {rate:.2f} it/s | ETA {eta} | {terms}", flush=True)
         with open(self.path, "a") as f:
