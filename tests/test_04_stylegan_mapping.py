@@ -183,7 +183,7 @@ def test_minibatch_stddev_groups_of_four():
         m.minibatch_stddev(torch.randn(6, 3, 2, 2))
 
 
-def test_d_and_g_steps_change_only_their_nets():
+def test_steps_change_only_their_nets():
     cfg = tiny_cfg()
     dev = torch.device("cpu")
     G, D, G_ema, opt_G, opt_D = m.build(cfg, dev)
@@ -251,7 +251,7 @@ def test_train_resume_is_exact_and_bad_input(image_folder, tmp_path, capsys):
     assert e.value.code == 2 and "--img-size" in capsys.readouterr().err
 
 
-def test_bench_cpu_one_line(capsys):
+def test_bench_prints_one_line(capsys):
     m.main(["--bench", "--bench-iters", "1", *TINY_FLAGS])
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and "it/s" in line and "n/a" in line and "TFLOP/s" in line
