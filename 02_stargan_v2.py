@@ -762,7 +762,7 @@ def bench(cfg, device):
     its = cfg.bench_iters / (time.perf_counter() - t0)
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"
     print(f"bench {device} img {H} batch {B}: {its:.2f} it/s | {its * B:.1f} images/s | "
-          f"peak mem {mem} | {counter.get_total_flops() * its / 1e12:.3f} TFLOP/s")
+          f"peak mem {mem} | {counter.get_total_flops() * its / 1e12:.3g} TFLOP/s")
     return losses
 
 

@@ -200,7 +200,7 @@ def test_load_official_round_trip(tmp_path):
 def test_short_toy_run_writes_samples_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     flags = ["--out", str(out), "--total-iters", "4", "--sample-every", "2", "--save-every", "2",
-             "--log-every", "1"]
+             "--log-every", "1", "--dim-in", "4", "--max-conv-dim", "8", "--mapping-dim", "16"]
     scores = m.main(flags)
     assert set(scores) >= {"acc_latent", "acc_ref", "content_err_latent", "color_err_ref"}
     names = {p.name for p in (out / "samples").iterdir()}
@@ -214,8 +214,8 @@ def test_short_toy_run_writes_samples_and_resumes(tmp_path, capsys):
                                                          "mapping_ema", "E_ema"}
     with pytest.raises(UserError, match="--resume auto"):
         m.main(flags)  # never silently overwrite a run
-    m.main(flags[:3] + ["6"] + flags[4:] + ["--resume", "auto"])
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 6
+    m.main(flags[:3] + ["5"] + flags[4:] + ["--resume", "auto"])
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 5
     # sample mode on a user image (any size, any mode) with latent styles -> grid + GIF
     from PIL import Image
     Image.new("L", (50, 40), 128).save(tmp_path / "grey.png")
