@@ -11,8 +11,8 @@ w̄ → w_avg; ψ → psi; γ → r1_gamma. Shapes: B batch, Z = W latent size, 
   python 04_stylegan_mapping.py eval --out runs/04_toy          # PPL in Z and W + toy oracle
   python 04_stylegan_mapping.py --bench                         # one line: it/s, TFLOP/s
 
-Measured (2-core CPU shared ~5×): default toy run 25 min wall, 704 s CPU; the oracle reads 25 %
-of generated images as a valid shape (reals 100 %): 600 steps only start StyleGAN (Figs. in runs/).
+Measured (shared 2-core CPU, load ~4): default toy run 11.7 min wall, 660 s CPU; the oracle reads
+25-36 % of generated images as a valid shape (2 runs; reals 100 %): 600 steps only start StyleGAN.
 Params: f 2,101,248; G at 1024 px 26,212,019 = official 26,219,627 less the 8 lower to-RGB layers
 (7,608) only progressive growing uses; D at 1024 px 23,077,137 (official D_basic, fixed structure).
 Deviation (progressive growing): the paper (after ProGAN) starts G and D at 4×4 and adds one
