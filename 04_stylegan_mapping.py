@@ -3,29 +3,22 @@ CVPR 2019, arXiv:1812.04948v3). Read beside §2 (mapping f, AdaIN Eq. (1), noise
 stochastic variation), §4.1 (PPL, Eqs. (2)-(3)), App. B (truncation), App. C (training).
 Symbols: f → mapping; A → AdaIN.affine, y = (y_s, y_b); B → StyleLayer.noise_scale; g → synthesis;
 w̄ → w_avg; ψ → psi; γ → r1_gamma. Shapes: B batch, Z = W latent size, L = 2·log2(R) − 2 layers.
-
-  python 04_stylegan_mapping.py                                # toy shapes, 32 px, CPU minutes
-  python 04_stylegan_mapping.py --data data/afhq --out runs/04_afhq   # 256 px (AFHQ, CelebA...)
-  python 04_stylegan_mapping.py --resume auto                   # resume (exact)
-  python 04_stylegan_mapping.py sample --out runs/04_toy        # Figs. 3, 4, 8 + interpolation GIFs
-  python 04_stylegan_mapping.py eval --out runs/04_toy          # PPL in Z and W + toy oracle
-  python 04_stylegan_mapping.py --bench                         # one line: it/s, TFLOP/s
-
-Measured (shared 2-core CPU, load ~4): default toy run 11.7 min wall, 660 s CPU; the oracle reads
-25-36 % of generated images as a valid shape (2 runs; reals 100 %): 600 steps only start StyleGAN.
-Params: f 2,101,248; G at 1024 px 26,212,019 = official 26,219,627 less the 8 lower to-RGB layers
-(7,608) only progressive growing uses; D at 1024 px 23,077,137 (official D_basic, fixed structure).
-Deviation (progressive growing): the paper (after ProGAN) starts G and D at 4×4 and adds one
-resolution at a time, fading each new block in over 600k images, because GANs then diverged when
-trained at 1024 px from scratch, and low resolutions are cheap. We train at the final resolution
-from step 0: at 32-256 px R1 keeps a fixed-size StyleGAN stable (StyleGAN2 dropped growing too),
-and growing would double the code. Where NVlabs and the rosinality port differ, comments say which.
+  python 04_stylegan_mapping.py [--resume auto]   # toy shapes, 32 px, CPU minutes; exact resume
+  python 04_stylegan_mapping.py --data data/afhq  # 256 px into runs/04_afhq (CelebA: 128 px)
+  python 04_stylegan_mapping.py sample --out runs/04_toy  # Figs. 3, 4, 8 + z/w interpolation GIFs
+  python 04_stylegan_mapping.py eval --out runs/04_toy    # PPL in Z and W + toy oracle
+  python 04_stylegan_mapping.py --bench           # one line: it/s, TFLOP/s
+Measured (shared 2-core CPU): toy run 11.7 min wall, 660 s CPU; the oracle reads 25-36 % of
+generated images as a valid shape (reals 100 %): 600 steps only start StyleGAN. Params: f 2,101,248;
+at 1024 px G 26,212,019 (official 26,219,627 less 7,608 in to-RGBs only growing uses), D 23,077,137.
+Deviation: no progressive growing (ProGAN, StyleGAN start at 4×4 and fade in one resolution at a
+time, as GANs then diverged at 1024 px from scratch); at 32-256 px R1 keeps a fixed-size StyleGAN
+stable (StyleGAN2 dropped growing too), and growing would double the code.
 """
 import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,15 +32,12 @@ from torchvision.utils import make_grid
 from common import (LPIPS, SHAPES, ImageFiles, Logger, UserError, autocast, check_finite,
                     load_checkpoint, main_guard, make_loader, parse_config, pick_device,
                     prepare_run, read_shapes, require, resolve_data, save_checkpoint, save_gif,
-                    save_grid, seed_everything)
+                    save_grid, seed_everything, to_tensor_norm)
 
 # ----------------------------------------------------------------------------
 # 1. Config
 # ----------------------------------------------------------------------------
-PSI_GRID = (1.0, 0.7, 0.5, 0.0, -0.5)  # Fig. 8 columns
-
-
-@dataclass
+@dataclasses.dataclass
 class Config:
     data: str = ""  # image folder (all images below it or its train/); "" or "toy" -> shapes
     img_size: int = 256  # R, fixed training resolution (power of 2, 8..1024)
@@ -65,7 +55,7 @@ class Config:
     lr: float = 1e-3  # Adam λ (App. C; official FFHQ raises it at 128+ px, not done here)
     betas: tuple[float, ...] = (0.0, 0.99)  # Adam β1, β2 (App. C)
     r1_gamma: float = 10.0  # γ of the R1 penalty on reals (App. C, FFHQ)
-    mixing_prob: float = 0.9  # style mixing regularisation probability (§3.1, Table 2: 90 %)
+    mixing_prob: float = 0.9  # style mixing regularisation probability p (§3.1, Table 2: 0.9)
     w_avg_beta: float = 0.995  # decay of the running average w̄ (official dlatent_avg_beta)
     ema_kimg: float = 10.0  # EMA of G: half-life in thousands of images (official)
     trunc_cutoff: int = 8  # truncate layers < cutoff only, i.e. 4-32 px (official)
@@ -93,24 +83,18 @@ PRESETS = {  # Deviation (toy): small widths so the default run takes CPU minute
 # ----------------------------------------------------------------------------
 # 2. Networks
 # ----------------------------------------------------------------------------
-SQRT2 = math.sqrt(2)  # He gain for LeakyReLU layers; linear outputs (A, to-RGB, D's last) use 1
-
-
 class EqualLR(nn.Module):
-    """Equalized learning rate (ProGAN §4.1): weight stored ~N(0, 1), scaled at runtime by
-    gain/√fan_in, so Adam's scale-free steps move every layer at the same relative speed.
-    k = 0: fully connected (B, c_in) -> (B, c_out); k > 0: k×k conv with 'same' padding."""
-    def __init__(self, c_in, c_out, k=0, gain=SQRT2, bias=True):
+    """Equalized lr (ProGAN §4.1): weight stored ~N(0, 1), scaled at runtime by gain/√fan_in, so
+    Adam moves all layers at one relative speed. k = 0: linear (B, c_in) -> (B, c_out); k: conv."""
+    def __init__(self, c_in, c_out, k=0, gain=math.sqrt(2), bias=True):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(c_out, c_in, *((k, k) if k else ())))
         self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
         self.scale = gain / math.sqrt(self.weight[0].numel())  # fan_in = c_in·k·k
 
     def forward(self, x):
-        w = self.weight * self.scale
-        if w.dim() == 2:
-            return F.linear(x, w, self.bias)
-        return F.conv2d(x, w, self.bias, padding=w.shape[-1] // 2)
+        w, b = self.weight * self.scale, self.bias
+        return F.linear(x, w, b) if w.dim() == 2 else F.conv2d(x, w, b, padding=w.shape[-1] // 2)
 
 
 def pixel_norm(z):
@@ -126,9 +110,7 @@ def blur(x):
 
 
 class MappingNetwork(nn.Module):
-    """f: Z → W (§2, Fig. 1b): PixelNorm, then 8 × (FC + LeakyReLU 0.2). Its ×0.01 lr is an Adam
-    param group (rosinality); official scales inside the layer (init ×100, runtime ×0.01): the same
-    under Adam up to its ε, and ours keeps every stored weight ~N(0, 1)."""
+    """f: Z → W (§2, Fig. 1b): PixelNorm, then 8 × (FC + LReLU 0.2); its ×0.01 lr: see build."""
     def __init__(self, w_dim=512, n_layers=8):
         super().__init__()
         self.net = nn.Sequential(*[m for _ in range(n_layers)
@@ -140,13 +122,11 @@ class MappingNetwork(nn.Module):
 
 
 class AdaIN(nn.Module):
-    """Eq. (1): AdaIN(x_i, y) = y_s,i (x_i − μ(x_i)) / σ(x_i) + y_b,i, y = A(w). The y_s bias starts
-    at 1 (rosinality); official adds 1 to a zero-biased y_s: the same function."""
+    """Eq. (1): AdaIN(x_i, y) = y_s,i (x_i − μ(x_i)) / σ(x_i) + y_b,i, where (y_s, y_b) = A(w)."""
     def __init__(self, channels, w_dim):
         super().__init__()
         self.affine = EqualLR(w_dim, 2 * channels, gain=1.0)  # A
-        with torch.no_grad():
-            self.affine.bias[:channels] = 1.0
+        nn.init.ones_(self.affine.bias[:channels])  # y_s starts at 1 (official: 1 + y_s, same)
 
     def forward(self, x, w):
         """x (B, C, H, W), w (B, W) -> (B, C, H, W) with per-channel mean y_b and std |y_s|."""
@@ -157,9 +137,7 @@ class AdaIN(nn.Module):
 
 class StyleLayer(nn.Module):
     """One of the L layers of g: [up ×2 → conv 3×3 → blur] → + B·noise → + bias → LReLU → AdaIN.
-    Noise: one single-channel Gaussian image per layer (official; rosinality shares one per block),
-    per-channel scale B initialised at 0, a plain parameter (official; rosinality equalizes it).
-    Official fuses up-sampling and conv at 128+ px, a speed trick with the same result."""
+    One 1-channel noise image per layer and B a plain parameter (official; rosinality differs)."""
     def __init__(self, c_in, c_out, w_dim, up=False, const=False):
         super().__init__()
         self.up = up
@@ -174,8 +152,7 @@ class StyleLayer(nn.Module):
             x = blur(self.conv(F.interpolate(x, scale_factor=2, mode="nearest")))  # (B, C, 2H, 2W)
         elif self.conv is not None:
             x = self.conv(x)
-        if noise is None:
-            noise = torch.randn_like(x[:, :1])  # (B, 1, H, W)
+        noise = torch.randn_like(x[:, :1]) if noise is None else noise  # (B, 1, H', W')
         return self.adain(F.leaky_relu(x + self.noise_scale * noise + self.bias, 0.2), w)
 
 
@@ -199,24 +176,13 @@ class Synthesis(nn.Module):
                 for i in range(self.num_layers)]
 
     def forward(self, ws, noise=None):
-        """ws (B, L, W): one w per layer; noise: L maps or None (fresh) -> (B, 3, R, R) ≈ [-1, 1]"""
-        x = self.const.repeat(ws.shape[0], 1, 1, 1)  # (B, 512, 4, 4); a no_grad expand would
-        # still "require grad" (a view of a leaf), which trips FlopCounterMode's module hooks
+        """ws (B, L, W), or w (B, W) for every layer; noise: L maps or None -> (B, 3, R, R) ≈ ±1"""
+        if ws.dim() == 2:
+            ws = ws[:, None].expand(-1, self.num_layers, -1)  # (B, L, W)
+        x = self.const.repeat(ws.shape[0], 1, 1, 1)  # (B, 512, 4, 4); expand trips FlopCounterMode
         for i, layer in enumerate(self.layers):  # 4×4 → R×R
             x = layer(x, ws[:, i], None if noise is None else noise[i])
         return self.to_rgb(x)  # (B, 3, R, R), linear
-
-
-def broadcast(w, num_layers):
-    """w (B, W) -> ws (B, L, W): the same w for every layer."""
-    return w[:, None].expand(-1, num_layers, -1)
-
-
-def truncate(ws, w_avg, psi, cutoff=None):
-    """App. B: w' = w̄ + ψ(w − w̄) on layers < cutoff (official 8; rosinality has no cutoff)."""
-    layer = torch.arange(ws.shape[1], device=ws.device)[None, :, None]  # (1, L, 1)
-    w_trunc = torch.lerp(w_avg.to(ws.dtype).expand_as(ws), ws, psi)  # (B, L, W)
-    return w_trunc if cutoff is None else torch.where(layer < cutoff, w_trunc, ws)
 
 
 def style_mix(ws1, ws2, crossover):
@@ -234,9 +200,12 @@ class Generator(nn.Module):
         self.register_buffer("w_avg", torch.zeros(cfg.w_dim))
 
     def styles(self, z, psi=1.0, cutoff=None):
-        """z (B, Z) -> ws (B, L, W), truncated towards w̄ unless ψ = 1."""
-        ws = broadcast(self.mapping(z), self.synthesis.num_layers)  # (B, L, W)
-        return ws if psi == 1 else truncate(ws, self.w_avg, psi, cutoff)
+        """z (B, Z) -> ws (B, L, W); App. B truncation w' = w̄ + ψ(w − w̄) on layers < cutoff."""
+        ws = self.mapping(z)[:, None].expand(-1, self.synthesis.num_layers, -1)  # (B, L, W)
+        if psi == 1:
+            return ws
+        w_trunc = torch.lerp(self.w_avg.to(ws.dtype).expand_as(ws), ws, psi)  # (B, L, W)
+        return w_trunc if cutoff is None else style_mix(w_trunc, ws, cutoff)  # w' below cutoff
 
     def forward(self, z, psi=1.0, cutoff=None, noise=None):
         """z (B, Z) -> images (B, 3, R, R)."""
@@ -244,8 +213,8 @@ class Generator(nn.Module):
 
 
 def minibatch_stddev(x, group=4):
-    """ProGAN §3: std of every feature over a group of 4 samples, averaged into one extra channel
-    (official group 4; rosinality uses the whole batch). Sample b is in group b mod (B/4)."""
+    """ProGAN §3: std of each feature over a group of 4 (official; rosinality: the whole batch),
+    averaged into one extra channel. Sample b is in group b mod (B/4)."""
     B, C, H, W = x.shape
     G = min(group, B)
     require(B % G == 0, f"--batch {B}: must be a multiple of the minibatch-stddev group ({group})")
@@ -255,9 +224,8 @@ def minibatch_stddev(x, group=4):
 
 
 class Discriminator(nn.Module):
-    """Official StyleGAN D: from-RGB 1×1 + LReLU; per resolution conv 3×3 → blur → conv 3×3 →
-    avg-pool (official widens in the 2nd conv, rosinality in the 1st); at 4×4 minibatch stddev →
-    conv 3×3 → FC → FC (gain 1) -> a logit. (Official fuses conv + pool at 128+ px: same result.)"""
+    """Official D: from-RGB 1×1; per resolution conv 3×3 → blur → conv 3×3 (widens) → avg-pool; at
+    4×4 minibatch stddev → conv 3×3 → FC → FC (gain 1) -> a logit."""
     def __init__(self, img_size, fmap_base, fmap_max, mbstd_group=4):
         super().__init__()
         top, nf = int(math.log2(img_size)), lambda r: min(fmap_base >> r - 1, fmap_max)
@@ -306,8 +274,7 @@ def make_dataset(cfg):
     root = resolve_data(cfg.data, "shapes", cfg.img_size)
     root = root / "train" if (root / "train").is_dir() else root
     return ImageFiles(root, T.Compose([T.Resize(cfg.img_size, antialias=True),
-                                       T.CenterCrop(cfg.img_size), T.ToTensor(),
-                                       T.Normalize([0.5] * 3, [0.5] * 3)]))
+                                       T.CenterCrop(cfg.img_size), to_tensor_norm()]))
 
 
 def real_batches(dataset, cfg, device, step):
@@ -334,9 +301,9 @@ def mixed_styles(G, z, mixing_prob):
     """§3.1 style mixing regularisation (official): with probability p a second latent takes over
     from a random crossover layer in [1, L), one per minibatch (rosinality: per block)."""
     L, w = G.synthesis.num_layers, G.mapping(z)  # w (B, W)
-    ws = broadcast(w, L)  # (B, L, W)
+    ws = w[:, None].expand(-1, L, -1)  # (B, L, W)
     if torch.rand(()) < mixing_prob:  # CPU generator: no GPU sync, restored on resume
-        ws = style_mix(ws, broadcast(G.mapping(torch.randn_like(z)), L), torch.randint(1, L, ()))
+        ws = style_mix(ws, G.mapping(torch.randn_like(z))[:, None], torch.randint(1, L, ()))
     return ws, w
 
 
@@ -349,8 +316,7 @@ def d_step(G, D, opt_D, x_real, cfg):
             x_fake = G.synthesis(mixed_styles(G, z, cfg.mixing_prob)[0])  # (B, 3, R, R)
         # view_as: D gets a non-leaf, as FlopCounterMode's hooks on a leaf break autograd.grad
         real_logits, fake_logits = D(x_real.view_as(x_real)).float(), D(x_fake).float()  # (B,)
-    loss_adv = d_logistic(real_logits, fake_logits)
-    loss_r1 = r1_penalty(real_logits, x_real)
+    loss_adv, loss_r1 = d_logistic(real_logits, fake_logits), r1_penalty(real_logits, x_real)
     opt_D.zero_grad(set_to_none=True)
     (loss_adv + cfg.r1_gamma / 2 * loss_r1).backward()
     opt_D.step()
@@ -376,15 +342,15 @@ def g_step(G, D, opt_G, batch, cfg, device):
 
 @torch.no_grad()
 def update_ema(G_ema, G, cfg):
-    """Official EMA of G: half-life ema_kimg thousand images (β ≈ 0.9978 at batch 32; rosinality
-    0.999); w̄, not a trained parameter, is copied as the official Gs does."""
+    """Official EMA of G, half-life ema_kimg k images (β ≈ 0.9978 at batch 32); w̄ is copied."""
     beta = 0.5 ** (cfg.batch / (cfg.ema_kimg * 1000))
     torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1 - beta)
     G_ema.w_avg.copy_(G.w_avg)
 
 
 def build(cfg, device):
-    """G, D, G_ema, Adam for G (f at lr × mapping_lr_mul, a param group as rosinality) and D."""
+    """G, D, G_ema; Adam for D and G, f at lr × mapping_lr_mul as a param group (rosinality;
+    official scales inside f's layers: the same under Adam, but ours keeps weights ~N(0, 1))."""
     G, G_ema = Generator(cfg).to(device), Generator(cfg).to(device).requires_grad_(False)
     G_ema.load_state_dict(G.state_dict())
     D = Discriminator(cfg.img_size, cfg.fmap_base, cfg.fmap_max).to(device)
@@ -397,11 +363,14 @@ def build(cfg, device):
 # ----------------------------------------------------------------------------
 # 6. Sampling
 # ----------------------------------------------------------------------------
-def slerp(a, b, t):
-    """Spherical interpolation between normalised latents (official PPL and interpolation in Z)."""
-    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    d = (a * b).sum(-1, keepdim=True).clamp(-1, 1)
-    return a * torch.cos(t * d.acos()) + F.normalize(b - d * a, dim=-1) * torch.sin(t * d.acos())
+def interpolate(G, z0, z1, t, space):
+    """w (B, W) at t between z0, z1 (B, Z): slerp in Z, then f (official); lerp of f(z) in W."""
+    if space == "w":
+        return torch.lerp(G.mapping(z0), G.mapping(z1), t)
+    a, b = F.normalize(z0, dim=-1), F.normalize(z1, dim=-1)
+    cos = (a * b).sum(-1, keepdim=True).clamp(-1, 1)  # (B, 1)
+    angle, ortho = t * cos.acos(), F.normalize(b - cos * a, dim=-1)  # ortho ⊥ a, in plane (a, b)
+    return G.mapping(a * angle.cos() + ortho * angle.sin())
 
 
 @torch.no_grad()
@@ -410,45 +379,39 @@ def figures(G, cfg, out, device):
     variation + per-pixel std, GIFs of slerp in Z vs lerp in W. Noise fixed except in Fig. 4."""
     gen, L, R = torch.Generator().manual_seed(cfg.seed), G.synthesis.num_layers, cfg.img_size
     randn = lambda n: torch.randn(n, cfg.w_dim, generator=gen).to(device)  # noqa: E731
-    noise, z = G.synthesis.make_noise(1, device), randn(6)
-    x = torch.stack([G(z, psi, cfg.trunc_cutoff, noise) for psi in PSI_GRID], 1)  # (6, 5, 3, R, R)
-    save_grid(x.flatten(0, 1), out / "truncation.png", len(PSI_GRID))
+    noise, z, psis = G.synthesis.make_noise(1, device), randn(6), (1.0, 0.7, 0.5, 0.0, -0.5)
+    x = torch.stack([G(z, psi, cfg.trunc_cutoff, noise) for psi in psis], 1)  # (6, 5, 3, R, R)
+    save_grid(x.flatten(0, 1), out / "truncation.png", len(psis))
     # Fig. 3 (official rows, untruncated): top row = sources A; rows copy the coarse (4-8 px) ×3,
     # middle (16-32 px) ×2 or fine (64+ px) ×1 styles of their source B (left) into every A
     ws_a, ws_b = G.styles(randn(5)), G.styles(randn(6))
     rows = [torch.full((1, 3, R, R), -1.0, device=device), G.synthesis(ws_a, noise)]
     for j, (lo, hi) in enumerate(r for r in [(0, 4)] * 3 + [(4, 8)] * 2 + [(8, L)] if r[0] < L):
-        ws = ws_a.clone()
-        ws[:, lo:hi] = ws_b[j, lo:hi]
+        ws = style_mix(ws_a, style_mix(ws_b[j:j + 1], ws_a, hi), lo)  # B's styles at [lo, hi)
         rows += [G.synthesis(ws_b[j:j + 1], noise), G.synthesis(ws, noise)]
     save_grid(torch.cat(rows), out / "style_mixing.png", 6)
-    ws = G.styles(z[:3])  # Fig. 4: one w each, 100 noise draws
-    x = torch.stack([G.synthesis(ws) for _ in range(100)])  # (100, 3, 3, R, R)
+    ws = G.styles(z[:3])  # Fig. 4: one w each, 100 noise draws -> x (100, 3, 3, R, R)
+    x = torch.stack([G.synthesis(ws) for _ in range(100)])
     std = x.std(0).mean(1, keepdim=True)  # (3, 1, R, R)
     std = (std / std.amax((2, 3), keepdim=True).clamp(min=1e-8) * 2 - 1).expand(-1, 3, -1, -1)
     save_grid(torch.cat([x[:4].transpose(0, 1), std[:, None]], 1).flatten(0, 1),
               out / "stochastic_variation.png", 5)
-    z0, z1 = randn(4), randn(4)
+    z0, z1, ts = randn(4), randn(4), torch.linspace(0, 1, 24)
     for space in ("z", "w"):  # the same endpoints; §4.1 expects W to be the smoother one
-        frames = [G.mapping(slerp(z0, z1, t)) if space == "z" else
-                  torch.lerp(G.mapping(z0), G.mapping(z1), t) for t in torch.linspace(0, 1, 24)]
-        save_gif([make_grid(G.synthesis(broadcast(w, L), noise).cpu(), nrow=4, pad_value=-1)
-                  for w in frames], out / f"interpolation_{space}.gif")
+        xs = [G.synthesis(interpolate(G, z0, z1, t, space), noise).cpu() for t in ts]
+        save_gif([make_grid(x, 4, pad_value=-1) for x in xs], out / f"interpolation_{space}.gif")
 
 
 @torch.no_grad()
 def ppl(G, lpips, space, cfg, device, eps=1e-4, batch=16):
     """§4.1 Eqs. (2)-(3), 'full': E[d(g(l(t)), g(l(t + ε))) / ε²], t ~ U(0, 1), l = slerp in Z or
     lerp in W, d = LPIPS-VGG16; noise fixed per minibatch; keep the 1-99 % percentiles (official)"""
-    dists, L = [], G.synthesis.num_layers
+    dists = []
     for _ in range(math.ceil(cfg.ppl_samples / batch)):
         z0, z1 = torch.randn(2, batch, cfg.w_dim, device=device)
         t = torch.rand(batch, 1, device=device)
-        if space == "z":
-            w = G.mapping(torch.cat([slerp(z0, z1, t), slerp(z0, z1, t + eps)]))  # (2B, W)
-        else:
-            w = torch.cat([torch.lerp(G.mapping(z0), G.mapping(z1), s) for s in (t, t + eps)])
-        x = G.synthesis(broadcast(w, L), G.synthesis.make_noise(1, device))  # (2B, 3, R, R)
+        w = torch.cat([interpolate(G, z0, z1, s, space) for s in (t, t + eps)])  # (2B, W)
+        x = G.synthesis(w, G.synthesis.make_noise(1, device))  # (2B, 3, R, R)
         c = x.shape[2] // 8  # the paper's face crop: rows 3/8..7/8, columns 2/8..6/8
         x = x[:, :, 3 * c:7 * c, 2 * c:6 * c] if cfg.ppl_crop else x
         x = F.avg_pool2d(x, max(x.shape[2] // 256, 1))  # box-downsample to 256 if larger
@@ -460,24 +423,22 @@ def ppl(G, lpips, space, cfg, device, eps=1e-4, batch=16):
 
 @torch.no_grad()
 def oracle_scores(G, cfg, device):
-    """Toy shapes: share of generated images read as one valid object, and the distance of their
-    factors to real ones (domain shares: total variation; size, position, colour: Wasserstein-1)."""
-    data, n, q = make_dataset(cfg), cfg.oracle_samples, torch.linspace(0, 1, 101)
+    """Not in paper (toy data): share of generated images the oracle reads as one valid object; on
+    valid ones, domain shares and factor means [fake, real] and their mean |fake − real|."""
+    data, n = make_dataset(cfg), cfg.oracle_samples
     z = torch.randn(n, cfg.w_dim).split(50)
-    fake = read_shapes(torch.cat([G(zb.to(device)).cpu() for zb in z]))  # (n, 3, R, R) read
+    fake = read_shapes(torch.cat([G(zb.to(device)).cpu() for zb in z]))  # factors, (n, ...) each
     real = read_shapes(torch.stack([data[i] for i in torch.randperm(len(data))[:n].tolist()]))
-    share = [torch.bincount(o["domain"][o["valid"]], minlength=3) / max(o["valid"].sum(), 1)
-             for o in (fake, real)]
-    scores = {"valid_fake": fake["valid"].float().mean().item(),
-              "valid_real": real["valid"].float().mean().item(),
-              "domain_tv": 0.5 * (share[0] - share[1]).abs().sum().item(),
-              **{f"share_{k}_fake_real": v for k, *v in zip(SHAPES, *[a.tolist() for a in share])}}
-    for o in (fake, real):
-        o["red"], o["green"], o["blue"] = o["color"].T
-    for k in ("size", "cx", "cy", "red", "green", "blue") if fake["valid"].any() else ():
-        a, b = fake[k][fake["valid"]], real[k][real["valid"]]
-        scores[f"w1_{k}"] = (torch.quantile(a, q) - torch.quantile(b, q)).abs().mean().item()
-    return scores
+    names, stats = (*SHAPES, "size", "cx", "cy", "red", "green", "blue"), []
+    for o in (fake, real):  # one-hot domain and factors (n, 9), averaged over valid images
+        x = torch.column_stack([F.one_hot(o["domain"].clamp(min=0), len(SHAPES)).float(),
+                                o["size"], o["cx"], o["cy"], o["color"]])
+        stats.append(x[o["valid"]].sum(0) / max(o["valid"].sum().item(), 1))  # (9,)
+    diff = (stats[0] - stats[1]).abs()
+    return {"valid_fake": fake["valid"].float().mean().item(),
+            "valid_real": real["valid"].float().mean().item(),
+            "share_mad": diff[:3].mean().item(), "factor_mean_mad": diff[3:].mean().item(),
+            **{f"{k}_fake_real": v for k, *v in zip(names, *[s.tolist() for s in stats])}}
 
 
 # ----------------------------------------------------------------------------
@@ -500,17 +461,15 @@ def train(cfg, device):
             if step % cfg.log_every == 0:
                 logger.log(step, losses)
             if step % cfg.sample_every == 0:
-                with torch.no_grad():
-                    save_grid(G_ema(z_fixed.to(device)), out / f"sample_{step:06d}.png", 4)
+                save_grid(G_ema(z_fixed.to(device)), out / f"sample_{step:06d}.png", 4)
             if step % cfg.save_every == 0 or step == cfg.total_iters:
                 check_finite(losses, step, last)
                 save_checkpoint(out / "last.pt", step, cfg, nets, opts)
                 last = out / "last.pt"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # keep the work done so far
         check_finite(losses, step, last)
         save_checkpoint(out / "last.pt", step, cfg, nets, opts)
-        print(f"interrupted at step {step}; saved {out / 'last.pt'} (continue with --resume auto)")
-    print(f"step {step}: {time.time() - t0:.0f} s; checkpoint {out / 'last.pt'}")
+    print(f"step {step}: {time.time() - t0:.0f} s; saved {out / 'last.pt'} (--resume auto goes on)")
     return nets
 
 
