@@ -71,8 +71,9 @@ def parse_config(cfg_cls, presets, argv=None, doc="", modes=("train",), extra=()
     hints, comments = typing.get_type_hints(cfg_cls), _field_comments(cfg_cls)
     for f in dataclasses.fields(cfg_cls):
         kind = hints[f.name]
-        kw = dict(default=argparse.SUPPRESS, dest=f.name, help=f"{comments.get(f.name, '')} "
-                  f"(default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()})")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse
+        kw = dict(default=argparse.SUPPRESS, dest=f.name, help=text)
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) in (tuple, list):

@@ -166,7 +166,7 @@ def test_oracle_rejects_noise():
 @dataclasses.dataclass
 class Cfg:
     data: str = ""  # dataset folder
-    lr: float = 1e-4  # learning rate
+    lr: float = 1e-4  # learning rate (100 % of the paper's)
     amp: bool = True  # bf16 autocast on CUDA
     attrs: tuple[str, ...] = ("Male", "Young")  # attribute names
     batch: int = 8  # batch size
@@ -181,7 +181,8 @@ def test_cli_from_dataclass_presets_and_flags(capsys):
     assert (cfg.lr, cfg.amp, cfg.batch, cfg.attrs, ns.mode) == (2e-4, False, 4, ("Male", "Bald"), "sample")
     with pytest.raises(SystemExit):
         common.parse_config(Cfg, presets, ["--help"])
-    assert "bf16 autocast on CUDA" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "bf16 autocast on CUDA" in out and "100 % of the paper's" in out
 
 
 def test_checkpoint_round_trip_restores_everything(tmp_path):
