@@ -1,14 +1,11 @@
 """StarGAN v2: Diverse Image Synthesis for Multiple Domains. Choi, Uh, Yoo, Ha. CVPR 2020,
 arXiv:1912.01865v2. Read §2 (networks, Eqs. (1)-(5)), App. A/B (architecture, training details).
-
-Symbols: G generator, F -> `mapping` (mapping network), E style encoder, D multi-task discriminator;
-x image, y domain, z latent (16), s style (64), λ_sty/_ds/_cyc/_reg -> lambda_sty/_ds/_cyc/_reg;
-ψ -> psi (truncation toward the domain's average style s_avg).
+Symbols: G generator, F -> `mapping`, E style encoder, D multi-task discriminator; x image,
+y domain, z latent, s style, λ_sty/_ds/_cyc/_reg -> lambda_*, ψ -> psi (truncation toward s_avg).
 Shapes: B batch, K domains, S style_dim, Z latent_dim, C channels, H = W = img_size.
 
-Run:     python 02_stargan_v2.py                      # toy shapes 32×32, 1500 steps, CPU; prints
-                                                      # oracle domain accuracy / content error
-         python 02_stargan_v2.py --data data/afhq     # preset afhq (3 domains, λ_ds 2, w_hpf 0)
+Run:     python 02_stargan_v2.py               # toy shapes 32×32, 1500 steps, CPU; oracle scores
+         python 02_stargan_v2.py --data data/afhq        # preset afhq (3 domains, λ_ds 2, w_hpf 0)
          python 02_stargan_v2.py --data data/celeba_hq   # preset celeba_hq (λ_ds 1, w_hpf 1)
 Smoke:   python 02_stargan_v2.py --total-iters 20 --out runs/smoke --overwrite
 Resume:  python 02_stargan_v2.py --out runs/stargan_v2_toy --resume auto
@@ -17,7 +14,6 @@ Sample:  python 02_stargan_v2.py sample --ckpt runs/stargan_v2_toy/last.pt --src
          --domain 1   |  ... sample --preset afhq --official-ckpt 100000_nets_ema.ckpt --src ...
 Eval:    python 02_stargan_v2.py eval --ckpt runs/stargan_v2_toy/last.pt [--random-weights]
 GPU time / memory: not measured yet (the benchmark issue fills this in).
-
 Official quirks (SPEC §5) and what we do:
 - Deviation: EMA copies start as copies of the He-initialised nets (official: default init, as it
   deep-copies before init): irrelevant after 100k steps, but it would spoil short runs.
@@ -45,7 +41,7 @@ from common import (DomainFolder, ImageFiles, InceptionPool, LPIPS, Logger, Refe
                     UserError, autocast, check_finite, frechet_distance, infinite, load_checkpoint,
                     load_rgb, main_guard, make_loader, parse_config, pick_device, prepare_run,
                     read_shapes, require, resolve_data, save_checkpoint, save_gif, save_grid,
-                    seed_everything, strip_prefixes)
+                    seed_everything, strip_prefixes, to_tensor_norm)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -112,25 +108,19 @@ class ResBlk(nn.Module):
     """Pre-activation residual block (E, D, G's encoder); the sum / √2 keeps unit variance."""
     def __init__(self, dim_in, dim_out, normalize=False, downsample=False):
         super().__init__()
-        self.normalize, self.downsample = normalize, downsample
+        self.pool = nn.AvgPool2d(2) if downsample else nn.Identity()  # no state: layout unchanged
         self.conv1 = nn.Conv2d(dim_in, dim_in, 3, 1, 1)  # official order: conv1, conv2, norms, 1×1
         self.conv2 = nn.Conv2d(dim_in, dim_out, 3, 1, 1)
-        if normalize:
-            self.norm1 = nn.InstanceNorm2d(dim_in, affine=True)
-            self.norm2 = nn.InstanceNorm2d(dim_in, affine=True)
-        self.learned_sc = dim_in != dim_out
-        if self.learned_sc:
-            self.conv1x1 = nn.Conv2d(dim_in, dim_out, 1, 1, 0, bias=False)
+        norm = (lambda: nn.InstanceNorm2d(dim_in, affine=True)) if normalize else nn.Identity
+        self.norm1, self.norm2 = norm(), norm()
+        self.conv1x1 = (nn.Conv2d(dim_in, dim_out, 1, 1, 0, bias=False) if dim_in != dim_out
+                        else nn.Identity())  # a learned shortcut only where the width changes
 
     def forward(self, x):
         """x (B, Cin, H, W) -> (B, Cout, H', W'), H' = H/2 if downsample."""
-        sc = self.conv1x1(x) if self.learned_sc else x
-        sc = F.avg_pool2d(sc, 2) if self.downsample else sc
-        h = self.norm1(x) if self.normalize else x
-        h = self.conv1(F.leaky_relu(h, 0.2))
-        h = F.avg_pool2d(h, 2) if self.downsample else h
-        h = self.norm2(h) if self.normalize else h
-        h = self.conv2(F.leaky_relu(h, 0.2))
+        sc = self.pool(self.conv1x1(x))  # (B, Cout, H', W')
+        h = self.pool(self.conv1(F.leaky_relu(self.norm1(x), 0.2)))  # (B, Cin, H', W')
+        h = self.conv2(F.leaky_relu(self.norm2(h), 0.2))  # (B, Cout, H', W')
         return (sc + h) / math.sqrt(2)
 
 
@@ -154,22 +144,19 @@ class AdainResBlk(nn.Module):
         self.w_hpf, self.upsample = w_hpf, upsample
         self.conv1 = nn.Conv2d(dim_in, dim_out, 3, 1, 1)
         self.conv2 = nn.Conv2d(dim_out, dim_out, 3, 1, 1)
-        self.norm1 = AdaIN(style_dim, dim_in)
-        self.norm2 = AdaIN(style_dim, dim_out)
-        self.learned_sc = dim_in != dim_out
-        if self.learned_sc:
-            self.conv1x1 = nn.Conv2d(dim_in, dim_out, 1, 1, 0, bias=False)
+        self.norm1, self.norm2 = AdaIN(style_dim, dim_in), AdaIN(style_dim, dim_out)
+        self.conv1x1 = (nn.Conv2d(dim_in, dim_out, 1, 1, 0, bias=False) if dim_in != dim_out
+                        else nn.Identity())
 
     def forward(self, x, s):
         """x (B, Cin, H, W), s (B, S) -> (B, Cout, H', W'), H' = 2H if upsample."""
         h = F.leaky_relu(self.norm1(x, s), 0.2)
-        h = F.interpolate(h, scale_factor=2, mode="nearest") if self.upsample else h
-        h = self.conv2(F.leaky_relu(self.norm2(self.conv1(h), s), 0.2))
+        h = F.interpolate(h, scale_factor=2, mode="nearest") if self.upsample else h  # H'
+        h = self.conv2(F.leaky_relu(self.norm2(self.conv1(h), s), 0.2))  # (B, Cout, H', W')
         if self.w_hpf > 0:  # official quirk: the shortcut is dropped (its conv1x1 stays unused)
             return h
         sc = F.interpolate(x, scale_factor=2, mode="nearest") if self.upsample else x
-        sc = self.conv1x1(sc) if self.learned_sc else sc
-        return (sc + h) / math.sqrt(2)
+        return (self.conv1x1(sc) + h) / math.sqrt(2)
 
 
 class HighPass(nn.Module):
@@ -180,8 +167,7 @@ class HighPass(nn.Module):
         self.register_buffer("filter", kernel)
 
     def forward(self, x):
-        C = x.shape[1]
-        return F.conv2d(x, self.filter.expand(C, 1, 3, 3), padding=1, groups=C)
+        return F.conv2d(x, self.filter.expand(x.shape[1], 1, 3, 3), padding=1, groups=x.shape[1])
 
 
 class Generator(nn.Module):
@@ -206,13 +192,11 @@ class Generator(nn.Module):
             self.hpf = HighPass(w_hpf)
 
     def forward(self, x, s, masks=None):
-        """x (B, 3, H, W) in [-1, 1], s (B, S), masks: None or 2 face heatmaps (B, 1, H, W).
-        Returns (B, 3, H, W), unbounded (no tanh, as official)."""
+        """x (B, 3, H, W) in [-1, 1], s (B, S), masks: None | 2 heatmaps (B, 1, H, W) -> x_fake."""
         cache = {}
         x = self.from_rgb(x)  # (B, dim_in, H, W)
         for block in self.encode:  # H -> H/2^repeat_num
-            if masks is not None and x.shape[2] in (32, 64, 128):
-                cache[x.shape[2]] = x
+            cache[x.shape[2]] = x  # encoder features per resolution, for the high-pass skips
             x = block(x)
         for block in self.decode:  # back to H
             x = block(x, s)
@@ -220,20 +204,17 @@ class Generator(nn.Module):
                 mask = masks[0] if x.shape[2] == 32 else masks[1]  # full face | eyes/nose only
                 mask = F.interpolate(mask, size=x.shape[2:], mode="bilinear")
                 x = x + self.hpf(mask * cache[x.shape[2]])
-        return self.to_rgb(x)  # (B, 3, H, W)
+        return self.to_rgb(x)  # (B, 3, H, W), unbounded (no tanh, as official)
 
 
 class MappingNetwork(nn.Module):
     """F(z, y): shared MLP, then one output branch per domain; the branch of y gives s."""
     def __init__(self, latent_dim=16, style_dim=64, num_domains=2, hidden=512):
         super().__init__()
-        layers = [nn.Linear(latent_dim, hidden), nn.ReLU()]
-        for _ in range(3):
-            layers += [nn.Linear(hidden, hidden), nn.ReLU()]
-        self.shared = nn.Sequential(*layers)
-        self.unshared = nn.ModuleList(nn.Sequential(
-            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, style_dim))
+        fc = lambda n_in: [nn.Linear(n_in, hidden), nn.ReLU()]  # noqa: E731
+        self.shared = nn.Sequential(*fc(latent_dim), *fc(hidden), *fc(hidden), *fc(hidden))
+        self.unshared = nn.ModuleList(
+            nn.Sequential(*fc(hidden), *fc(hidden), *fc(hidden), nn.Linear(hidden, style_dim))
             for _ in range(num_domains))
 
     def forward(self, z, y):
@@ -295,15 +276,12 @@ def he_init(module):
 
 def build_nets(cfg, device="cpu"):
     """Online nets G, mapping, E, D (He init) and EMA copies of G, mapping, E."""
-    c = cfg
-    nets = SimpleNamespace(
+    c, fmt = cfg, torch.channels_last if cfg.channels_last else torch.contiguous_format
+    nets = SimpleNamespace(**{k: he_init(net).to(device, memory_format=fmt) for k, net in dict(
         G=Generator(c.img_size, c.style_dim, c.max_conv_dim, c.w_hpf, c.dim_in),
         mapping=MappingNetwork(c.latent_dim, c.style_dim, c.num_domains, c.mapping_dim),
         E=StyleEncoder(c.img_size, c.style_dim, c.num_domains, c.max_conv_dim, c.dim_in),
-        D=Discriminator(c.img_size, c.num_domains, c.max_conv_dim, c.dim_in))
-    fmt = torch.channels_last if c.channels_last else torch.contiguous_format
-    for name, net in vars(nets).items():
-        setattr(nets, name, he_init(net).to(device, memory_format=fmt))
+        D=Discriminator(c.img_size, c.num_domains, c.max_conv_dim, c.dim_in)).items()})
     # Deviation: EMA copies are taken after He init (official: before; see header).
     ema = SimpleNamespace(**{k: copy.deepcopy(getattr(nets, k)).requires_grad_(False)
                              for k in ("G", "mapping", "E")})
@@ -311,26 +289,23 @@ def build_nets(cfg, device="cpu"):
 
 
 def load_official(path, nets):
-    """Load an official checkpoint ({'generator': sd, 'mapping_network': sd, ...}) into our
-    modules by position: the i-th tensor of the official state_dict goes to our i-th tensor,
-    shapes checked, so our attribute names do not matter. nets: {"G"|"mapping"|"E"|"D": module}."""
+    """Official {'generator': sd, 'mapping_network': sd, ...} into nets {"G"|"mapping"|"E"|"D":
+    module} by position (i-th tensor to i-th tensor, shapes checked): our names do not matter."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as e:
         raise UserError(f"--official-ckpt {path}: cannot read ({e.__class__.__name__}); "
                         "pass a *_nets_ema.ckpt from the StarGAN v2 release") from None
-    for ours, theirs in OFFICIAL_NAMES.items():
-        if ours not in nets:
-            continue
+    for ours, net in nets.items():
+        theirs = OFFICIAL_NAMES[ours]
         require(theirs in ckpt, f"--official-ckpt {path}: no '{theirs}' entry (has {list(ckpt)})")
-        src = list(strip_prefixes(ckpt[theirs]).items())
-        dst = nets[ours].state_dict()
+        src, dst = list(strip_prefixes(ckpt[theirs]).items()), net.state_dict()
         require(len(src) == len(dst), f"--official-ckpt {path}: {theirs} has {len(src)} tensors, "
                 f"ours {len(dst)}; pass the matching --preset (afhq / celeba_hq)")
         for (key, value), ours_t in zip(src, dst.values()):
             require(value.shape == ours_t.shape, f"--official-ckpt {path}: {theirs}.{key} is "
                     f"{tuple(value.shape)}, ours {tuple(ours_t.shape)}; check --preset/--img-size")
-        nets[ours].load_state_dict({k: value for k, (_, value) in zip(dst, src)})
+        net.load_state_dict({k: value for k, (_, value) in zip(dst, src)})
 
 
 # ----------------------------------------------------------------------------
@@ -364,8 +339,7 @@ def cycle_loss(x_rec, x_real):
 
 def g_total(loss_adv, loss_sty, loss_ds, loss_cyc, cfg, lambda_ds):
     """Eq. (5): L_G = L_adv + λ_sty L_sty - λ_ds L_ds + λ_cyc L_cyc (L_ds is maximised)."""
-    return (loss_adv + cfg.lambda_sty * loss_sty - lambda_ds * loss_ds
-            + cfg.lambda_cyc * loss_cyc)
+    return loss_adv + cfg.lambda_sty * loss_sty - lambda_ds * loss_ds + cfg.lambda_cyc * loss_cyc
 
 
 def lambda_ds_at(step, cfg):
@@ -389,10 +363,8 @@ def d_loss(nets, cfg, x_real, y_org, y_trg, z_trg=None, x_ref=None, masks=None):
 
 def g_loss(nets, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_refs=None, masks=None):
     """Eq. (5) for one batch; styles from (z, z2) through F or from (x_ref, x_ref2) through E."""
-    if z_trgs is not None:
-        s_trg, s_trg2 = (nets.mapping(z, y_trg) for z in z_trgs)  # 2 × (B, S)
-    else:
-        s_trg, s_trg2 = (nets.E(x, y_trg) for x in x_refs)
+    s_trg, s_trg2 = ([nets.mapping(z, y_trg) for z in z_trgs] if z_trgs is not None
+                     else [nets.E(x, y_trg) for x in x_refs])  # 2 × (B, S)
     x_fake = nets.G(x_real, s_trg, masks)  # (B, 3, H, W)
     loss_adv = adv_loss(nets.D(x_fake, y_trg), 1)
     loss_sty = style_rec_loss(nets.E(x_fake, y_trg), s_trg)
@@ -408,32 +380,23 @@ def g_loss(nets, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_refs=None,
 # ----------------------------------------------------------------------------
 # 4. Data
 # ----------------------------------------------------------------------------
-def train_transform(cfg):
-    """Official: with p, RandomResizedCrop(0.8-1, ratio 0.9-1.1); resize; h-flip; [-1, 1]."""
-    crop = T.RandomResizedCrop(cfg.img_size, scale=(0.8, 1.0), ratio=(0.9, 1.1))
-    return T.Compose([T.RandomApply([crop], p=cfg.randcrop_prob),
-                      T.Resize([cfg.img_size, cfg.img_size]), T.RandomHorizontalFlip(),
-                      T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
-
-
-def eval_transform(img_size):
-    return T.Compose([T.Resize([img_size, img_size]), T.ToTensor(),
-                      T.Normalize([0.5] * 3, [0.5] * 3)])
-
-
 def domain_sets(cfg):
-    """Source reader + reference reader (two images of one domain) on the train split."""
+    """Source reader + reference reader (two images of one domain) on the train split, with the
+    official transform: with p, RandomResizedCrop(0.8-1, ratio 0.9-1.1); resize; h-flip; [-1, 1]."""
+    crop = T.RandomResizedCrop(cfg.img_size, scale=(0.8, 1.0), ratio=(0.9, 1.1))
+    tf = T.Compose([T.RandomApply([crop], p=cfg.randcrop_prob), T.Resize([cfg.img_size] * 2),
+                    T.RandomHorizontalFlip(), to_tensor_norm()])
     root = resolve_data(cfg.data, "shapes", cfg.img_size)
-    src = DomainFolder(root, "train", train_transform(cfg))
-    require(len(src.domains) == cfg.num_domains, f"--data {root}: {len(src.domains)} domain "
-            f"folders {src.domains} but --num-domains {cfg.num_domains}; pass --num-domains "
-            f"{len(src.domains)}")
-    return root, src, ReferencePairs(root, "train", train_transform(cfg))
+    src = DomainFolder(root, "train", tf)
+    n = len(src.domains)
+    require(n == cfg.num_domains, f"--data {root}: {n} domain folders {src.domains} but "
+            f"--num-domains {cfg.num_domains}; pass --num-domains {n}")
+    return root, src, ReferencePairs(root, "train", tf)
 
 
 def stack_split(root, split, img_size, per_domain=None):
     """All images of a split (or the first per_domain of each domain) as tensors (N, 3, H, W)."""
-    data = DomainFolder(root, split, eval_transform(img_size))
+    data = DomainFolder(root, split, T.Compose([T.Resize([img_size] * 2), to_tensor_norm()]))
     y = torch.tensor(data.targets)
     idx = [i for i in range(len(y)) if per_domain is None or (y[:i] == y[i]).sum() < per_domain]
     return torch.stack([data[i][0] for i in idx]), y[idx]  # (N, 3, H, W), (N,)
@@ -442,14 +405,15 @@ def stack_split(root, split, img_size, per_domain=None):
 # ----------------------------------------------------------------------------
 # 5. Steps
 # ----------------------------------------------------------------------------
-def apply_grads(loss, optims, names):
-    """Backprop into the parameters of `names` only, then step their optimizers."""
+def apply_grads(loss, terms, optims, names):
+    """Backprop into the parameters of `names` only, step their optimizers; detached terms."""
     for o in optims.values():
         o.zero_grad(set_to_none=True)
     params = [p for n in names for g in optims[n].param_groups for p in g["params"]]
     loss.backward(inputs=params)
     for n in names:
         optims[n].step()
+    return {k: v.detach() for k, v in terms.items()}
 
 
 @torch.no_grad()
@@ -464,8 +428,7 @@ def d_step(nets, optims, cfg, x_real, y_org, y_trg, z_trg=None, x_ref=None):
     """One D update with a latent (z_trg) or reference (x_ref) style; changes D only."""
     with autocast(x_real.device, cfg.amp):
         loss, terms = d_loss(nets, cfg, x_real, y_org, y_trg, z_trg=z_trg, x_ref=x_ref)
-    apply_grads(loss, optims, ["D"])
-    return {k: v.detach() for k, v in terms.items()}
+    return apply_grads(loss, terms, optims, ["D"])
 
 
 def g_step(nets, optims, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_refs=None):
@@ -473,8 +436,7 @@ def g_step(nets, optims, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_re
     from the reference step is computed there but never applied; we do not compute it)."""
     with autocast(x_real.device, cfg.amp):
         loss, terms = g_loss(nets, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs, x_refs)
-    apply_grads(loss, optims, ["G", "mapping", "E"] if z_trgs is not None else ["G"])
-    return {k: v.detach() for k, v in terms.items()}
+    return apply_grads(loss, terms, optims, ["G", "mapping", "E"] if z_trgs is not None else ["G"])
 
 
 def train_step(nets, ema, optims, batch, step, cfg):
@@ -482,7 +444,7 @@ def train_step(nets, ema, optims, batch, step, cfg):
     x_real, y_org, x_ref, x_ref2, y_trg = batch  # y_trg: reference domain, also for latent steps
     z_trg, z_trg2 = torch.randn(2, x_real.shape[0], cfg.latent_dim, device=x_real.device)
     lambda_ds = lambda_ds_at(step, cfg)
-    logs = {}
+    logs = {"G/lambda_ds": torch.tensor(lambda_ds)}
     # 1. D step, latent style  2. D step, reference style
     for mode, kw in (("latent", dict(z_trg=z_trg)), ("ref", dict(x_ref=x_ref))):
         terms = d_step(nets, optims, cfg, x_real, y_org, y_trg, **kw)
@@ -492,37 +454,33 @@ def train_step(nets, ema, optims, batch, step, cfg):
                      ("ref", dict(x_refs=(x_ref, x_ref2)))):
         terms = g_step(nets, optims, cfg, lambda_ds, x_real, y_org, y_trg, **kw)
         logs.update({f"G/{mode}_{k}": v for k, v in terms.items()})
-    # 5. EMA of G, F, E
-    ema_update(ema, nets, cfg.ema_beta)
-    logs["G/lambda_ds"] = torch.tensor(lambda_ds)
+    ema_update(ema, nets, cfg.ema_beta)  # 5. EMA of G, F, E
     return logs
 
 
 def build_optims(nets, cfg):
     """Adam β = (0, 0.99), coupled weight decay; F at lr 1e-6 (official)."""
     fast = dict(fused=True) if next(nets.G.parameters()).is_cuda else dict(foreach=True)
-    return {n: torch.optim.Adam(getattr(nets, n).parameters(),
-                                lr=cfg.f_lr if n == "mapping" else cfg.lr,
-                                betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, **fast)
-            for n in NET_NAMES}
+    return {n: torch.optim.Adam(getattr(nets, n).parameters(), lr=cfg.f_lr if n == "mapping" else
+                                cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                                **fast) for n in NET_NAMES}
 
 
 # ----------------------------------------------------------------------------
 # 6. Sampling
 # ----------------------------------------------------------------------------
 @torch.no_grad()
-def style_avg(mapping, num_domains, latent_dim, device, n=10000):
-    """s_avg per domain: mean of F(z, y) over n latents (the centre that ψ truncates toward)."""
-    z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
-    return torch.stack([mapping(z, torch.full((n,), k, device=device)).mean(0)
-                        for k in range(num_domains)])  # (K, S)
+def translate_all(G, x_src, styles, chunk=64):
+    """G(x_src, styles) in chunks (memory), clamped: x_src (N, 3, H, W), styles (N, S)."""
+    return torch.cat([G(x_src[i:i + chunk], styles[i:i + chunk]).clamp(-1, 1)
+                      for i in range(0, len(x_src), chunk)])
 
 
-def ref_rows(G, E, x_src, x_ref, y_ref):
+def ref_rows(G, x_src, x_ref, s_ref):
     """Reference grid rows: a white cell + the sources, then per reference: it + translations."""
-    rows, N = [torch.ones_like(x_src[:1]), x_src], x_src.shape[0]
-    for j in range(x_ref.shape[0]):
-        rows += [x_ref[j:j + 1], G(x_src, E(x_ref[j:j + 1], y_ref[j:j + 1]).expand(N, -1))]
+    rows = [torch.ones_like(x_src[:1]), x_src]
+    for x, s in zip(x_ref, s_ref):
+        rows += [x[None], G(x_src, s.expand(len(x_src), -1))]
     return torch.cat(rows)  # ((R + 1) (N + 1), 3, H, W)
 
 
@@ -530,65 +488,47 @@ def ref_rows(G, E, x_src, x_ref, y_ref):
 def write_samples(ema, fixed, out, tag, cfg, n_z=5):
     """EMA nets on a fixed batch: cycle strip, latent grids (ψ 0.5, 0.7, 1), reference grid."""
     x_src, y_src, x_ref, y_ref = fixed
-    (N, device), G, mapping, E = (x_src.shape[0], x_src.device), ema.G, ema.mapping, ema.E
+    G, mapping, E, N, K = ema.G, ema.mapping, ema.E, len(x_src), cfg.num_domains
     x_fake = G(x_src, E(x_ref, y_ref))
     x_rec = G(x_fake, E(x_src, y_src))
     save_grid(torch.cat([x_src, x_ref, x_fake, x_rec]), out / f"{tag}_cycle.png", nrow=N)
-    s_avg = style_avg(mapping, cfg.num_domains, cfg.latent_dim, device)  # (K, S)
-    z = torch.randn(n_z, cfg.latent_dim, generator=torch.Generator().manual_seed(1)).to(device)
+    gen, device = torch.Generator().manual_seed(0), x_src.device
+    z_avg, z = (torch.randn(n, cfg.latent_dim, generator=gen).to(device) for n in (10000, n_z))
+    ys = [torch.full((len(z_avg),), k, device=device) for k in range(K)]
+    s_avg = torch.stack([mapping(z_avg, y).mean(0) for y in ys])  # (K, S): ψ truncates toward it
+    s_lat = torch.stack([mapping(z, y[:n_z]) for y in ys])  # (K, n_z, S)
     for psi in (0.5, 0.7, 1.0):  # rows: sources, then one row per (domain, z)
-        rows = [x_src] + [G(x_src, torch.lerp(s_avg[k], mapping(z[i:i + 1], y[:1]), psi).expand(
-            N, -1)) for k in range(cfg.num_domains) for y in [torch.tensor([k], device=device)]
-            for i in range(n_z)]
+        s_psi = torch.lerp(s_avg[:, None], s_lat, psi).flatten(0, 1)  # (K n_z, S)
+        rows = [x_src] + [G(x_src, s.expand(N, -1)) for s in s_psi]
         save_grid(torch.cat(rows), out / f"{tag}_latent_psi{psi:.1f}.png", nrow=N)
-    save_grid(ref_rows(G, E, x_src, x_ref, y_ref), out / f"{tag}_reference.png", nrow=N + 1)
-
-
-def fixed_batch(root, cfg, device):
-    """2 val sources and 2 val references per domain, the same for every sample call."""
-    x, y = stack_split(root, "val", cfg.img_size, per_domain=4)
-    src = torch.arange(len(y)) % 4 < 2
-    return x[src].to(device), y[src].to(device), x[~src].to(device), y[~src].to(device)
+    save_grid(ref_rows(G, x_src, x_ref, E(x_ref, y_ref)), out / f"{tag}_reference.png", N + 1)
 
 
 @torch.no_grad()
-def translate_all(G, x_src, styles, chunk=64):
-    """G(x_src, styles) in chunks (memory): x_src (N, 3, H, W), styles (N, S)."""
-    return torch.cat([G(x_src[i:i + chunk], styles[i:i + chunk])
-                      for i in range(0, len(x_src), chunk)])
-
-
-@torch.no_grad()
-def oracle_scores(ema, root, cfg, device):
+def oracle_scores(ema, root, cfg, device, step):
     """Toy data: read shape, colour, position back from pixels (common.read_shapes). Every val
     image goes to every other domain with a latent style and a random reference's style."""
     x, y = stack_split(root, "val", cfg.img_size)
-    gen = torch.Generator().manual_seed(0)
-    src = torch.cat([(y != k).nonzero().squeeze(1) for k in range(cfg.num_domains)])
-    trg = torch.cat([torch.full(((y != k).sum(),), k) for k in range(cfg.num_domains)])
-    pools = [(y == k).nonzero().squeeze(1) for k in range(cfg.num_domains)]
-    ref = torch.stack([pools[k][torch.randint(len(pools[k]), (), generator=gen)] for k in trg])
+    gen, K = torch.Generator().manual_seed(0), cfg.num_domains
+    src = torch.cat([(y != k).nonzero().squeeze(1) for k in range(K)])
+    trg = torch.cat([torch.full(((y != k).sum(),), k) for k in range(K)])
+    ref = torch.multinomial((y[None] == trg[:, None]).float(), 1, generator=gen)[:, 0]  # of trg
     x_src, x_ref, y_trg = x[src].to(device), x[ref].to(device), trg.to(device)
     z = torch.randn(2, len(src), cfg.latent_dim, generator=gen).to(device)
-    f_lat, f_lat2, f_ref_out = (read_shapes(translate_all(ema.G, x_src, s).clamp(-1, 1)) for s in
-                                (ema.mapping(z[0], y_trg), ema.mapping(z[1], y_trg),
-                                 ema.E(x_ref, y_trg)))
+    f_lat, f_lat2, f_out_ref = (read_shapes(translate_all(ema.G, x_src, s)) for s in (
+        ema.mapping(z[0], y_trg), ema.mapping(z[1], y_trg), ema.E(x_ref, y_trg)))
     f_src, f_ref = read_shapes(x_src), read_shapes(x_ref)
 
     def content_err(f):  # mean |Δ| of centre x, centre y and size (fractions of the image side)
         return (sum((f[k] - f_src[k]).abs() for k in ("cx", "cy", "size"))[f["valid"]] / 3).mean()
 
-    return {"acc_latent": (f_lat["domain"] == trg).float().mean().item(),
-            "acc_ref": (f_ref_out["domain"] == trg).float().mean().item(),
-            "content_err_latent": content_err(f_lat).item(),
-            "content_err_ref": content_err(f_ref_out).item(),
-            "color_err_ref": (f_ref_out["color"] - f_ref["color"]).abs().mean(1)[
-                f_ref_out["valid"]].mean().item(),
-            "diversity_color": (f_lat["color"] - f_lat2["color"]).abs().mean().item()}
-
-
-def print_oracle(nets, root, cfg, device, step):
-    scores = oracle_scores(nets, root, cfg, device)
+    scores = {"acc_latent": (f_lat["domain"] == trg).float().mean().item(),
+              "acc_ref": (f_out_ref["domain"] == trg).float().mean().item(),
+              "content_err_latent": content_err(f_lat).item(),
+              "content_err_ref": content_err(f_out_ref).item(),
+              "color_err_ref": (f_out_ref["color"] - f_ref["color"]).abs().mean(1)[
+                  f_out_ref["valid"]].mean().item(),
+              "diversity_color": (f_lat["color"] - f_lat2["color"]).abs().mean().item()}
     print(f"oracle @ {step}: " + " | ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
     return scores
 
@@ -597,49 +537,44 @@ def read_images(path, img_size, flag):
     """A file or a folder (recursive) of images of any size/mode -> (N, 3, img, img) in [-1, 1]."""
     p = Path(path)
     require(p.exists(), f"{flag} {path}: not found; pass an image file or a folder of images")
-    if p.is_file():
-        return eval_transform(img_size)(load_rgb(p))[None]
-    files = ImageFiles(p, eval_transform(img_size))
-    return torch.stack([files[i] for i in range(len(files))])
+    files, resize = [p] if p.is_file() else ImageFiles(p).files, T.Resize([img_size] * 2)
+    return torch.stack([to_tensor_norm()(resize(load_rgb(f))) for f in files])  # (N, 3, H, W)
 
 
-def sampling_nets(cfg, ns, device):
-    """EMA G, F, E from our checkpoint (its saved config wins) or from an official checkpoint."""
-    if ns.official_ckpt:
-        nets, _ = build_nets(cfg, device)
-        load_official(ns.official_ckpt, {"G": nets.G, "mapping": nets.mapping, "E": nets.E})
-        return cfg, nets
-    path = ns.ckpt or str(Path(cfg.out) / "last.pt")
-    require(Path(path).is_file(), f"--ckpt {path}: not found; pass a run's last.pt "
-            "(or --official-ckpt with --preset afhq / celeba_hq)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
-    keep = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
-    cfg = Config(**{**keep, "device": cfg.device, "out": str(Path(path).parent)})
+def sampling_nets(cfg, ns):
+    """(cfg, EMA G/F/E, device) from our checkpoint (its saved config wins) or an official one."""
+    device, path = pick_device(cfg.device), ns.ckpt or str(Path(cfg.out) / "last.pt")
+    if not ns.official_ckpt:
+        require(Path(path).is_file(), f"--ckpt {path}: not found; pass a run's last.pt "
+                "(or --official-ckpt with --preset afhq / celeba_hq)")
+        saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
+        keep = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
+        cfg = Config(**{**keep, "device": cfg.device, "out": str(Path(path).parent)})
     _, ema = build_nets(cfg, device)
-    load_checkpoint(path, {"G_ema": ema.G, "mapping_ema": ema.mapping, "E_ema": ema.E},
-                    restore_rng=False)
-    return cfg, ema
+    if ns.official_ckpt:
+        load_official(ns.official_ckpt, vars(ema))
+    else:
+        load_checkpoint(path, {k + "_ema": v for k, v in vars(ema).items()}, restore_rng=False)
+    return cfg, ema, device
 
 
 @torch.no_grad()
 def sample(cfg, ns):
     """--src images to --domain with --ref styles (reference grid) or --n-styles latent styles
     (latent grid); a GIF interpolates between consecutive styles (official video weights)."""
-    device = pick_device(cfg.device)
     require(ns.src, "--src: required in sample mode; pass an image file or folder")
-    cfg, nets = sampling_nets(cfg, ns, device)
+    cfg, nets, device = sampling_nets(cfg, ns)
     require(0 <= ns.domain < cfg.num_domains, f"--domain {ns.domain}: use 0..{cfg.num_domains - 1}")
     require(ns.n_styles > 0, f"--n-styles {ns.n_styles}: must be ≥ 1")
     x_src = read_images(ns.src, cfg.img_size, "--src").to(device)  # (N, 3, H, W)
-    N, out = x_src.shape[0], Path(cfg.out) / "sample"
+    N, out = len(x_src), Path(cfg.out) / "sample"
     if ns.ref:
-        x_ref = read_images(ns.ref, cfg.img_size, "--ref").to(device)
-        y_ref = torch.full((len(x_ref),), ns.domain, device=device)
-        styles = nets.E(x_ref, y_ref)  # (R, S)
-        save_grid(ref_rows(nets.G, nets.E, x_src, x_ref, y_ref), out / "reference.png", N + 1)
+        x_ref = read_images(ns.ref, cfg.img_size, "--ref").to(device)  # (R, 3, H, W)
+        styles = nets.E(x_ref, torch.full((len(x_ref),), ns.domain, device=device))  # (R, S)
+        save_grid(ref_rows(nets.G, x_src, x_ref, styles), out / "reference.png", N + 1)
     else:
-        z = torch.randn(ns.n_styles, cfg.latent_dim, device=device)
-        styles = nets.mapping(z, torch.full((ns.n_styles,), ns.domain, device=device))
+        z = torch.randn(ns.n_styles, cfg.latent_dim, device=device)  # (R, Z)
+        styles = nets.mapping(z, torch.full((ns.n_styles,), ns.domain, device=device))  # (R, S)
         grid = [x_src] + [nets.G(x_src, s.expand(N, -1)) for s in styles]
         save_grid(torch.cat(grid), out / "latent.png", nrow=N)
     if len(styles) >= 2:  # weights 0, sigmoid(-5..4.5 step 0.5), then 1 × 10 (official)
@@ -654,9 +589,8 @@ def sample(cfg, ns):
 def evaluate(cfg, ns):
     """Official protocol (SPEC §2.7): each src≠trg task, --num-outs outputs per val source;
     LPIPS = mean over output pairs; FID vs all train images of the target domain."""
-    device = pick_device(cfg.device)
-    cfg, nets = sampling_nets(cfg, ns, device)
-    root = resolve_data(cfg.data, "shapes", cfg.img_size)
+    cfg, nets, device = sampling_nets(cfg, ns)
+    root, K = resolve_data(cfg.data, "shapes", cfg.img_size), cfg.num_domains
     inception = InceptionPool(pretrained=not ns.random_weights).to(device)
     lpips = LPIPS("alex", pretrained=not ns.random_weights).to(device).eval()
     label = " (RANDOM backbone weights: not real FID/LPIPS)" if ns.random_weights else ""
@@ -664,43 +598,36 @@ def evaluate(cfg, ns):
     x_train, y_train = stack_split(root, "train", cfg.img_size)
     feats = lambda x: torch.cat([inception(b.to(device)).cpu() for b in x.split(32)])  # noqa: E731
     res = {"latent": [], "reference": []}
-    K = cfg.num_domains
     for trg, src in ((t, s) for t in range(K) for s in range(K) if s != t):
         real, refs = feats(x_train[y_train == trg]), x_val[y_val == trg]
         x_src = x_val[y_val == src][:ns.eval_src or None].to(device)
-        y = torch.full((len(x_src),), trg, device=device)
-        for mode in res:
-            outs = [translate_all(nets.G, x_src, nets.mapping(torch.randn(
-                len(x_src), cfg.latent_dim, device=device), y) if mode == "latent" else nets.E(
-                refs[torch.randint(len(refs), (len(x_src),))].to(device), y)).clamp(-1, 1)
-                for _ in range(ns.num_outs)]
+        n, y = len(x_src), torch.full((len(x_src),), trg, device=device)
+        style = dict(  # a fresh z, or a random val reference of the target domain, per output
+            latent=lambda: nets.mapping(torch.randn(n, cfg.latent_dim, device=device), y),
+            reference=lambda: nets.E(refs[torch.randint(len(refs), (n,))].to(device), y))
+        for mode, rows in res.items():
+            outs = [translate_all(nets.G, x_src, style[mode]()) for _ in range(ns.num_outs)]
             lp = torch.stack([lpips(a, b).mean() for i, a in enumerate(outs) for b in outs[i + 1:]])
-            res[mode].append((frechet_distance(feats(torch.cat(outs)), real), lp.mean().item()))
-            print(f"{mode} {src}->{trg}: FID {res[mode][-1][0]:.2f} | LPIPS {lp.mean():.4f}{label}")
+            rows.append((frechet_distance(feats(torch.cat(outs)), real), lp.mean().item()))
+            print(f"{mode} {src}->{trg}: FID {rows[-1][0]:.2f} | LPIPS {rows[-1][1]:.4f}{label}")
     for mode, rows in res.items():
         print(f"{mode} mean: FID {sum(r[0] for r in rows) / len(rows):.2f} | "
               f"LPIPS {sum(r[1] for r in rows) / len(rows):.4f}{label}")
     if cfg.data in ("", "toy"):
-        print_oracle(nets, root, cfg, device, "eval")
+        oracle_scores(nets, root, cfg, device, "eval")
     return res
 
 
 # ----------------------------------------------------------------------------
 # 7. Train
 # ----------------------------------------------------------------------------
-def to_device(batch, device, channels_last):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return [t.to(device, non_blocking=True, memory_format=fmt if t.dim() == 4 else
-                 torch.preserve_format) for t in batch]
-
-
 def train(cfg):
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     if cfg.bench:
         return bench(cfg, device)
     resume = prepare_run(cfg.out, cfg.resume, cfg.overwrite)
-    out = Path(cfg.out)
+    out, last, toy = Path(cfg.out), Path(cfg.out) / "last.pt", cfg.data in ("", "toy")
     root, src_set, ref_set = domain_sets(cfg)
     nets, ema = build_nets(cfg, device)
     optims = build_optims(nets, cfg)
@@ -710,16 +637,19 @@ def train(cfg):
     loaders = [infinite(make_loader(d, cfg.batch, balanced=True, num_workers=cfg.num_workers,
                                     device=device, seed=cfg.seed + step))
                for d in (src_set, ref_set)]
-    fixed = fixed_batch(root, cfg, device)
-    logger, last, toy = Logger(out, cfg.total_iters, cfg.log_every), out / "last.pt", cfg.data in (
-        "", "toy")
+    # Fixed val inputs, so samples compare across steps: per domain 2 sources, 2 references
+    x, y = stack_split(root, "val", cfg.img_size, per_domain=4)
+    src = torch.arange(len(y)) % 4 < 2
+    fixed = [t.to(device) for t in (x[src], y[src], x[~src], y[~src])]
+    logger = Logger(out, cfg.total_iters, cfg.log_every)
     print(f"{sum(p.numel() for p in nets.G.parameters()):,} G params | data {root} | "
           f"{len(src_set)} images, domains {src_set.domains} | device {device} | from step {step}")
     t0, losses = time.time(), {}
     try:
         while step < cfg.total_iters:
             (x_real, y_org), (x_ref, x_ref2, y_trg) = next(loaders[0]), next(loaders[1])
-            batch = to_device((x_real, y_org, x_ref, x_ref2, y_trg), device, cfg.channels_last)
+            # Not converted to channels_last: NHWC weights make cuDNN's convs run NHWC anyway.
+            batch = [t.to(device, non_blocking=True) for t in (x_real, y_org, x_ref, x_ref2, y_trg)]
             losses = train_step(nets, ema, optims, batch, step, cfg)
             step += 1
             if step % cfg.log_every == 0:
@@ -727,7 +657,7 @@ def train(cfg):
             if step % cfg.sample_every == 0 or step == cfg.total_iters:
                 write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg)
                 if toy and step < cfg.total_iters:
-                    print_oracle(ema, root, cfg, device, step)
+                    oracle_scores(ema, root, cfg, device, step)
             if step % cfg.save_every == 0 or step == cfg.total_iters:
                 check_finite(losses, step, last if last.exists() else None)
                 save_checkpoint(last, step, cfg, all_nets, optims)
@@ -736,21 +666,19 @@ def train(cfg):
         print(f"\ninterrupted: saved {last} at step {step}; resume with --resume auto")
         return None
     print(f"done: {step} steps in {time.time() - t0:.0f} s; samples in {out / 'samples'}")
-    return print_oracle(ema, root, cfg, device, step) if toy else None
+    return oracle_scores(ema, root, cfg, device, step) if toy else None
 
 
 def bench(cfg, device):
     """Warm-up + cfg.bench_iters timed iterations on random data; FLOPs of one iteration."""
     nets, ema = build_nets(cfg, device)
     optims = build_optims(nets, cfg)
-    B, H, K = cfg.batch, cfg.img_size, cfg.num_domains
+    B, H, K, cuda = cfg.batch, cfg.img_size, cfg.num_domains, device.type == "cuda"
     x, y = torch.rand(3, B, 3, H, H, device=device) * 2 - 1, torch.randint(K, (2, B), device=device)
-    batch = to_device((x[0], y[0], x[1], x[2], y[1]), device, cfg.channels_last)
-    for step in range(2):
-        train_step(nets, ema, optims, batch, step, cfg)
+    batch = (x[0], y[0], x[1], x[2], y[1])
+    train_step(nets, ema, optims, batch, 0, cfg)  # warm-up (the counted step warms up too)
     with FlopCounterMode(display=False) as counter:
-        train_step(nets, ema, optims, batch, 2, cfg)
-    cuda = device.type == "cuda"
+        train_step(nets, ema, optims, batch, 1, cfg)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
@@ -769,18 +697,17 @@ def bench(cfg, device):
 # ----------------------------------------------------------------------------
 # 8. Entry point
 # ----------------------------------------------------------------------------
-EXTRA = (
-    (("--ckpt",), dict(default="", help="sample/eval: our last.pt (default: <out>/last.pt)")),
-    (("--official-ckpt",), dict(default="", help="sample/eval: official *_nets_ema.ckpt")),
-    (("--src",), dict(default="", help="sample: source image file or folder")),
-    (("--ref",), dict(default="", help="sample: reference image file or folder (of --domain)")),
-    (("--domain",), dict(type=int, default=0, help="sample: target domain index")),
-    (("--n-styles",), dict(type=int, default=4, help="sample: latent styles when no --ref")),
-    (("--num-outs",), dict(type=int, default=10, help="eval: outputs per source image")),
-    (("--eval-src",), dict(type=int, default=0, help="eval: sources per task (0 = all val)")),
-    (("--random-weights",), dict(action="store_true",
-                                 help="eval: random Inception/LPIPS weights (offline smoke only)")),
-)
+EXTRA = [((f"--{flag}",), dict(default=default, type=type(default), help=text)) for flag, default,
+         text in (("ckpt", "", "sample/eval: our last.pt (default: <out>/last.pt)"),
+                  ("official-ckpt", "", "sample/eval: official *_nets_ema.ckpt"),
+                  ("src", "", "sample: source image file or folder"),
+                  ("ref", "", "sample: reference image file or folder (of --domain)"),
+                  ("domain", 0, "sample: target domain index"),
+                  ("n-styles", 4, "sample: latent styles when no --ref"),
+                  ("num-outs", 10, "eval: outputs per source image"),
+                  ("eval-src", 0, "eval: sources per task (0 = all val)"))]
+EXTRA += [(("--random-weights",), dict(action="store_true",
+                                       help="eval: random Inception/LPIPS weights (offline only)"))]
 
 
 def main(argv=None):
