@@ -1,6 +1,6 @@
-"""Plumbing shared by the numbered scripts: CLI, seeding, devices, checkpoints, dataset readers, toy
-data, grids, logging, metric backbones. Nothing a paper names lives here (networks, losses, EMA,
-truncation, R1 ... stay in the scripts). The toy data generator and its oracle are in data/toy.py."""
+"""Plumbing shared by the numbered scripts: CLI, seeding, devices, checkpoints, dataset readers,
+toy data, grids, logging, metric backbones. Nothing a paper names lives here (networks, losses,
+EMA, truncation, R1 ... stay in the scripts). The toy data generator and its oracle: data/toy.py."""
 import argparse
 import contextlib
 import dataclasses
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
@@ -25,8 +24,6 @@ from torchvision.transforms import v2
 from data.toy import FACE_ATTRS, SHAPES, make_toy, read_faces, read_shapes  # noqa: F401 (re-export)
 
 ROOT = Path(__file__).resolve().parent
-IMG_EXT = (".jpg", ".jpeg", ".png")
-DOWNLOAD_HINT = {"afhq": "afhq", "celeba_hq": "celeba_hq", "celeba": "celeba", "edges2shoes": "edges2shoes"}
 
 
 # ---- Errors: bad input is one line that names the file or flag and the fix, never a deep traceback
@@ -48,52 +45,43 @@ def main_guard(fn, argv=None):
 
 
 # ---- CLI from a config dataclass: one flag per field, help = the field's trailing comment
-def _field_comments(cls):
-    comments = {}
-    for klass in reversed(cls.__mro__[:-1]):
+def parse_config(cfg_cls, presets, argv=None, doc="", modes=("train",), extra=()):
+    """Returns (cfg, ns): defaults < preset < explicit flags. See /README.md for the conventions."""
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    if len(modes) > 1:
+        p.add_argument("mode", nargs="?", default=modes[0], choices=modes, help="what to do")
+    p.add_argument("--preset", choices=sorted(presets),
+                   help="named settings (default: from --data)")
+    hints, comments = typing.get_type_hints(cfg_cls), {}
+    for klass in reversed(cfg_cls.__mro__[:-1]):  # help text: the comment after each field
         try:
             source = inspect.getsource(klass)
         except (OSError, TypeError):  # defined where there is no source file (e.g. a REPL)
             continue
-        for line in source.splitlines():
-            m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-            if m:
-                comments[m.group(1)] = m.group(2).strip()
-    return comments
-
-
-def parse_config(cfg_cls, presets, argv=None, doc="", modes=("train",), extra=()):
-    """Returns (cfg, ns): defaults < preset < explicit flags. See /README.md for the conventions."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    if len(modes) > 1:
-        p.add_argument("mode", nargs="?", default=modes[0], choices=modes, help="what to do")
-    p.add_argument("--preset", choices=sorted(presets), help="named settings (default: from --data)")
-    hints, comments = typing.get_type_hints(cfg_cls), _field_comments(cfg_cls)
-    for f in dataclasses.fields(cfg_cls):
+        pairs = re.findall(r"^[ \t]+(\w+)[ \t]*:[^#\n]*#[ \t]*(.*)$", source, re.MULTILINE)
+        comments.update((name, text.strip()) for name, text in pairs)
+    fields = dataclasses.fields(cfg_cls)
+    for f in fields:
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse
-        kw = dict(default=argparse.SUPPRESS, dest=f.name, help=text)
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) in (tuple, list):
-            kw.update(nargs="+", type=typing.get_args(kind)[0])
-        else:
-            kw["type"] = kind
+        seq = typing.get_origin(kind) in (tuple, list)
+        kw = ({"action": argparse.BooleanOptionalAction} if kind is bool else
+              {"nargs": "+", "type": typing.get_args(kind)[0]} if seq else {"type": kind})
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        p.add_argument(*flags, **kw)
+        p.add_argument(*flags, default=argparse.SUPPRESS, dest=f.name, help=text, **kw)
     for flags, kw in extra:
         p.add_argument(*flags, **kw)
     ns = p.parse_args(argv)
     ns.mode = getattr(ns, "mode", modes[0])
-    given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cfg_cls) if hasattr(ns, f.name)}
+    given = {f.name: getattr(ns, f.name) for f in fields if hasattr(ns, f.name)}
     data = str(given.get("data", ""))
-    if ns.preset is None:
-        guess = Path(data.rstrip("/")).name
-        ns.preset = guess if guess in presets else ("toy" if data in ("", "toy") and "toy" in presets else None)
+    if ns.preset is None:  # a --data folder named like a preset, else toy for the toy data
+        guess, toy = Path(data.rstrip("/")).name, data in ("", "toy") and "toy" in presets
+        ns.preset = guess if guess in presets else ("toy" if toy else None)
     values = {**presets.get(ns.preset, {}), **given}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return cfg_cls(**values), ns
+    return cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}), ns
 
 
 # ---- Seeding, device, precision
@@ -112,24 +100,22 @@ def pick_device(name="auto"):
 
 def autocast(device, enabled):
     """bf16 mixed precision on CUDA when enabled; the CPU always runs the faithful fp32 path."""
-    if enabled and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    cuda = enabled and torch.device(device).type == "cuda"
+    return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
 
 # ---- Run folder and checkpoints: one file holds the whole training state
 def prepare_run(out, resume, overwrite):
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    last = out / "last.pt"
+    last = Path(out) / "last.pt"
+    last.parent.mkdir(parents=True, exist_ok=True)
     if resume == "auto":
         return last if last.exists() else None
     if resume:
         require(Path(resume).is_file(), f"--resume {resume}: no such checkpoint file; "
                 "use --resume auto to continue the run in --out, or leave it out to start fresh")
         return Path(resume)
-    require(not last.exists() or overwrite, f"{out} already holds a run ({last}); pass --resume auto "
-            "to continue it, --overwrite to start over, or another --out")
+    require(not last.exists() or overwrite, f"{last.parent} already holds a run ({last}); pass "
+            "--resume auto to continue it, --overwrite to start over, or another --out")
     return None
 
 
@@ -137,20 +123,15 @@ def strip_prefixes(state_dict):
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
 
 
-def _rng_state():
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
 def save_checkpoint(path, step, cfg, nets, opts, extra=None):
     """Atomic: a crash mid-write leaves the previous checkpoint intact, never a half-written one."""
-    state = {"step": step, "config": dataclasses.asdict(cfg), "rng": _rng_state(), "extra": extra or {},
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}
+    state = {"step": step, "config": dataclasses.asdict(cfg), "rng": rng, "extra": extra or {},
              "nets": {k: strip_prefixes(m.state_dict()) for k, m in nets.items()},
              "opts": {k: o.state_dict() for k, o in opts.items()}}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path, nets, opts=None, map_location="cpu", restore_rng=True):
@@ -166,23 +147,19 @@ def load_checkpoint(path, nets, opts=None, map_location="cpu", restore_rng=True)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a checkpoint of this script ({first[:200]})") from None
     if restore_rng:
-        random.setstate(_tuples(state["rng"]["python"]))
+        version, internal, gauss = state["rng"]["python"]  # setstate wants tuples, not lists
+        random.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state
 
 
-def _tuples(x):  # random.setstate wants the tuples that the checkpoint may have turned into lists
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
 def check_finite(losses, step, last_ckpt=None):
     for k, v in losses.items():
-        v = float(v)
-        if v != v or v in (float("inf"), float("-inf")):
-            raise UserError(f"step {step}: loss term '{k}' is {v}; stopping. Last good checkpoint: "
-                            f"{last_ckpt or 'none yet'} (try a lower lr, or --no-amp)")
+        if not abs(float(v)) < float("inf"):  # nan or ±inf
+            raise UserError(f"step {step}: loss term '{k}' is {float(v)}; stopping. Last good "
+                            f"checkpoint: {last_ckpt or 'none yet'} (try a lower lr, or --no-amp)")
 
 
 # ---- Data: readers for the real on-disk formats (the toy sets use the same formats)
@@ -191,7 +168,7 @@ def resolve_data(data, kind, img_size):
     if data in ("", "toy"):
         return make_toy(kind, ROOT / "data" / "toy" / f"{kind}_{img_size}", img_size)
     path = Path(data)
-    name = DOWNLOAD_HINT.get(path.name, "afhq")
+    name = path.name if path.name in ("afhq", "celeba_hq", "celeba", "edges2shoes") else "afhq"
     require(path.is_dir(), f"--data {data}: no such folder; download a dataset with `python "
             f"data/download.py {name}`, or train on the built-in toy data with --data toy")
     return path
@@ -202,7 +179,7 @@ def load_rgb(path):
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale PNG: keep the top 8 bits
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: keep the top 8 bits
                 img = img.point(lambda v: v / 256).convert("L")
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
@@ -210,7 +187,8 @@ def load_rgb(path):
                 img.paste(rgba, mask=rgba.getchannel("A"))  # transparent pixels become white
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: cannot read this image ({type(e).__name__}); delete or replace it")
+        raise UserError(f"{path}: cannot read this image ({type(e).__name__}); "
+                        "delete or replace it")
 
 
 def to_tensor_norm():
@@ -219,39 +197,39 @@ def to_tensor_norm():
                        v2.Normalize([0.5] * 3, [0.5] * 3)])
 
 
-def _images(folder, recursive=False):
-    files = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in files if p.suffix.lower() in IMG_EXT and p.is_file())
+def _images(folder, recursive=False, fix=""):
+    files = Path(folder).rglob("*") if recursive else Path(folder).iterdir()
+    imgs = sorted(p for p in files if p.suffix.lower() in (".jpg", ".jpeg", ".png") and p.is_file())
+    require(imgs, f"{folder}: no images (.jpg/.jpeg/.png){fix}")
+    return imgs
 
 
-class DomainFolder(Dataset):
+class _Files(Dataset):
+    """Base of the readers below: one sample per file in self.files."""
+    def __len__(self):
+        return len(self.files)
+
+
+class DomainFolder(_Files):
     """root/<split>/<domain>/*.{jpg,jpeg,png}; label = index of the domain in sorted order."""
-
     def __init__(self, root, split="train", transform=None):
         folder = Path(root) / split
-        require(folder.is_dir(), f"{folder}: missing; a domain dataset needs {root}/{split}/<domain>/"
-                "*.jpg (see data/README.md), or use --data toy")
+        require(folder.is_dir(), f"{folder}: missing; a domain dataset needs "
+                f"{root}/{split}/<domain>/*.jpg (see data/README.md), or use --data toy")
         self.domains = sorted(d.name for d in folder.iterdir() if d.is_dir())
         require(len(self.domains) >= 2, f"{folder}: found {len(self.domains)} domain folder(s) "
                 f"{self.domains}; translation needs at least 2 (one sub-folder per domain)")
-        self.samples = []
-        for y, d in enumerate(self.domains):
-            files = _images(folder / d)
-            require(files, f"{folder / d}: no images (.jpg/.jpeg/.png); add some or remove the folder")
-            self.samples += [(p, y) for p in files]
-        self.targets = [y for _, y in self.samples]
-        self.transform = transform or to_tensor_norm()
-        self.bad = set()
+        self.samples = [(p, y) for y, d in enumerate(self.domains)
+                        for p in _images(folder / d, fix="; add some or remove the folder")]
+        self.files, self.targets = [p for p, _ in self.samples], [y for _, y in self.samples]
+        self.transform, self.bad = transform or to_tensor_norm(), set()
 
-    def __len__(self):
-        return len(self.samples)
-
-    def _load(self, i):
-        """Skip-and-count: an unreadable file is named once and replaced by another of its domain."""
+    def __getitem__(self, i):
+        """Skip-and-count: an unreadable file is named once, replaced by another of its domain."""
         y = self.targets[i]
         while True:
             try:
-                return self.transform(load_rgb(self.samples[i][0])), y
+                return self.transform(load_rgb(self.files[i])), y
             except UserError as e:
                 self.bad.add(i)
                 print(f"warning: skipping {e} ({len(self.bad)} skipped so far)", file=sys.stderr)
@@ -263,55 +241,43 @@ class DomainFolder(Dataset):
     def n_skipped(self):
         return len(self.bad)
 
-    def __getitem__(self, i):
-        return self._load(i)
-
 
 class ReferencePairs(DomainFolder):
     """Two different images of one domain (StarGAN v2's x_ref, x_ref2) and the domain label."""
-
     def __init__(self, root, split="train", transform=None, seed=0):
         super().__init__(root, split, transform)
         rng, self.partner = random.Random(seed), list(range(len(self.samples)))
-        for y in range(len(self.domains)):
+        for y in range(len(self.domains)):  # fixed random partners, as official (random.sample)
             idx = [i for i, t in enumerate(self.targets) if t == y]
-            perm = idx[1:] + idx[:1] if len(idx) > 1 else idx  # a rotation: never the image itself
-            rng.shuffle(order := list(range(len(idx))))
-            for a, b in zip([idx[k] for k in order], [perm[k] for k in order]):
+            rng.shuffle(idx)
+            for a, b in zip(idx, idx[1:] + idx[:1]):  # a cycle: never the image itself
                 self.partner[a] = b
 
     def __getitem__(self, i):
-        x_ref, y = self._load(i)
-        x_ref2, _ = self._load(self.partner[i])
+        x_ref, y = super().__getitem__(i)
+        x_ref2, _ = super().__getitem__(self.partner[i])
         return x_ref, x_ref2, y
 
 
-class CelebAAttrs(Dataset):
-    """CelebA: images/ (or img_align_celeba/) + list_attr_celeba.txt; labels for the chosen attrs."""
-
+class CelebAAttrs(_Files):
+    """CelebA: images/ (or img_align_celeba/) + list_attr_celeba.txt; labels of the chosen attrs."""
     def __init__(self, root, attrs, split="train", transform=None):
-        root = Path(root)
-        images = next((root / d for d in ("images", "img_align_celeba") if (root / d).is_dir()), None)
-        table = root / "list_attr_celeba.txt"
-        require(images is not None and table.is_file(), f"{root}: expected images/ and "
-                "list_attr_celeba.txt (CelebA layout); get it with `python data/download.py celeba`")
+        root, table = Path(root), Path(root) / "list_attr_celeba.txt"
+        images = [root / d for d in ("images", "img_align_celeba") if (root / d).is_dir()]
+        require(images and table.is_file(), f"{root}: expected images/ and list_attr_celeba.txt "
+                "(CelebA layout); get it with `python data/download.py celeba`")
         lines = table.read_text().split("\n")
         names = lines[1].split()
         missing = [a for a in attrs if a not in names]
         require(not missing, f"--attrs: {missing} not in {table}; valid names: {' '.join(names)}")
         rows = [ln.split() for ln in lines[2:] if ln.strip()]
-        random.Random(1234).shuffle(rows)  # the official split: seeded shuffle, then test first
-        # The official code keeps the first 1999 shuffled rows as test ((i+1) < 2000); small attribute
-        # files (the toy set) keep a tenth instead so that something is left to train on.
-        n_test = 1999 if len(rows) >= 20000 else len(rows) // 10
+        random.Random(1234).shuffle(rows)  # official split: seeded shuffle, first 1999 rows test
+        n_test = 1999 if len(rows) >= 20000 else len(rows) // 10  # small (toy) files: a tenth
         rows = rows[:n_test] if split == "test" else rows[n_test:]
         cols = [names.index(a) + 1 for a in attrs]
-        self.files = [images / r[0] for r in rows]
+        self.files = [images[0] / r[0] for r in rows]
         self.labels = torch.tensor([[float(r[c] == "1") for c in cols] for r in rows])  # (N, A)
         self.attr_names, self.transform = list(attrs), transform or to_tensor_norm()
-
-    def __len__(self):
-        return len(self.files)
 
     def __getitem__(self, i):
         img = load_rgb(self.files[i])
@@ -319,20 +285,15 @@ class CelebAAttrs(Dataset):
         return self.transform(v2.functional.center_crop(img, [side, side])), self.labels[i]
 
 
-class AlignedPairs(Dataset):
+class AlignedPairs(_Files):
     """pix2pix format: root/<split>/*.jpg, each file A|B side by side."""
-
     def __init__(self, root, split="train", transform=None):
         folder = Path(root) / split
         require(folder.is_dir(), f"{folder}: missing; aligned pairs need {root}/{split}/*.jpg "
                 "(A|B side by side), e.g. `python data/download.py edges2shoes`")
         self.files = _images(folder)
-        require(self.files, f"{folder}: no images (.jpg/.jpeg/.png)")
         norm = to_tensor_norm()
         self.transform = transform or (lambda a, b: (norm(a), norm(b)))
-
-    def __len__(self):
-        return len(self.files)
 
     def __getitem__(self, i):
         img = load_rgb(self.files[i])
@@ -340,34 +301,28 @@ class AlignedPairs(Dataset):
         return self.transform(img.crop((0, 0, w, img.height)), img.crop((w, 0, 2 * w, img.height)))
 
 
-class ImageFiles(Dataset):
+class ImageFiles(_Files):
     """Every image below root (recursively), no labels: unconditional GAN training."""
-
     def __init__(self, root, transform=None):
-        self.files = _images(Path(root), recursive=True)
-        require(self.files, f"{root}: no images (.jpg/.jpeg/.png) found below this folder")
+        self.files = _images(root, recursive=True, fix=" found below this folder")
         self.transform = transform or to_tensor_norm()
-
-    def __len__(self):
-        return len(self.files)
 
     def __getitem__(self, i):
         return self.transform(load_rgb(self.files[i]))
 
 
-def make_loader(dataset, batch_size, shuffle=True, balanced=False, num_workers=0, device=None, seed=0):
-    require(len(dataset) >= batch_size, f"--batch {batch_size}: the dataset has only {len(dataset)} "
-            "images; lower --batch or add images")
-    g = torch.Generator().manual_seed(seed)
-    sampler = None
-    if balanced:  # every domain equally often, whatever its size (WeightedRandomSampler, 1/count)
-        counts = torch.bincount(torch.tensor(dataset.targets)).float()
-        weights = (1.0 / counts)[torch.tensor(dataset.targets)]
+def make_loader(dataset, batch_size, shuffle=True, balanced=False, num_workers=0, device=None,
+                seed=0):
+    require(len(dataset) >= batch_size, f"--batch {batch_size}: the dataset has only "
+            f"{len(dataset)} images; lower --batch or add images")
+    g, sampler = torch.Generator().manual_seed(seed), None
+    if balanced:  # every domain equally often, whatever its size: each image weighs 1/count
+        y = torch.tensor(dataset.targets)
+        weights = (1.0 / torch.bincount(y).float())[y]
         sampler, shuffle = WeightedRandomSampler(weights, len(weights), generator=g), False
-    cuda = device is not None and torch.device(device).type == "cuda"
     return DataLoader(dataset, batch_size, shuffle=shuffle, sampler=sampler, drop_last=True,
-                      num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0,
-                      generator=g)
+                      generator=g, num_workers=num_workers, persistent_workers=num_workers > 0,
+                      pin_memory=device is not None and torch.device(device).type == "cuda")
 
 
 def infinite(loader):
@@ -382,24 +337,18 @@ def save_grid(images, path, nrow):
                                  value_range=(-1, 1), padding=1)
 
 
-def _to_pil(img):
-    hwc = ((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.frombytes("RGB", (hwc.shape[2], hwc.shape[1]), bytes(hwc.permute(1, 2, 0).flatten().tolist()))
-
-
 def save_gif(frames, path, duration_ms=100):
     """frames: list of (3, H, W) in [-1, 1] -> an animated GIF that loops forever."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pil = [_to_pil(f).convert("P", palette=Image.Palette.ADAPTIVE) for f in frames]
+    u8 = [((f.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte() for f in frames]
+    pil = [v2.functional.to_pil_image(u).convert("P", palette=Image.Palette.ADAPTIVE) for u in u8]
     pil[0].save(path, save_all=True, append_images=pil[1:], duration=duration_ms, loop=0)
 
 
 class Logger:
     """Console line every `every` steps plus one JSON line per logged step in out/log.jsonl."""
-
     def __init__(self, out, total, every):
-        self.path, self.total, self.every = Path(out) / "log.jsonl", total, every
-        self.t0, self.step0 = time.time(), None
+        self.path, self.total, self.every, self.step0 = Path(out) / "log.jsonl", total, every, None
 
     def log(self, step, losses):
         if self.step0 is None:  # the first call starts the clock (call it at the first step)
@@ -414,9 +363,6 @@ class Logger:
 
 
 # ---- Metric backbones (FID: torchvision Inception-v3; LPIPS v0.1 on AlexNet or VGG16)
-LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/{}.pth"
-
-
 def _fetch(what, fn):
     try:
         return fn()
@@ -427,7 +373,7 @@ def _fetch(what, fn):
 
 
 def frechet_distance(feats1, feats2):
-    """‖μ1 − μ2‖² + Tr(C1 + C2 − 2 (C1 C2)^½), in float64; (C1 C2)^½ via two symmetric eigh."""
+    """‖μ1 − μ2‖² + Tr(C1 + C2 − 2 (C1 C2)^½) in float64; (C1 C2)^½ via two symmetric eigh."""
     f1, f2 = feats1.double(), feats2.double()
     mu1, mu2, c1, c2 = f1.mean(0), f2.mean(0), torch.cov(f1.T), torch.cov(f2.T)
     vals, vecs = torch.linalg.eigh(c1)
@@ -437,46 +383,42 @@ def frechet_distance(feats1, feats2):
 
 
 class InceptionPool(nn.Module):
-    """x (B, 3, H, W) in [-1, 1] -> (B, 2048) average-pool features of torchvision's Inception-v3."""
-
+    """x (B, 3, H, W) in [-1, 1] -> (B, 2048) average-pool features of torchvision Inception-v3."""
     def __init__(self, pretrained=True):
         super().__init__()
-        from torchvision.models import Inception_V3_Weights, inception_v3
-        weights = Inception_V3_Weights.IMAGENET1K_V1 if pretrained else None
-        net = _fetch("Inception-v3", lambda: inception_v3(
+        weights = "IMAGENET1K_V1" if pretrained else None
+        self.net = _fetch("Inception-v3", lambda: torchvision.models.inception_v3(
             weights=weights, aux_logits=True, transform_input=False, init_weights=not pretrained))
-        net.fc = nn.Identity()
-        self.net = net.eval().requires_grad_(False)
+        self.net.fc = nn.Identity()
+        self.net.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     @torch.no_grad()
     def forward(self, x):
-        x = F.interpolate((x + 1) / 2, size=(299, 299), mode="bilinear", align_corners=False)
+        x = nn.functional.interpolate((x + 1) / 2, size=(299, 299), mode="bilinear")
         self.net.eval()
         return self.net((x - self.mean) / self.std)  # (B, 2048); fc is the identity
 
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1: unit-normalise each ReLU stage's channels, weight the squared difference by learned
-    1×1 weights, average over space, sum over stages. forward(x, y) in [-1, 1] -> (B,)."""
-    TAPS = {"alex": ([1, 4, 7, 9, 11], [64, 192, 384, 256, 256]),
-            "vgg": ([3, 8, 15, 22, 29], [64, 128, 256, 512, 512])}
+    """LPIPS v0.1: unit-normalise each ReLU stage's channels, weight the squared difference by
+    learned 1×1 weights, average over space, sum over stages. forward(x, y) in [-1, 1] -> (B,)."""
+    TAPS = {"alex": ("alexnet", [1, 4, 7, 9, 11], [64, 192, 384, 256, 256]),
+            "vgg": ("vgg16", [3, 8, 15, 22, 29], [64, 128, 256, 512, 512])}
+    URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/{}.pth"
 
     def __init__(self, net="alex", pretrained=True):
         super().__init__()
-        from torchvision import models
-        taps, chans = self.TAPS[net]
-        build = {"alex": (models.alexnet, models.AlexNet_Weights), "vgg": (models.vgg16,
-                 models.VGG16_Weights)}[net]
-        weights = build[1].IMAGENET1K_V1 if pretrained else None
-        self.features = _fetch(net, lambda: build[0](weights=weights)).features[: taps[-1] + 1]
-        self.features.eval().requires_grad_(False)
+        arch, taps, chans = self.TAPS[net]
+        weights = "IMAGENET1K_V1" if pretrained else None
+        backbone = _fetch(net, lambda: torchvision.models.get_model(arch, weights=weights))
+        self.features = backbone.features[: taps[-1] + 1].eval().requires_grad_(False)
         self.taps = set(taps)
         self.lins = nn.ParameterList([nn.Parameter(torch.rand(1, c, 1, 1)) for c in chans])
         if pretrained:
             sd = _fetch(f"LPIPS {net}", lambda: torch.hub.load_state_dict_from_url(
-                LPIPS_URL.format(net), file_name=f"lpips_v0.1_{net}.pth", map_location="cpu"))
+                self.URL.format(net), file_name=f"lpips_v0.1_{net}.pth", map_location="cpu"))
             for i, p in enumerate(self.lins):
                 p.data.copy_(sd[f"lin{i}.model.1.weight"])
         self.requires_grad_(False)

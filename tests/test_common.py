@@ -45,6 +45,8 @@ def test_reference_pairs_same_domain_different_files(shapes):
     for i in range(len(ds)):
         j = ds.partner[i]
         assert i != j and ds.targets[i] == ds.targets[j]
+    other = common.ReferencePairs(shapes, "train", seed=4).partner  # random partners, seeded
+    assert other != ds.partner and other == common.ReferencePairs(shapes, "train", seed=4).partner
     x_ref, x_ref2, y = ds[20]
     assert x_ref.shape == x_ref2.shape == (3, 32, 32) and not torch.equal(x_ref, x_ref2)
     assert y == ds.targets[20]
