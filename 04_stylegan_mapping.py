@@ -13,8 +13,7 @@ generated images as a valid shape (reals 100 %): 600 steps only start StyleGAN. 
 at 1024 px G 26,212,019 (official 26,219,627 less 7,608 in to-RGBs only growing uses), D 23,077,137.
 Deviation: no progressive growing (ProGAN, StyleGAN start at 4×4 and fade in one resolution at a
 time, as GANs then diverged at 1024 px from scratch); at 32-256 px R1 keeps a fixed-size StyleGAN
-stable (StyleGAN2 dropped growing too), and growing would double the code.
-"""
+stable (StyleGAN2 dropped growing too), and growing would double the code."""
 import dataclasses
 import json
 import math
@@ -104,9 +103,8 @@ def pixel_norm(z):
 
 def blur(x):
     """Depthwise [1,2,1]ᵀ[1,2,1]/16 low-pass around up/down-sampling (§2, official)."""
-    k = torch.tensor([1.0, 2.0, 1.0], device=x.device, dtype=x.dtype)
-    k = (k[:, None] * k[None, :] / 16).expand(x.shape[1], 1, 3, 3)  # (C, 1, 3, 3)
-    return F.conv2d(x, k, padding=1, groups=x.shape[1])
+    k = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], device=x.device, dtype=x.dtype) / 16
+    return F.conv2d(x, k.expand(x.shape[1], 1, 3, 3), padding=1, groups=x.shape[1])
 
 
 class MappingNetwork(nn.Module):
@@ -335,8 +333,7 @@ def g_step(G, D, opt_G, batch, cfg, device):
     loss.backward()
     opt_G.step()
     D.requires_grad_(True)
-    with torch.no_grad():
-        G.w_avg.lerp_(w.float().mean(0), 1 - cfg.w_avg_beta)
+    G.w_avg.lerp_(w.detach().float().mean(0), 1 - cfg.w_avg_beta)
     return {"G/adv": loss.detach()}
 
 
