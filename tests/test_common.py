@@ -153,6 +153,12 @@ def test_oracle_reads_faces():
     r = toy.read_faces(torch.stack(imgs))
     acc = (r["attrs"] == torch.tensor(truth)).float().mean(0)
     assert r["valid"].all() and (acc >= 0.99).all(), acc
+    # Grain like a short GAN run's (roughness 0.09-0.10 here) keeps a face readable and read right.
+    gen = torch.Generator().manual_seed(0)
+    grainy = torch.stack(imgs) + torch.randn(n, 3, width, width, generator=gen) * 0.16
+    r = toy.read_faces(grainy.clamp(-1, 1))
+    acc = (r["attrs"] == torch.tensor(truth)).float().mean(0)
+    assert r["valid"].float().mean() >= 0.95 and (acc >= 0.95).all(), (r["valid"].float().mean(), acc)
 
 
 def test_oracle_rejects_noise():
