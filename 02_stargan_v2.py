@@ -181,8 +181,7 @@ class Generator(nn.Module):
         self.encode, self.decode = nn.ModuleList(), nn.ModuleList()
         self.to_rgb = nn.Sequential(nn.InstanceNorm2d(dim, affine=True), nn.LeakyReLU(0.2),
                                     nn.Conv2d(dim, 3, 1, 1, 0))  # linear output, no tanh
-        repeat_num = int(math.log2(img_size)) - 4 + (1 if w_hpf > 0 else 0)
-        for _ in range(repeat_num):  # down/up-sampling pairs; the decoder mirrors the encoder
+        for _ in range(int(math.log2(img_size)) - 4 + int(w_hpf > 0)):  # repeat_num down/up pairs
             dim_out = min(dim * 2, max_conv_dim)
             self.encode.append(ResBlk(dim, dim_out, normalize=True, downsample=True))
             self.decode.insert(0, AdainResBlk(dim_out, dim, style_dim, w_hpf, upsample=True))
@@ -195,8 +194,7 @@ class Generator(nn.Module):
 
     def forward(self, x, s, masks=None):
         """x (B, 3, H, W) in [-1, 1], s (B, S), masks: None | 2 heatmaps (B, 1, H, W) -> x_fake."""
-        cache = {}
-        x = self.from_rgb(x)  # (B, dim_in, H, W)
+        cache, x = {}, self.from_rgb(x)  # (B, dim_in, H, W)
         for block in self.encode:  # H -> H/2^repeat_num
             cache[x.shape[2]] = x  # encoder features per resolution, for the high-pass skips
             x = block(x)
@@ -227,7 +225,7 @@ class MappingNetwork(nn.Module):
 
 
 def _trunk(img_size, dim_in, max_conv_dim):
-    """Shared layout of E and D: conv, ResBlks down to 4×4, 4×4 valid conv to 1×1."""
+    """Shared layout of E and D, and its width: conv, ResBlks down to 4×4, 4×4 conv to 1×1."""
     dim = dim_in or 2**14 // img_size
     layers = [nn.Conv2d(3, dim, 3, 1, 1)]
     for _ in range(int(math.log2(img_size)) - 2):  # H -> 4
@@ -235,15 +233,14 @@ def _trunk(img_size, dim_in, max_conv_dim):
         layers.append(ResBlk(dim, dim_out, downsample=True))
         dim = dim_out
     layers += [nn.LeakyReLU(0.2), nn.Conv2d(dim, dim, 4, 1, 0), nn.LeakyReLU(0.2)]
-    return layers, dim
+    return nn.Sequential(*layers), dim
 
 
 class StyleEncoder(nn.Module):
     """E(x, y): style code of image x in domain y (one linear head per domain)."""
     def __init__(self, img_size=256, style_dim=64, num_domains=2, max_conv_dim=512, dim_in=0):
         super().__init__()
-        layers, dim = _trunk(img_size, dim_in, max_conv_dim)
-        self.shared = nn.Sequential(*layers)
+        self.shared, dim = _trunk(img_size, dim_in, max_conv_dim)
         self.unshared = nn.ModuleList(nn.Linear(dim, style_dim) for _ in range(num_domains))
 
     def forward(self, x, y):
@@ -257,8 +254,8 @@ class Discriminator(nn.Module):
     """D(x, y): one real/fake logit per domain (multi-task D, §2); y picks the output."""
     def __init__(self, img_size=256, num_domains=2, max_conv_dim=512, dim_in=0):
         super().__init__()
-        layers, dim = _trunk(img_size, dim_in, max_conv_dim)
-        self.main = nn.Sequential(*layers, nn.Conv2d(dim, num_domains, 1, 1, 0))
+        trunk, dim = _trunk(img_size, dim_in, max_conv_dim)
+        self.main = nn.Sequential(*trunk, nn.Conv2d(dim, num_domains, 1, 1, 0))
 
     def forward(self, x, y):
         """x (B, 3, H, W), y (B,) -> logits (B,)."""
@@ -277,22 +274,20 @@ def he_init(module):
 
 
 def build_nets(cfg, device="cpu"):
-    """Online nets G, mapping, E, D (He init) and EMA copies of G, mapping, E."""
+    """Nets G, mapping, E, D (He init) and EMA copies of G, F, E (Deviation: copied after init)."""
     c, fmt = cfg, torch.channels_last if cfg.channels_last else torch.contiguous_format
     nets = SimpleNamespace(**{k: he_init(net).to(device, memory_format=fmt) for k, net in dict(
         G=Generator(c.img_size, c.style_dim, c.max_conv_dim, c.w_hpf, c.dim_in),
         mapping=MappingNetwork(c.latent_dim, c.style_dim, c.num_domains, c.mapping_dim),
         E=StyleEncoder(c.img_size, c.style_dim, c.num_domains, c.max_conv_dim, c.dim_in),
         D=Discriminator(c.img_size, c.num_domains, c.max_conv_dim, c.dim_in)).items()})
-    # Deviation: EMA copies are taken after He init (official: before; see header).
     ema = SimpleNamespace(**{k: copy.deepcopy(getattr(nets, k)).requires_grad_(False)
                              for k in ("G", "mapping", "E")})
     return nets, ema
 
 
 def load_official(path, nets):
-    """Official {'generator': sd, 'mapping_network': sd, ...} into nets {"G"|"mapping"|"E"|"D":
-    module} by position (i-th tensor to i-th tensor, shapes checked): our names do not matter."""
+    """Official {'generator': sd, ...} into {"G": net, ...} by tensor position (names differ)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as e:
@@ -383,8 +378,7 @@ def g_loss(nets, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_refs=None,
 # 4. Data
 # ----------------------------------------------------------------------------
 def domain_sets(cfg):
-    """Source reader + reference reader (two images of one domain) on the train split, with the
-    official transform: with p, RandomResizedCrop(0.8-1, ratio 0.9-1.1); resize; h-flip; [-1, 1]."""
+    """Train-split readers of sources and of reference pairs, with the official transform."""
     crop = T.RandomResizedCrop(cfg.img_size, scale=(0.8, 1.0), ratio=(0.9, 1.1))
     tf = T.Compose([T.RandomApply([crop], p=cfg.randcrop_prob), T.Resize([cfg.img_size] * 2),
                     T.RandomHorizontalFlip(), to_tensor_norm()])
@@ -411,8 +405,7 @@ def apply_grads(loss, terms, optims, names):
     """Backprop into the parameters of `names` only, step their optimizers; detached terms."""
     for o in optims.values():
         o.zero_grad(set_to_none=True)
-    params = [p for n in names for g in optims[n].param_groups for p in g["params"]]
-    loss.backward(inputs=params)
+    loss.backward(inputs=[p for n in names for g in optims[n].param_groups for p in g["params"]])
     for n in names:
         optims[n].step()
     return {k: v.detach() for k, v in terms.items()}
@@ -421,9 +414,8 @@ def apply_grads(loss, terms, optims, names):
 @torch.no_grad()
 def ema_update(ema, nets, beta):
     """θ_ema <- β θ_ema + (1 - β) θ for G, F, E (parameters; they hold no buffers to sync)."""
-    for name in ("G", "mapping", "E"):
-        torch._foreach_lerp_(list(getattr(ema, name).parameters()),
-                             list(getattr(nets, name).parameters()), 1 - beta)
+    for k, avg in vars(ema).items():  # G, mapping, E
+        torch._foreach_lerp_(list(avg.parameters()), list(getattr(nets, k).parameters()), 1 - beta)
 
 
 def d_step(nets, optims, cfg, x_real, y_org, y_trg, z_trg=None, x_ref=None):
@@ -444,16 +436,15 @@ def g_step(nets, optims, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_re
 def train_step(nets, ema, optims, batch, step, cfg):
     """One official iteration (SPEC §2.3). Returns detached loss tensors (no host sync)."""
     x_real, y_org, x_ref, x_ref2, y_trg = batch  # y_trg: reference domain, also for latent steps
-    z_trg, z_trg2 = torch.randn(2, x_real.shape[0], cfg.latent_dim, device=x_real.device)
+    z_trgs = torch.randn(2, x_real.shape[0], cfg.latent_dim, device=x_real.device)  # z_trg, z_trg2
     lambda_ds = lambda_ds_at(step, cfg)
     logs = {"G/lambda_ds": torch.tensor(lambda_ds)}
     # 1. D step, latent style  2. D step, reference style
-    for mode, kw in (("latent", dict(z_trg=z_trg)), ("ref", dict(x_ref=x_ref))):
+    for mode, kw in (("latent", dict(z_trg=z_trgs[0])), ("ref", dict(x_ref=x_ref))):
         terms = d_step(nets, optims, cfg, x_real, y_org, y_trg, **kw)
         logs.update({f"D/{mode}_{k}": v for k, v in terms.items()})
     # 3. G step, latent styles (G, F, E)  4. G step, reference styles (G only)
-    for mode, kw in (("latent", dict(z_trgs=(z_trg, z_trg2))),
-                     ("ref", dict(x_refs=(x_ref, x_ref2)))):
+    for mode, kw in (("latent", dict(z_trgs=z_trgs)), ("ref", dict(x_refs=(x_ref, x_ref2)))):
         terms = g_step(nets, optims, cfg, lambda_ds, x_real, y_org, y_trg, **kw)
         logs.update({f"G/{mode}_{k}": v for k, v in terms.items()})
     ema_update(ema, nets, cfg.ema_beta)  # 5. EMA of G, F, E
@@ -562,8 +553,7 @@ def sampling_nets(cfg, ns):
 
 @torch.no_grad()
 def sample(cfg, ns):
-    """--src images to --domain with --ref styles (reference grid) or --n-styles latent styles
-    (latent grid); a GIF interpolates between consecutive styles (official video weights)."""
+    """--src to --domain: reference grid (--ref) or latent grid (--n-styles), and a style GIF."""
     require(ns.src, "--src: required in sample mode; pass an image file or folder")
     cfg, nets, device = sampling_nets(cfg, ns)
     require(0 <= ns.domain < cfg.num_domains, f"--domain {ns.domain}: use 0..{cfg.num_domains - 1}")
@@ -579,7 +569,7 @@ def sample(cfg, ns):
         styles = nets.mapping(z, torch.full((ns.n_styles,), ns.domain, device=device))  # (R, S)
         grid = [x_src] + [nets.G(x_src, s.expand(N, -1)) for s in styles]
         save_grid(torch.cat(grid), out / "latent.png", nrow=N)
-    if len(styles) >= 2:  # weights 0, sigmoid(-5..4.5 step 0.5), then 1 × 10 (official)
+    if len(styles) >= 2:  # GIF weights 0, sigmoid(-5..4.5 step 0.5), then 1 × 10 (official video)
         alphas = [0.0] + torch.sigmoid(torch.arange(-5, 5, 0.5)).tolist() + [1.0] * 10
         frames = [make_grid(nets.G(x_src, torch.lerp(s0, s1, a).expand(N, -1)).clamp(-1, 1),
                             nrow=N) for s0, s1 in zip(styles[:-1], styles[1:]) for a in alphas]
@@ -626,32 +616,28 @@ def evaluate(cfg, ns):
 def train(cfg):
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
+    nets, ema = build_nets(cfg, device)
+    optims = build_optims(nets, cfg)
     if cfg.bench:
-        return bench(cfg, device)
+        return bench(nets, ema, optims, cfg, device)
     resume = prepare_run(cfg.out, cfg.resume, cfg.overwrite)
     out, last, toy = Path(cfg.out), Path(cfg.out) / "last.pt", cfg.data in ("", "toy")
     root, src_set, ref_set = domain_sets(cfg)
-    nets, ema = build_nets(cfg, device)
-    optims = build_optims(nets, cfg)
     all_nets = {**vars(nets), **{k + "_ema": v for k, v in vars(ema).items()}}
     step = load_checkpoint(resume, all_nets, optims)["step"] if resume else 0
-    # A resumed run reseeds its loaders from the step: data order is a function of the step.
-    loaders = [infinite(make_loader(d, cfg.batch, balanced=True, num_workers=cfg.num_workers,
-                                    device=device, seed=cfg.seed + step))
-               for d in (src_set, ref_set)]
-    # Fixed val inputs, so samples compare across steps: per domain 2 sources, 2 references
-    x, y = stack_split(root, "val", cfg.img_size, per_domain=4)
-    src = torch.arange(len(y)) % 4 < 2
+    src_it, ref_it = (infinite(make_loader(d, cfg.batch, balanced=True, device=device,
+                                           num_workers=cfg.num_workers, seed=cfg.seed + step))
+                      for d in (src_set, ref_set))  # a resumed run reseeds them from the step
+    x, y = stack_split(root, "val", cfg.img_size, per_domain=4)  # fixed: samples compare over steps
+    src = torch.arange(len(y)) % 4 < 2  # per domain: 2 sources, then 2 references
     fixed = [t.to(device) for t in (x[src], y[src], x[~src], y[~src])]
-    logger = Logger(out, cfg.total_iters, cfg.log_every)
+    logger, t0 = Logger(out, cfg.total_iters, cfg.log_every), time.time()
     print(f"{sum(p.numel() for p in nets.G.parameters()):,} G params | data {root} | "
           f"{len(src_set)} images, domains {src_set.domains} | device {device} | from step {step}")
-    t0, losses = time.time(), {}
     try:
         while step < cfg.total_iters:
-            (x_real, y_org), (x_ref, x_ref2, y_trg) = next(loaders[0]), next(loaders[1])
             # Not converted to channels_last: NHWC weights make cuDNN's convs run NHWC anyway.
-            batch = [t.to(device, non_blocking=True) for t in (x_real, y_org, x_ref, x_ref2, y_trg)]
+            batch = [t.to(device, non_blocking=True) for t in (*next(src_it), *next(ref_it))]
             losses = train_step(nets, ema, optims, batch, step, cfg)
             step += 1
             if step % cfg.log_every == 0:
@@ -671,24 +657,21 @@ def train(cfg):
     return oracle_scores(ema, root, cfg, device, step) if toy else None
 
 
-def bench(cfg, device):
+def bench(nets, ema, optims, cfg, device):
     """Warm-up + cfg.bench_iters timed iterations on random data; FLOPs of one iteration."""
-    nets, ema = build_nets(cfg, device)
-    optims = build_optims(nets, cfg)
     B, H, K, cuda = cfg.batch, cfg.img_size, cfg.num_domains, device.type == "cuda"
     x, y = torch.rand(3, B, 3, H, H, device=device) * 2 - 1, torch.randint(K, (2, B), device=device)
-    batch = (x[0], y[0], x[1], x[2], y[1])
+    batch, sync = (x[0], y[0], x[1], x[2], y[1]), torch.cuda.synchronize if cuda else lambda: None
     train_step(nets, ema, optims, batch, 0, cfg)  # warm-up (the counted step warms up too)
     with FlopCounterMode(display=False) as counter:
         train_step(nets, ema, optims, batch, 1, cfg)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for step in range(cfg.bench_iters):
         losses = train_step(nets, ema, optims, batch, step, cfg)
-    if cuda:
-        torch.cuda.synchronize()
+    sync()
     its = cfg.bench_iters / (time.perf_counter() - t0)
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"
     print(f"bench {device} img {H} batch {B}: {its:.2f} it/s | {its * B:.1f} images/s | "
@@ -713,8 +696,7 @@ EXTRA += [(("--random-weights",), dict(action="store_true",
 
 
 def main(argv=None):
-    cfg, ns = parse_config(Config, PRESETS, argv, doc=__doc__, modes=("train", "sample", "eval"),
-                           extra=EXTRA)
+    cfg, ns = parse_config(Config, PRESETS, argv, __doc__, ("train", "sample", "eval"), EXTRA)
     return {"sample": sample, "eval": evaluate}.get(ns.mode, lambda c, _: train(c))(cfg, ns)
 
 
