@@ -10,8 +10,9 @@ Paired:   python 03_bicyclegan_latent.py --data data/edges2shoes     (pix2pix A|
 Photos:   python 03_bicyclegan_latent.py --data data/afhq    (A = edge map of B, made on the fly)
 Sample:   python 03_bicyclegan_latent.py sample|eval  (grid + z GIF | LPIPS diversity, L1, oracle)
 Bench:    python 03_bicyclegan_latent.py --bench --preset edges2shoes   (256 px, batch 2)
-Measured (toy default, 1200 steps, busy 2-core CPU ~25 min; no GPU): shape and position kept
-(oracle valid 0.98, pos_err 0.019), colour not yet following z (std over z 0.045, real 0.258).
+Measured (toy default, 3000 steps, idle 2-core CPU, 542 s; no GPU): z picks the colour (std over
+20 z 0.204, real images 0.258) while shape and position follow A (oracle: valid 0.997, shape
+kept 0.83, position error 0.008); encoded-z reconstruction is weaker (L1 0.100).
 Deviations: lr decays per iteration, not per epoch (resume stays exact); the U-Net/encoder depth
 follows img_size (the official code has 128 and 256 variants only); flips happen on the batch.
 """
@@ -72,8 +73,8 @@ class Config:
 PRESETS = {  # edges2shoes = the defaults; afhq: 60 epochs of 14,630 images / 2
     "edges2shoes": {}, "afhq": dict(total_iters=438_900),
     # Deviation (toy only): 64 px (the smallest size both PatchGAN scales take), narrow nets and
-    # batch 8 instead of 2, so that a 2-core CPU sees enough pairs in a few minutes.
-    "toy": dict(img_size=64, ngf=16, nef=8, ndf=8, batch=8, total_iters=1200, log_every=100,
+    # batch 8 instead of 2; 3000 steps (~9 CPU minutes): at 1200, z did not yet set the colour.
+    "toy": dict(img_size=64, ngf=16, nef=8, ndf=8, batch=8, total_iters=3000, log_every=100,
                 sample_every=300, save_every=300, num_workers=0),
 }
 
