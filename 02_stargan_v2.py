@@ -13,9 +13,9 @@ Bench:   python 02_stargan_v2.py --bench [--preset afhq]   # one line: it/s, img
 Sample:  python 02_stargan_v2.py sample --ckpt runs/stargan_v2_toy/last.pt --src a.png --ref refs/
          --domain 1   |  ... sample --preset afhq --official-ckpt 100000_nets_ema.ckpt --src ...
 Eval:    python 02_stargan_v2.py eval --ckpt runs/stargan_v2_toy/last.pt [--random-weights]
-Measured: toy default 732 s on an idle 2-core CPU (2.07 it/s); oracle at step 1500: domain acc.
-0.25 latent / 0.37 ref (target 0.9: the shape does not change yet), content error 0.035, colour
-error vs ref 0.117. GPU time / memory: not measured yet (no GPU lent so far).
+Measured: toy default 682 s on an idle 2-core CPU (2.23 it/s); oracle at step 1500: domain acc.
+0.32 latent / 0.41 ref (target 0.9: the shape does not change yet), content error 0.035, colour
+error vs ref 0.122. GPU time / memory: not measured yet (no GPU lent so far).
 Official quirks (SPEC §5) and what we do:
 - Deviation: EMA copies start as copies of the He-initialised nets (official: default init, as it
   deep-copies before init): irrelevant after 100k steps, but it would spoil short runs.
