@@ -616,11 +616,11 @@ def evaluate(cfg, ns):
 def train(cfg):
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
+    resume = None if cfg.bench else prepare_run(cfg.out, cfg.resume, cfg.overwrite)  # fail early
     nets, ema = build_nets(cfg, device)
     optims = build_optims(nets, cfg)
     if cfg.bench:
         return bench(nets, ema, optims, cfg, device)
-    resume = prepare_run(cfg.out, cfg.resume, cfg.overwrite)
     out, last, toy = Path(cfg.out), Path(cfg.out) / "last.pt", cfg.data in ("", "toy")
     root, src_set, ref_set = domain_sets(cfg)
     all_nets = {**vars(nets), **{k + "_ema": v for k, v in vars(ema).items()}}
