@@ -21,7 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from data.toy import FACE_ATTRS, SHAPES, make_toy, read_faces, read_shapes  # noqa: F401 (re-export)
+from data.toy import (FACE_ATTRS, SHAPES, make_toy, read_faces,  # noqa: F401 (re-exported)
+                      read_scenes, read_shapes)
 
 ROOT = Path(__file__).resolve().parent
 

@@ -7,11 +7,16 @@ tests go through the real readers in common.py:
           domain = shape (the analogue of cat / dog / wild); style = object colour + stripe texture
           (continuous, so latent and reference styles have something to capture); content = position
           and size (must survive a translation). Plain dark-grey background.
+  scenes  AFHQ-like domain folders   root/{train,val}/{day,dusk,night}/00000.png, for StarGAN v2
+          domain = the sky (a vertical gradient per domain); style = object colour; content = the
+          object's shape, position and size (must survive a translation). A sky is a global change
+          a small generator and discriminator learn in a few CPU minutes; a shape change is not
+          (measured in 02_stargan_v2.py's header).
   faces   CelebA-like attributes     root/images/000001.jpg + root/list_attr_celeba.txt (official format)
           aligned "faces" whose Black_Hair / Blond_Hair / Brown_Hair (exclusive; some have grey hair =
           none of the three), Male (a beard) and Young (rosy cheeks) are each one visible factor.
 
-read_shapes / read_faces are the oracle: they recover those factors from an image (a real toy image
+read_shapes / read_scenes / read_faces are the oracle: they recover those factors from an image (a real toy image
 or a translation), so a script can score what a translation kept and what it changed.
 """
 import math
@@ -24,6 +29,7 @@ import torch
 from torchvision.io import encode_jpeg, write_file, write_png
 
 SHAPES = ("circle", "square", "triangle")
+SCENES = ("day", "dusk", "night")
 FACE_ATTRS = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Male", "Young")
 CELEBA_40 = (
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
@@ -34,6 +40,11 @@ CELEBA_40 = (
 ).split()
 BG = torch.tensor([0.12, 0.12, 0.12])  # shapes background, RGB in [0, 1]
 HAIR = torch.tensor([[0.08, 0.07, 0.07], [0.93, 0.82, 0.45], [0.45, 0.28, 0.14], [0.72, 0.72, 0.74]])
+# Sky per scene domain: (top, bottom) RGB of a vertical gradient. Scene objects have value ≥ 0.75
+# and saturation ≥ 0.6, so every object differs from every sky by > 0.2 in some channel.
+SKY = torch.tensor([[[0.62, 0.78, 0.95], [0.90, 0.93, 0.96]],    # day: pale blue to white
+                    [[0.40, 0.34, 0.48], [0.50, 0.40, 0.42]],    # dusk: mauve to muted rose
+                    [[0.03, 0.04, 0.10], [0.08, 0.10, 0.20]]])   # night: near-black to navy
 BEARD, CHEEK = torch.tensor([0.20, 0.14, 0.10]), torch.tensor([0.90, 0.30, 0.35])
 
 
@@ -54,8 +65,8 @@ def _soft(d, size):
     return torch.clamp(0.5 - d * size, 0, 1)
 
 
-def render_shape(shape, size, rng):
-    """One shapes image (3, size, size) in [0, 1] and its factors."""
+def _shape_sdf(shape, size, rng):
+    """Signed distance (H, W) to a random circle / square / triangle; grid, centre, half-size."""
     yy, xx = _grid(size, size)
     half = rng.uniform(0.16, 0.28)
     cx, cy = (rng.uniform(half + 0.04, 1 - half - 0.04) for _ in range(2))
@@ -65,6 +76,12 @@ def render_shape(shape, size, rng):
         d = torch.maximum((xx - cx).abs(), (yy - cy).abs()) - half
     else:  # isosceles triangle, apex up: half-width grows linearly from 0 at the apex to `half`
         d = torch.maximum(yy - (cy + half), (xx - cx).abs() - (yy - cy + half) / 2)
+    return d, xx, yy, cx, cy, half
+
+
+def render_shape(shape, size, rng):
+    """One shapes image (3, size, size) in [0, 1] and its factors."""
+    d, xx, yy, cx, cy, half = _shape_sdf(shape, size, rng)
     color = _hsv(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.7, 1.0))
     freq, angle, amp = rng.uniform(2, 6), rng.uniform(0, math.pi), rng.uniform(0.0, 0.3)
     phase = 2 * math.pi * freq * (xx * math.cos(angle) + yy * math.sin(angle)) / (2 * half)
@@ -72,6 +89,24 @@ def render_shape(shape, size, rng):
     m = _soft(d, size)
     img = BG.view(3, 1, 1) * (1 - m) + color.view(3, 1, 1) * texture * m
     return img, dict(cx=cx, cy=cy, half=half, color=color.tolist())
+
+
+def sky(domain, size):
+    """The scene domain's background (3, size, size): a vertical gradient, SKY's top to bottom."""
+    t = ((torch.arange(size) + 0.5) / size).view(1, size, 1)
+    top, bottom = SKY[domain].view(2, 3, 1, 1)
+    return torch.lerp(top, bottom, t).expand(3, size, size)
+
+
+def render_scene(domain, size, rng):
+    """One scenes image (3, size, size) in [0, 1]: a plain object (random shape, position, size,
+    colour) in front of the sky of `domain` (an index into SCENES)."""
+    shape = rng.randrange(len(SHAPES))
+    d, *_, cx, cy, half = _shape_sdf(SHAPES[shape], size, rng)
+    color = _hsv(rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.75, 0.95))
+    m = _soft(d, size)
+    img = sky(domain, size) * (1 - m) + color.view(3, 1, 1) * m
+    return img, dict(shape=shape, cx=cx, cy=cy, half=half, color=color.tolist())
 
 
 def render_face(width, rng):
@@ -122,6 +157,16 @@ def write_shapes(root, size, n_train=400, n_val=50, seed=0):
                 write_png(_u8(render_shape(shape, size, rng)[0]), str(folder / f"{i:05d}.png"))
 
 
+def write_scenes(root, size, n_train=400, n_val=50, seed=0):
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for k, scene in enumerate(SCENES):
+            folder = Path(root, split, scene)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                write_png(_u8(render_scene(k, size, rng)[0]), str(folder / f"{i:05d}.png"))
+
+
 def write_faces(root, width, n=2000, seed=0):
     rng = random.Random(seed)
     (Path(root) / "images").mkdir(parents=True, exist_ok=True)
@@ -141,7 +186,7 @@ def make_toy(kind, root, size):
         return root
     tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
     print(f"writing the built-in toy '{kind}' data to {root} (once, a few seconds)")
-    {"shapes": write_shapes, "faces": write_faces}[kind](tmp, size)
+    {"shapes": write_shapes, "scenes": write_scenes, "faces": write_faces}[kind](tmp, size)
     (tmp / ".complete").touch()
     try:
         os.replace(tmp, root)
@@ -157,8 +202,30 @@ def read_shapes(x):
     """x (B, 3, H, W) in [-1, 1] -> factors of each image; `valid` is False when no single toy
     object on the toy background can be seen (e.g. noise, an empty image, a smeared blob)."""
     img = ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    return _read_object(img, (img - BG.view(1, 3, 1, 1)).abs().amax(1) > 0.2)
+
+
+def read_scenes(x):
+    """x (B, 3, H, W) in [-1, 1] -> the scene domain (the sky nearest to the image's left and right
+    edges, row by row; -1 if none is within 0.15) and the object's factors, read as read_shapes
+    does against that measured sky; its shape index is `shape`."""
+    img = ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
     B, _, H, W = img.shape
-    mask = (img - BG.view(1, 3, 1, 1)).abs().amax(1) > 0.2  # (B, H, W)
+    edge = torch.cat([img[..., :2], img[..., -2:]], 3).median(3).values  # (B, 3, H): sky per row
+    t = ((torch.arange(H) + 0.5) / H).view(1, 1, H)
+    protos = torch.lerp(SKY[:, 0, :, None], SKY[:, 1, :, None], t)  # (K, 3, H)
+    dist = (edge[:, None] - protos[None]).abs().mean((2, 3))  # (B, K)
+    near, domain = dist.min(1)
+    out = _read_object(img, (img - edge[..., None]).abs().amax(1) > 0.2)
+    out["shape"], out["domain"] = out["domain"], torch.where(near < 0.15, domain, -1)
+    out["valid"] &= near < 0.15
+    return out
+
+
+def _read_object(img, mask):
+    """img (B, 3, H, W) in [0, 1], mask (B, H, W) of object pixels -> the object's factors;
+    `domain` is the shape index (circle, square, triangle)."""
+    B, _, H, W = img.shape
     out = {k: torch.zeros(B) for k in ("cx", "cy", "size")}
     out.update(valid=torch.zeros(B, dtype=torch.bool), domain=torch.full((B,), -1),
                color=torch.zeros(B, 3))

@@ -142,6 +142,26 @@ def test_oracle_reads_shapes(size, n):
     assert err < 1.5 / size
 
 
+@pytest.mark.parametrize("size", [32, 64])
+def test_oracle_reads_scenes(size):
+    rng, n = random.Random(size), 120
+    imgs, facts = zip(*(toy.render_scene(i % 3, size, rng) for i in range(n)))
+    x = torch.stack(imgs) * 2 - 1
+    r = toy.read_scenes(x)
+    assert r["valid"].all()
+    assert (r["domain"] == torch.arange(n) % 3).all()  # the sky
+    assert (r["shape"] == torch.tensor([f["shape"] for f in facts])).float().mean() >= 0.99
+    err = (r["color"] - torch.tensor([f["color"] for f in facts])).abs()  # edges blend with the sky
+    assert err.mean() < 0.03 and err.max() < 0.2, (err.mean(), err.max())
+    # The same object in front of another sky: the domain follows the sky, the content stays.
+    skies = [torch.stack([toy.sky((i + k) % 3, size) for i in range(n)]) * 2 - 1 for k in (0, 1)]
+    moved = torch.where((x - skies[0]).abs().amax(1, keepdim=True) > 0.02, x, skies[1])
+    r2 = toy.read_scenes(moved)
+    assert (r2["domain"] == (torch.arange(n) + 1) % 3).all()
+    assert (r2["shape"] == r["shape"]).float().mean() >= 0.95
+    assert (r2["cx"] - r["cx"]).abs().max() < 1.5 / size
+
+
 def test_oracle_reads_faces():
     rng, n, width = random.Random(0), 80, 48
     imgs, truth = [], []
@@ -164,6 +184,9 @@ def test_oracle_reads_faces():
 def test_oracle_rejects_noise():
     noise = torch.rand(40, 3, 64, 64) * 2 - 1
     assert not toy.read_shapes(noise)["valid"].any()
+    assert not toy.read_scenes(noise)["valid"].any()
+    empty_skies = torch.stack([toy.sky(k, 32) for k in range(3)]) * 2 - 1
+    assert not toy.read_scenes(empty_skies)["valid"].any()
     assert not toy.read_faces(noise)["valid"].any()
     assert not toy.read_shapes(torch.full((2, 3, 32, 32), -0.76))["valid"].any()  # empty background
 
