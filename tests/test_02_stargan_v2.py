@@ -202,7 +202,8 @@ def test_short_toy_run_writes_samples_and_resumes(tmp_path, capsys):
     flags = ["--out", str(out), "--total-iters", "4", "--sample-every", "2", "--save-every", "2",
              "--log-every", "1", "--dim-in", "4", "--max-conv-dim", "8", "--mapping-dim", "16"]
     scores = m.main(flags)
-    assert set(scores) >= {"acc_latent", "acc_ref", "content_err_latent", "color_err_ref"}
+    assert set(scores) >= {"acc_latent", "acc_ref", "shape_kept_ref", "pos_err_latent",
+                           "color_err_ref"}
     names = {p.name for p in (out / "samples").iterdir()}
     assert {"000004_cycle.png", "000004_latent_psi0.5.png", "000004_latent_psi1.0.png",
             "000004_reference.png"} <= names
@@ -225,6 +226,41 @@ def test_short_toy_run_writes_samples_and_resumes(tmp_path, capsys):
     with pytest.raises(UserError, match="--domain"):
         m.main(["sample", "--ckpt", str(out / "last.pt"), "--src", str(tmp_path / "grey.png"),
                 "--domain", "7"])
+
+
+class SkyPainter(torch.nn.Module):
+    """A hand-made translator for the toy scenes: keeps the source object and paints the target
+    domain's sky behind it (the domain is the argmax of the style's first K entries)."""
+    def __init__(self, K, S, repaint=True):
+        super().__init__()
+        self.K, self.S, self.repaint = K, S, repaint
+
+    def style(self, y):
+        return torch.nn.functional.one_hot(y, self.S).float()
+
+    def forward(self, x, s):
+        if not self.repaint:
+            return x
+        from data import toy
+        src, trg = toy.read_scenes(x)["domain"], s[:, :self.K].argmax(1)
+        sky = lambda d: torch.stack([toy.sky(k, x.shape[-1]) for k in d.tolist()]) * 2 - 1  # noqa
+        keep = (x - sky(src)).abs().amax(1, keepdim=True) > 0.02
+        return torch.where(keep, x, sky(trg))
+
+
+@pytest.mark.parametrize("repaint", [True, False])
+def test_oracle_scores_a_right_and_a_wrong_translator(repaint):
+    cfg = m.Config(**m.PRESETS["toy"])
+    root = m.resolve_data("", "scenes", cfg.img_size)
+    g = SkyPainter(cfg.num_domains, cfg.style_dim, repaint)
+    nets = m.SimpleNamespace(G=g, mapping=lambda z, y: g.style(y), E=lambda x, y: g.style(y))
+    r = m.oracle_scores(nets, root, cfg, "cpu", "test")
+    assert r["shape_kept_latent"] >= 0.97 and r["pos_err_ref"] < 0.01  # the object is kept
+    if repaint:  # the right sky: domain reached; colour is the source's, not the reference's
+        assert r["acc_latent"] == 1.0 and r["acc_ref"] == 1.0 and r["color_err_ref"] > 0.1
+    else:  # the identity keeps the source's sky: never the target domain
+        assert r["acc_latent"] == 0.0 and r["acc_ref"] == 0.0
+    assert r["diversity_color"] == 0.0  # the same output for every z
 
 
 def test_bench_prints_one_line(capsys):
