@@ -16,8 +16,8 @@ tests go through the real readers in common.py:
           aligned "faces" whose Black_Hair / Blond_Hair / Brown_Hair (exclusive; some have grey hair =
           none of the three), Male (a beard) and Young (rosy cheeks) are each one visible factor.
 
-read_shapes / read_scenes / read_faces are the oracle: they recover those factors from an image (a real toy image
-or a translation), so a script can score what a translation kept and what it changed.
+read_shapes / read_scenes / read_faces are the oracle: they recover those factors from an image (a
+real toy image or a translation), so a script can score what a translation kept and what it changed.
 """
 import math
 import os

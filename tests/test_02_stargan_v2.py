@@ -11,6 +11,7 @@ from conftest import load_script
 
 m = load_script("02_stargan_v2")
 from common import UserError, load_checkpoint, save_checkpoint  # noqa: E402 (after sys.path set-up)
+from data import toy  # noqa: E402 (our own toy data and its oracle)
 
 REF = Path("/work/shared/reference")
 
@@ -241,7 +242,6 @@ class SkyPainter(torch.nn.Module):
     def forward(self, x, s):
         if not self.repaint:
             return x
-        from data import toy
         src, trg = toy.read_scenes(x)["domain"], s[:, :self.K].argmax(1)
         sky = lambda d: torch.stack([toy.sky(k, x.shape[-1]) for k in d.tolist()]) * 2 - 1  # noqa
         keep = (x - sky(src)).abs().amax(1, keepdim=True) > 0.02
