@@ -212,8 +212,7 @@ def read_scenes(x):
     img = ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
     B, _, H, W = img.shape
     edge = torch.cat([img[..., :2], img[..., -2:]], 3).median(3).values  # (B, 3, H): sky per row
-    t = ((torch.arange(H) + 0.5) / H).view(1, 1, H)
-    protos = torch.lerp(SKY[:, 0, :, None], SKY[:, 1, :, None], t)  # (K, 3, H)
+    protos = torch.stack([sky(k, H)[..., 0] for k in range(len(SKY))])  # (K, 3, H): one column
     dist = (edge[:, None] - protos[None]).abs().mean((2, 3))  # (B, K)
     near, domain = dist.min(1)
     out = _read_object(img, (img - edge[..., None]).abs().amax(1) > 0.2)
