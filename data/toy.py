@@ -208,14 +208,24 @@ def read_shapes(x):
 def read_scenes(x):
     """x (B, 3, H, W) in [-1, 1] -> the scene domain (the sky nearest to the image's left and right
     edges, row by row; -1 if none is within 0.15) and the object's factors, read as read_shapes
-    does against that measured sky; its shape index is `shape`."""
+    does against that measured sky (colour from the object's core); its shape index is `shape`."""
     img = ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
     B, _, H, W = img.shape
     edge = torch.cat([img[..., :2], img[..., -2:]], 3).median(3).values  # (B, 3, H): sky per row
     protos = torch.stack([sky(k, H)[..., 0] for k in range(len(SKY))])  # (K, 3, H): one column
-    dist = (edge[:, None] - protos[None]).abs().mean((2, 3))  # (B, K)
+    dist = (edge[:, None] - protos[None]).abs().mean(2).median(2).values  # (B, K); rows the
+    # object reaches into are outliers, so the median row decides
     near, domain = dist.min(1)
-    out = _read_object(img, (img - edge[..., None]).abs().amax(1) > 0.2)
+    # Rows whose edge pixels are not sky (the object reaches the border) take the domain's sky.
+    proto = protos[domain]  # (B, 3, H)
+    off = ((edge - proto).abs().amax(1, keepdim=True) > 0.1) & (near < 0.15).view(B, 1, 1)
+    mask = (img - torch.where(off, proto, edge)[..., None]).abs().amax(1) > 0.2
+    out = _read_object(img, mask)
+    # Colour from the object's core (mask eroded by one pixel): at 16 px the anti-aliased rim
+    # is a third of the object and would pull the mean toward the sky.
+    core = -torch.nn.functional.max_pool2d(-mask[:, None].float(), 3, 1, 1)[:, 0] > 0.5
+    for b in (core.flatten(1).sum(1) > 0).nonzero()[:, 0].tolist():
+        out["color"][b] = img[b][:, core[b]].mean(1)
     out["shape"], out["domain"] = out["domain"], torch.where(near < 0.15, domain, -1)
     out["valid"] &= near < 0.15
     return out

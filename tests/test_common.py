@@ -142,7 +142,7 @@ def test_oracle_reads_shapes(size, n):
     assert err < 1.5 / size
 
 
-@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("size", [16, 32, 64])
 def test_oracle_reads_scenes(size):
     rng, n = random.Random(size), 120
     imgs, facts = zip(*(toy.render_scene(i % 3, size, rng) for i in range(n)))
@@ -150,12 +150,15 @@ def test_oracle_reads_scenes(size):
     r = toy.read_scenes(x)
     assert r["valid"].all()
     assert (r["domain"] == torch.arange(n) % 3).all()  # the sky
-    assert (r["shape"] == torch.tensor([f["shape"] for f in facts])).float().mean() >= 0.99
+    shape_ok = 0.95 if size < 32 else 0.99  # a 16 px triangle is 5-9 px tall: a few read wrong
+    assert (r["shape"] == torch.tensor([f["shape"] for f in facts])).float().mean() >= shape_ok
     err = (r["color"] - torch.tensor([f["color"] for f in facts])).abs()  # edges blend with the sky
-    assert err.mean() < 0.03 and err.max() < 0.2, (err.mean(), err.max())
-    # The same object in front of another sky: the domain follows the sky, the content stays.
-    skies = [torch.stack([toy.sky((i + k) % 3, size) for i in range(n)]) * 2 - 1 for k in (0, 1)]
-    moved = torch.where((x - skies[0]).abs().amax(1, keepdim=True) > 0.02, x, skies[1])
+    worst = 0.35 if size < 32 else 0.2  # the smallest 16 px triangles have no rim-free pixel
+    assert err.mean() < 0.03 and err.max() < worst, (err.mean(), err.max())
+    # The same objects (same random draws) in front of the next sky: the domain follows the sky,
+    # the content stays.
+    rng = random.Random(size)
+    moved = torch.stack([toy.render_scene((i + 1) % 3, size, rng)[0] for i in range(n)]) * 2 - 1
     r2 = toy.read_scenes(moved)
     assert (r2["domain"] == (torch.arange(n) + 1) % 3).all()
     assert (r2["shape"] == r["shape"]).float().mean() >= 0.95
