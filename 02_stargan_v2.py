@@ -17,8 +17,8 @@ Measured (toy scenes 16×16, 2-core CPU, idle): 1500 steps in 524 s (8 min 51 s 
 Oracle at step 1500: domain (sky) accuracy 0.99 latent / 0.99 ref (target 0.9). Content only
 partly kept: the object is read at the source's place in 48 % / 48 % of translations (error
 < 0.05 of the side; chance error 0.14) but comes out a rounded blob (shape kept 0.28 / 0.34,
-chance 0.35); colour error vs ref 0.16. The 32 px toy (widths 8-64, 748 s) reached 0.95 / 0.76,
-position error 0.105 / 0.060. No GPU figures: no GPU was lent so far.
+chance 0.35); colour error vs ref 0.16. The 32 px toy (widths 8-64, 748 s) reached 0.99 / 0.82
+with position kept 0.22 / 0.22. No GPU figures: no GPU was lent so far.
 Official quirks (SPEC §5) and what we do:
 - Deviation: EMA copies start as copies of the He-initialised nets (official: default init, as it
   deep-copies before init): irrelevant after 100k steps, but it would spoil short runs.
