@@ -334,10 +334,11 @@ def infinite(loader):
 # ---- Output: grids, GIFs, console and JSONL logging
 def save_grid(images, path, nrow):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    images = images.detach().float().cpu()
     if images.shape[-1] < 32:  # tiny toy images: 4x nearest-neighbour, so a viewer shows pixels
-        images = torch.nn.functional.interpolate(images.float(), scale_factor=4, mode="nearest")
-    torchvision.utils.save_image(images.detach().float().cpu(), path, nrow=nrow, normalize=True,
-                                 value_range=(-1, 1), padding=1)
+        images = torch.nn.functional.interpolate(images, scale_factor=4, mode="nearest")
+    torchvision.utils.save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1),
+                                 padding=1)
 
 
 def save_gif(frames, path, duration_ms=100):
