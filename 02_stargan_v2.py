@@ -25,8 +25,8 @@ Official quirks (SPEC §5) and what we do:
 - Deviation: λ_ds decay is a pure function of the step: it survives resume (official restarts it).
 - Copied: with w_hpf > 0 the AdaIN block drops its shortcut (conv1x1 exists, gets no gradient);
   the ds loss detaches the 2nd image; the reference G step updates G only.
-- w_hpf > 0 needs face masks from a pretrained landmark net (FAN) we do not ship: G accepts masks,
-  without them the high-pass skip path is off (CelebA-HQ quality will be lower than official).
+- Copied: w_hpf > 0 (CelebA-HQ) takes face masks from the frozen, pretrained FAN (common.FAN,
+  `python data/download.py wing`): FAN(x_real) for the D and G steps, FAN(x_fake) for the cycle.
 """
 import copy
 import math
@@ -42,11 +42,11 @@ import torchvision.transforms as T
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
-from common import (DomainFolder, ImageFiles, InceptionPool, LPIPS, Logger, ReferencePairs,
+from common import (FAN, DomainFolder, ImageFiles, InceptionPool, LPIPS, Logger, ReferencePairs,
                     UserError, autocast, check_finite, frechet_distance, infinite, load_checkpoint,
-                    load_rgb, main_guard, make_loader, parse_config, pick_device, prepare_run,
-                    read_scenes, require, resolve_data, save_checkpoint, save_gif, save_grid,
-                    seed_everything, strip_prefixes, to_tensor_norm)
+                    load_fan, load_rgb, main_guard, make_loader, parse_config, pick_device,
+                    prepare_run, read_scenes, require, resolve_data, save_checkpoint, save_gif,
+                    save_grid, seed_everything, strip_prefixes, to_tensor_norm)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -71,6 +71,7 @@ class Config:
     max_conv_dim: int = 512          # channel cap of G, E, D (official 512)
     mapping_dim: int = 512           # hidden width of F (official hard-codes 512)
     w_hpf: float = 0.0               # high-pass skip weight: 1 for CelebA-HQ, 0 for AFHQ (App. A)
+    wing: str = "data/checkpoints/wing/wing.ckpt"  # FAN weights: face masks when w_hpf > 0
     lambda_reg: float = 1.0          # λ_reg, weight of R1 on real images (App. B, γ = 1)
     lambda_sty: float = 1.0          # λ_sty, style reconstruction, Eq. (5)
     lambda_ds: float = 1.0           # λ_ds at step 0, diversity sensitive (subtracted), Eq. (5)
@@ -291,23 +292,47 @@ def build_nets(cfg, device="cpu"):
     return nets, ema
 
 
+def face_net(cfg, device, random_ok=False):
+    """The frozen FAN whose face masks G's high-pass skips use when w_hpf > 0; None otherwise."""
+    if cfg.w_hpf <= 0:
+        return None
+    if random_ok and not Path(cfg.wing).is_file():  # --bench: the time, not the masks, counts
+        return FAN().to(device)
+    require(Path(cfg.wing).is_file(), f"--w-hpf {cfg.w_hpf}: the high-pass skips need face masks "
+            f"from the FAN weights, not found at {cfg.wing}; run `python data/download.py wing` "
+            "(or pass --wing PATH), or leave the skips out with --w-hpf 0")
+    return load_fan(cfg.wing, device)
+
+
 def load_official(path, nets):
-    """Official {'generator': sd, ...} into {"G": net, ...} by tensor position (names differ)."""
+    """Official {'generator': sd, ...} into {"G": net, ...}, entry by entry by name and shape. Both
+    release generations load: 2020 files have no 'hpf.filter' (a constant, kept from ours; it became
+    a buffer in 2021), `module.` prefixes (nn.DataParallel) are dropped, and *_nets_ema.ckpt files
+    have no discriminator (D is then left as it is)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
+    except Exception as e:  # missing, truncated, not a torch file
         raise UserError(f"--official-ckpt {path}: cannot read ({e.__class__.__name__}); "
                         "pass a *_nets_ema.ckpt from the StarGAN v2 release") from None
+    require(isinstance(ckpt, dict) and "generator" in ckpt, f"--official-ckpt {path}: not a "
+            "StarGAN v2 release file (no 'generator' entry); pass a *_nets_ema.ckpt")
+    fix = "pass the matching --preset (afhq / celeba_hq) and --img-size"
     for ours, net in nets.items():
         theirs = OFFICIAL_NAMES[ours]
+        if theirs not in ckpt and ours == "D":
+            continue
         require(theirs in ckpt, f"--official-ckpt {path}: no '{theirs}' entry (has {list(ckpt)})")
-        src, dst = list(strip_prefixes(ckpt[theirs]).items()), net.state_dict()
-        require(len(src) == len(dst), f"--official-ckpt {path}: {theirs} has {len(src)} tensors, "
-                f"ours {len(dst)}; pass the matching --preset (afhq / celeba_hq)")
-        for (key, value), ours_t in zip(src, dst.values()):
-            require(value.shape == ours_t.shape, f"--official-ckpt {path}: {theirs}.{key} is "
-                    f"{tuple(value.shape)}, ours {tuple(ours_t.shape)}; check --preset/--img-size")
-        net.load_state_dict({k: value for k, (_, value) in zip(dst, src)})
+        src, dst = strip_prefixes(ckpt[theirs]), net.state_dict()
+        if "hpf.filter" in dst and "hpf.filter" not in src:  # a 2020 release file
+            src["hpf.filter"] = dst["hpf.filter"]
+        missing, extra = [k for k in dst if k not in src], [k for k in src if k not in dst]
+        diff = "; ".join(t for t in (missing and f"lacks {missing[:3]}",
+                                     extra and f"has unexpected {extra[:3]}") if t)
+        require(not diff, f"--official-ckpt {path}: {theirs} {diff}; {fix}")
+        for key, value in src.items():
+            require(value.shape == dst[key].shape, f"--official-ckpt {path}: {theirs}.{key} is "
+                    f"{tuple(value.shape)}, ours {tuple(dst[key].shape)}; {fix}")
+        net.load_state_dict(src)
 
 
 # ----------------------------------------------------------------------------
@@ -363,8 +388,10 @@ def d_loss(nets, cfg, x_real, y_org, y_trg, z_trg=None, x_ref=None, masks=None):
     return loss, dict(real=loss_real, fake=loss_fake, reg=loss_reg)
 
 
-def g_loss(nets, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_refs=None, masks=None):
-    """Eq. (5) for one batch; styles from (z, z2) through F or from (x_ref, x_ref2) through E."""
+def g_loss(nets, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_refs=None, masks=None,
+           fan=None):
+    """Eq. (5) for one batch; styles from (z, z2) through F or from (x_ref, x_ref2) through E.
+    masks: FAN(x_real) for G(x_real, ·); the cycle's G(x_fake, ·) gets FAN(x_fake) (official)."""
     s_trg, s_trg2 = ([nets.mapping(z, y_trg) for z in z_trgs] if z_trgs is not None
                      else [nets.E(x, y_trg) for x in x_refs])  # 2 × (B, S)
     x_fake = nets.G(x_real, s_trg, masks)  # (B, 3, H, W)
@@ -374,7 +401,8 @@ def g_loss(nets, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_refs=None,
         x_fake2 = nets.G(x_real, s_trg2, masks)
     loss_ds = ds_loss(x_fake, x_fake2)
     s_org = nets.E(x_real, y_org)  # ŝ, style of the source in its own domain
-    loss_cyc = cycle_loss(nets.G(x_fake, s_org, masks), x_real)  # masks: FAN(x_fake) officially
+    masks_fake = fan.masks(x_fake) if fan is not None else None  # no gradient through masks
+    loss_cyc = cycle_loss(nets.G(x_fake, s_org, masks_fake), x_real)
     loss = g_total(loss_adv, loss_sty, loss_ds, loss_cyc, cfg, lambda_ds)
     return loss, dict(adv=loss_adv, sty=loss_sty, ds=loss_ds, cyc=loss_cyc)
 
@@ -423,34 +451,39 @@ def ema_update(ema, nets, beta):
         torch._foreach_lerp_(list(avg.parameters()), list(getattr(nets, k).parameters()), 1 - beta)
 
 
-def d_step(nets, optims, cfg, x_real, y_org, y_trg, z_trg=None, x_ref=None):
+def d_step(nets, optims, cfg, x_real, y_org, y_trg, z_trg=None, x_ref=None, masks=None):
     """One D update with a latent (z_trg) or reference (x_ref) style; changes D only."""
     with autocast(x_real.device, cfg.amp):
-        loss, terms = d_loss(nets, cfg, x_real, y_org, y_trg, z_trg=z_trg, x_ref=x_ref)
+        loss, terms = d_loss(nets, cfg, x_real, y_org, y_trg, z_trg, x_ref, masks)
     return apply_grads(loss, terms, optims, ["D"])
 
 
-def g_step(nets, optims, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_refs=None):
+def g_step(nets, optims, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_refs=None,
+           masks=None, fan=None):
     """Latent styles update G, F and E; reference styles update G only (official: E's gradient
     from the reference step is computed there but never applied; we do not compute it)."""
     with autocast(x_real.device, cfg.amp):
-        loss, terms = g_loss(nets, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs, x_refs)
+        loss, terms = g_loss(nets, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs, x_refs, masks,
+                             fan)
     return apply_grads(loss, terms, optims, ["G", "mapping", "E"] if z_trgs is not None else ["G"])
 
 
-def train_step(nets, ema, optims, batch, step, cfg):
-    """One official iteration (SPEC §2.3). Returns detached loss tensors (no host sync)."""
+def train_step(nets, ema, optims, batch, step, cfg, fan=None):
+    """One official iteration (SPEC §2.3). Returns detached loss tensors (no host sync).
+    fan: the frozen FAN when w_hpf > 0; its masks of x_real serve all four steps (official)."""
     x_real, y_org, x_ref, x_ref2, y_trg = batch  # y_trg: reference domain, also for latent steps
+    masks = fan.masks(x_real) if fan is not None else None  # 2 × (B, 1, 256, 256)
     z_trgs = torch.randn(2, x_real.shape[0], cfg.latent_dim, device=x_real.device)  # z_trg, z_trg2
     lambda_ds = lambda_ds_at(step, cfg)
     logs = {"G/lambda_ds": torch.tensor(lambda_ds)}
     # 1. D step, latent style  2. D step, reference style
     for mode, kw in (("latent", dict(z_trg=z_trgs[0])), ("ref", dict(x_ref=x_ref))):
-        terms = d_step(nets, optims, cfg, x_real, y_org, y_trg, **kw)
+        terms = d_step(nets, optims, cfg, x_real, y_org, y_trg, **kw, masks=masks)
         logs.update({f"D/{mode}_{k}": v for k, v in terms.items()})
     # 3. G step, latent styles (G, F, E)  4. G step, reference styles (G only)
     for mode, kw in (("latent", dict(z_trgs=z_trgs)), ("ref", dict(x_refs=(x_ref, x_ref2)))):
-        terms = g_step(nets, optims, cfg, lambda_ds, x_real, y_org, y_trg, **kw)
+        terms = g_step(nets, optims, cfg, lambda_ds, x_real, y_org, y_trg, **kw, masks=masks,
+                       fan=fan)
         logs.update({f"G/{mode}_{k}": v for k, v in terms.items()})
     ema_update(ema, nets, cfg.ema_beta)  # 5. EMA of G, F, E
     return logs
@@ -467,29 +500,45 @@ def build_optims(nets, cfg):
 # ----------------------------------------------------------------------------
 # 6. Sampling
 # ----------------------------------------------------------------------------
+def masks_of(fan, x):
+    """FAN face masks of x for G's high-pass skips, or None when G has none (w_hpf = 0)."""
+    return fan.masks(x) if fan is not None else None
+
+
 @torch.no_grad()
-def translate_all(G, x_src, styles, chunk=64):
+def translate_all(G, x_src, styles, fan=None, chunk=64):
     """G(x_src, styles) in chunks (memory), clamped: x_src (N, 3, H, W), styles (N, S)."""
-    return torch.cat([G(x_src[i:i + chunk], styles[i:i + chunk]).clamp(-1, 1)
-                      for i in range(0, len(x_src), chunk)])
+    return torch.cat([G(x, s, masks_of(fan, x)).clamp(-1, 1)
+                      for x, s in zip(x_src.split(chunk), styles.split(chunk))])
 
 
-def ref_rows(G, x_src, x_ref, s_ref):
+def ref_rows(G, x_src, x_ref, s_ref, masks=None):
     """Reference grid rows: a white cell + the sources, then per reference: it + translations."""
     rows = [torch.ones_like(x_src[:1]), x_src]
     for x, s in zip(x_ref, s_ref):
-        rows += [x[None], G(x_src, s.expand(len(x_src), -1))]
+        rows += [x[None], G(x_src, s.expand(len(x_src), -1), masks)]
     return torch.cat(rows)  # ((R + 1) (N + 1), 3, H, W)
 
 
+def save_masks(x_src, masks, path):
+    """Rows: the sources, then the masks G uses at 32 px (whole face) and at 64/128 px."""
+    grey = [F.interpolate(m, size=x_src.shape[2:], mode="bilinear").expand_as(x_src) * 2 - 1
+            for m in masks]  # (N, 3, H, W) each, in [-1, 1] like the images
+    save_grid(torch.cat([x_src, *grey]), path, nrow=len(x_src))
+
+
 @torch.no_grad()
-def write_samples(ema, fixed, out, tag, cfg, n_z=5):
-    """EMA nets on a fixed batch: cycle strip, latent grids (ψ 0.5, 0.7, 1), reference grid."""
+def write_samples(ema, fixed, out, tag, cfg, fan=None, n_z=5):
+    """EMA nets on a fixed batch: cycle strip, latent grids (ψ 0.5, 0.7, 1), reference grid,
+    and with w_hpf > 0 the FAN's face masks of the sources."""
     x_src, y_src, x_ref, y_ref = fixed
     G, mapping, E, N, K = ema.G, ema.mapping, ema.E, len(x_src), cfg.num_domains
-    x_fake = G(x_src, E(x_ref, y_ref))
-    x_rec = G(x_fake, E(x_src, y_src))
+    masks = masks_of(fan, x_src)
+    x_fake = G(x_src, E(x_ref, y_ref), masks)
+    x_rec = G(x_fake, E(x_src, y_src), masks_of(fan, x_fake))
     save_grid(torch.cat([x_src, x_ref, x_fake, x_rec]), out / f"{tag}_cycle.png", nrow=N)
+    if masks is not None:
+        save_masks(x_src, masks, out / f"{tag}_masks.png")
     gen, device = torch.Generator().manual_seed(0), x_src.device
     z_avg, z = (torch.randn(n, cfg.latent_dim, generator=gen).to(device) for n in (10000, n_z))
     ys = [torch.full((len(z_avg),), k, device=device) for k in range(K)]
@@ -497,13 +546,14 @@ def write_samples(ema, fixed, out, tag, cfg, n_z=5):
     s_lat = torch.stack([mapping(z, y[:n_z]) for y in ys])  # (K, n_z, S)
     for psi in (0.5, 0.7, 1.0):  # rows: sources, then one row per (domain, z)
         s_psi = torch.lerp(s_avg[:, None], s_lat, psi).flatten(0, 1)  # (K n_z, S)
-        rows = [x_src] + [G(x_src, s.expand(N, -1)) for s in s_psi]
+        rows = [x_src] + [G(x_src, s.expand(N, -1), masks) for s in s_psi]
         save_grid(torch.cat(rows), out / f"{tag}_latent_psi{psi:.1f}.png", nrow=N)
-    save_grid(ref_rows(G, x_src, x_ref, E(x_ref, y_ref)), out / f"{tag}_reference.png", N + 1)
+    save_grid(ref_rows(G, x_src, x_ref, E(x_ref, y_ref), masks), out / f"{tag}_reference.png",
+              N + 1)
 
 
 @torch.no_grad()
-def oracle_scores(ema, root, cfg, device, step):
+def oracle_scores(ema, root, cfg, device, step, fan=None):
     """Toy scenes: read sky (domain), object shape / position / size (content) and colour (style)
     back from pixels (data/toy.read_scenes). Every val image goes to every other domain with a
     latent style and with a random reference's style."""
@@ -514,7 +564,7 @@ def oracle_scores(ema, root, cfg, device, step):
     ref = torch.multinomial((y[None] == trg[:, None]).float(), 1, generator=gen)[:, 0]  # of trg
     x_src, x_ref, y_trg = x[src].to(device), x[ref].to(device), trg.to(device)
     z = torch.randn(2, len(src), cfg.latent_dim, generator=gen).to(device)
-    f_lat, f_lat2, f_out_ref = (read_scenes(translate_all(ema.G, x_src, s)) for s in (
+    f_lat, f_lat2, f_out_ref = (read_scenes(translate_all(ema.G, x_src, s, fan)) for s in (
         ema.mapping(z[0], y_trg), ema.mapping(z[1], y_trg), ema.E(x_ref, y_trg)))
     f_src, f_ref = read_scenes(x_src), read_scenes(x_ref)
 
@@ -546,7 +596,8 @@ def read_images(path, img_size, flag):
 
 
 def sampling_nets(cfg, ns):
-    """(cfg, EMA G/F/E, device) from our checkpoint (its saved config wins) or an official one."""
+    """(cfg, EMA G/F/E, device, FAN or None) from our checkpoint (its saved config wins) or an
+    official one."""
     device, path = pick_device(cfg.device), ns.ckpt or str(Path(cfg.out) / "last.pt")
     if not ns.official_ckpt:
         require(Path(path).is_file(), f"--ckpt {path}: not found; pass a run's last.pt "
@@ -554,35 +605,38 @@ def sampling_nets(cfg, ns):
         saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
         keep = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
         cfg = Config(**{**keep, "device": cfg.device, "out": str(Path(path).parent)})
+    fan = face_net(cfg, device)  # before the nets: a missing FAN file fails at once
     _, ema = build_nets(cfg, device)
     if ns.official_ckpt:
         load_official(ns.official_ckpt, vars(ema))
     else:
         load_checkpoint(path, {k + "_ema": v for k, v in vars(ema).items()}, restore_rng=False)
-    return cfg, ema, device
+    return cfg, ema, device, fan
 
 
 @torch.no_grad()
 def sample(cfg, ns):
     """--src to --domain: reference grid (--ref) or latent grid (--n-styles), and a style GIF."""
     require(ns.src, "--src: required in sample mode; pass an image file or folder")
-    cfg, nets, device = sampling_nets(cfg, ns)
+    cfg, nets, device, fan = sampling_nets(cfg, ns)
     require(0 <= ns.domain < cfg.num_domains, f"--domain {ns.domain}: use 0..{cfg.num_domains - 1}")
     require(ns.n_styles > 0, f"--n-styles {ns.n_styles}: must be ≥ 1")
     x_src = read_images(ns.src, cfg.img_size, "--src").to(device)  # (N, 3, H, W)
-    N, out = len(x_src), Path(cfg.out) / "sample"
+    N, out, masks = len(x_src), Path(cfg.out) / "sample", masks_of(fan, x_src)
+    if masks is not None:
+        save_masks(x_src, masks, out / "masks.png")
     if ns.ref:
         x_ref = read_images(ns.ref, cfg.img_size, "--ref").to(device)  # (R, 3, H, W)
         styles = nets.E(x_ref, torch.full((len(x_ref),), ns.domain, device=device))  # (R, S)
-        save_grid(ref_rows(nets.G, x_src, x_ref, styles), out / "reference.png", N + 1)
+        save_grid(ref_rows(nets.G, x_src, x_ref, styles, masks), out / "reference.png", N + 1)
     else:
         z = torch.randn(ns.n_styles, cfg.latent_dim, device=device)  # (R, Z)
         styles = nets.mapping(z, torch.full((ns.n_styles,), ns.domain, device=device))  # (R, S)
-        grid = [x_src] + [nets.G(x_src, s.expand(N, -1)) for s in styles]
+        grid = [x_src] + [nets.G(x_src, s.expand(N, -1), masks) for s in styles]
         save_grid(torch.cat(grid), out / "latent.png", nrow=N)
     if len(styles) >= 2:  # GIF weights 0, sigmoid(-5..4.5 step 0.5), then 1 × 10 (official video)
         alphas = [0.0] + torch.sigmoid(torch.arange(-5, 5, 0.5)).tolist() + [1.0] * 10
-        frames = [make_grid(nets.G(x_src, torch.lerp(s0, s1, a).expand(N, -1)).clamp(-1, 1),
+        frames = [make_grid(nets.G(x_src, torch.lerp(s0, s1, a).expand(N, -1), masks).clamp(-1, 1),
                             nrow=N) for s0, s1 in zip(styles[:-1], styles[1:]) for a in alphas]
         save_gif(frames, out / "interpolation.gif", duration_ms=60)
     print(f"wrote {sorted(p.name for p in out.iterdir())} to {out}")
@@ -592,7 +646,7 @@ def sample(cfg, ns):
 def evaluate(cfg, ns):
     """Official protocol (SPEC §2.7): each src≠trg task, --num-outs outputs per val source;
     LPIPS = mean over output pairs; FID vs all train images of the target domain."""
-    cfg, nets, device = sampling_nets(cfg, ns)
+    cfg, nets, device, fan = sampling_nets(cfg, ns)
     root, K = resolve_data(cfg.data, "scenes", cfg.img_size), cfg.num_domains
     inception = InceptionPool(pretrained=not ns.random_weights).to(device)
     lpips = LPIPS("alex", pretrained=not ns.random_weights).to(device).eval()
@@ -611,7 +665,7 @@ def evaluate(cfg, ns):
             latent=lambda: nets.mapping(torch.randn(n, cfg.latent_dim, device=device), y),
             reference=lambda: nets.E(refs[torch.randint(len(refs), (n,))].to(device), y))
         for mode, rows in res.items():
-            outs = [translate_all(nets.G, x_src, style[mode]()) for _ in range(ns.num_outs)]
+            outs = [translate_all(nets.G, x_src, style[mode](), fan) for _ in range(ns.num_outs)]
             lp = torch.stack([lpips(a, b).mean() for i, a in enumerate(outs) for b in outs[i + 1:]])
             rows.append((frechet_distance(feats(torch.cat(outs)), real), lp.mean().item()))
             print(f"{mode} {src}->{trg}: FID {rows[-1][0]:.2f} | LPIPS {rows[-1][1]:.4f}{label}")
@@ -619,7 +673,7 @@ def evaluate(cfg, ns):
         print(f"{mode} mean: FID {sum(r[0] for r in rows) / len(rows):.2f} | "
               f"LPIPS {sum(r[1] for r in rows) / len(rows):.4f}{label}")
     if cfg.data in ("", "toy"):
-        oracle_scores(nets, root, cfg, device, "eval")
+        oracle_scores(nets, root, cfg, device, "eval", fan)
     return res
 
 
@@ -630,10 +684,11 @@ def train(cfg):
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     resume = None if cfg.bench else prepare_run(cfg.out, cfg.resume, cfg.overwrite)  # fail early
+    fan = face_net(cfg, device, random_ok=cfg.bench)  # None unless w_hpf > 0
     nets, ema = build_nets(cfg, device)
     optims = build_optims(nets, cfg)
     if cfg.bench:
-        return bench(nets, ema, optims, cfg, device)
+        return bench(nets, ema, optims, cfg, device, fan)
     out, last, toy = Path(cfg.out), Path(cfg.out) / "last.pt", cfg.data in ("", "toy")
     root, src_set, ref_set = domain_sets(cfg)
     all_nets = {**vars(nets), **{k + "_ema": v for k, v in vars(ema).items()}}
@@ -646,19 +701,20 @@ def train(cfg):
     fixed = [t.to(device) for t in (x[src], y[src], x[~src], y[~src])]
     logger, t0 = Logger(out, cfg.total_iters, cfg.log_every), time.time()
     print(f"{sum(p.numel() for p in nets.G.parameters()):,} G params | data {root} | "
-          f"{len(src_set)} images, domains {src_set.domains} | device {device} | from step {step}")
+          f"{len(src_set)} images, domains {src_set.domains} | device {device} | from step {step}"
+          + (f" | face masks from {cfg.wing}" if fan is not None else ""))
     try:
         while step < cfg.total_iters:
             # Not converted to channels_last: NHWC weights make cuDNN's convs run NHWC anyway.
             batch = [t.to(device, non_blocking=True) for t in (*next(src_it), *next(ref_it))]
-            losses = train_step(nets, ema, optims, batch, step, cfg)
+            losses = train_step(nets, ema, optims, batch, step, cfg, fan)
             step += 1
             if step % cfg.log_every == 0:
                 logger.log(step, losses)
             if step % cfg.sample_every == 0 or step == cfg.total_iters:
-                write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg)
+                write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg, fan)
                 if toy and step < cfg.total_iters:
-                    oracle_scores(ema, root, cfg, device, step)
+                    oracle_scores(ema, root, cfg, device, step, fan)
             if step % cfg.save_every == 0 or step == cfg.total_iters:
                 check_finite(losses, step, last if last.exists() else None)
                 save_checkpoint(last, step, cfg, all_nets, optims)
@@ -667,23 +723,23 @@ def train(cfg):
         print(f"\ninterrupted: saved {last} at step {step}; resume with --resume auto")
         return None
     print(f"done: {step} steps in {time.time() - t0:.0f} s; samples in {out / 'samples'}")
-    return oracle_scores(ema, root, cfg, device, step) if toy else None
+    return oracle_scores(ema, root, cfg, device, step, fan) if toy else None
 
 
-def bench(nets, ema, optims, cfg, device):
+def bench(nets, ema, optims, cfg, device, fan=None):
     """Warm-up + cfg.bench_iters timed iterations on random data; FLOPs of one iteration."""
     B, H, K, cuda = cfg.batch, cfg.img_size, cfg.num_domains, device.type == "cuda"
     x, y = torch.rand(3, B, 3, H, H, device=device) * 2 - 1, torch.randint(K, (2, B), device=device)
     batch, sync = (x[0], y[0], x[1], x[2], y[1]), torch.cuda.synchronize if cuda else lambda: None
-    train_step(nets, ema, optims, batch, 0, cfg)  # warm-up (the counted step warms up too)
+    train_step(nets, ema, optims, batch, 0, cfg, fan)  # warm-up (the counted step warms up too)
     with FlopCounterMode(display=False) as counter:
-        train_step(nets, ema, optims, batch, 1, cfg)
+        train_step(nets, ema, optims, batch, 1, cfg, fan)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     sync()
     t0 = time.perf_counter()
     for step in range(cfg.bench_iters):
-        losses = train_step(nets, ema, optims, batch, step, cfg)
+        losses = train_step(nets, ema, optims, batch, step, cfg, fan)
     sync()
     its = cfg.bench_iters / (time.perf_counter() - t0)
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"

@@ -441,3 +441,147 @@ class LPIPS(nn.Module):
         d = [(w * (a - b).square()).sum(1).mean((1, 2))
              for w, a, b in zip(self.lins, self._stages(x), self._stages(y))]
         return torch.stack(d).sum(0)  # (B,)
+
+
+# ---- StarGAN v2's face-alignment network (FAN): the face masks of its CelebA-HQ generator
+def _bn_relu_conv(c_in, c_out, k):
+    return [nn.BatchNorm2d(c_in), nn.ReLU(), nn.Conv2d(c_in, c_out, k, 1, k // 2, bias=False)]
+
+
+class _FanBlock(nn.Module):
+    """Hierarchical residual block: three BN-ReLU-3×3 convs to C/2, C/4, C/4 channels, their
+    outputs concatenated to C, plus the input (through BN-ReLU-1×1 when the width changes)."""
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        widths = (c_in, c_out // 2, c_out // 4, c_out // 4)
+        for i in range(3):  # official names: bn1 conv1 bn2 conv2 bn3 conv3
+            bn, _, conv = _bn_relu_conv(widths[i], widths[i + 1], 3)
+            self.add_module(f"bn{i + 1}", bn)
+            self.add_module(f"conv{i + 1}", conv)
+        self.downsample = nn.Sequential(*_bn_relu_conv(c_in, c_out, 1)) if c_in != c_out else None
+
+    def forward(self, x):
+        h, outs = x, []
+        for i in (1, 2, 3):
+            h = getattr(self, f"conv{i}")(torch.relu(getattr(self, f"bn{i}")(h)))
+            outs.append(h)
+        return torch.cat(outs, 1) + (x if self.downsample is None else self.downsample(x))
+
+
+class _CoordConv(nn.Module):
+    """Conv on [x, i, j, r]: the row and column coordinates in [-1, 1] and the radius / its max,
+    so the landmark heads know where in the image a feature is (CoordConv, Liu et al. 2018)."""
+    def __init__(self, c_in, c_out, k, stride):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in + 3, c_out, k, stride, k // 2)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        i = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype)[:, None].expand(H, W)
+        j = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype)[None, :].expand(H, W)
+        r = (i.square() + j.square()).sqrt()
+        coords = torch.stack([i, j, r / r.max()]).expand(B, 3, H, W)  # (B, 3, H, W)
+        return self.conv(torch.cat([x, coords], 1))
+
+
+class FAN(nn.Module):
+    """The official face-alignment network of StarGAN v2 (AdaptiveWing FAN, one 4-level
+    hourglass): x (B, 3, 256, 256) in [0, 1] -> 98 landmark heatmaps + 1 boundary map at 64×64.
+    Frozen: BatchNorm always uses its running statistics (train() keeps it in eval mode)."""
+    def __init__(self, depth=4, width=256, n_landmarks=98):
+        super().__init__()
+        self.depth = depth
+        self.conv1 = _CoordConv(3, 64, 7, 2)  # 128×128
+        self.bn1 = nn.BatchNorm2d(64)
+        self.conv2, self.conv3, self.conv4 = _FanBlock(64, 128), _FanBlock(128, 128), \
+            _FanBlock(128, width)
+        self.m0 = nn.Module()  # the hourglass, named as in wing.ckpt
+        self.m0.coordconv = _CoordConv(width, width, 1, 1)
+        for level in range(depth, 0, -1):  # registration order = the official key order
+            self.m0.add_module(f"b1_{level}", _FanBlock(width, width))
+            self.m0.add_module(f"b2_{level}", _FanBlock(width, width))
+        self.m0.b2_plus_1 = _FanBlock(width, width)
+        for level in range(1, depth + 1):
+            self.m0.add_module(f"b3_{level}", _FanBlock(width, width))
+        self.top_m_0 = _FanBlock(width, width)
+        self.conv_last0 = nn.Conv2d(width, width, 1)
+        self.bn_end0 = nn.BatchNorm2d(width)
+        self.l0 = nn.Conv2d(width, n_landmarks + 1, 1)
+        self.requires_grad_(False).eval()
+
+    def train(self, mode=True):
+        return super().train(False)
+
+    def _hourglass(self, x, level):
+        """up = b1(x); low = b3(inner(b2(pool(x)))); up + nearest ×2 upsampling of low."""
+        m = self.m0
+        low = getattr(m, f"b2_{level}")(nn.functional.avg_pool2d(x, 2))  # H/2
+        low = self._hourglass(low, level - 1) if level > 1 else m.b2_plus_1(low)
+        low = getattr(m, f"b3_{level}")(low)
+        return getattr(m, f"b1_{level}")(x) + nn.functional.interpolate(low, scale_factor=2.0)
+
+    def forward(self, x):
+        """x (B, 3, 256, 256) in [0, 1] -> heatmaps (B, 99, 64, 64)."""
+        x = torch.relu(self.bn1(self.conv1(x)))  # (B, 64, 128, 128)
+        x = nn.functional.avg_pool2d(self.conv2(x), 2)  # (B, 128, 64, 64)
+        x = self.conv4(self.conv3(x))  # (B, 256, 64, 64)
+        x = self.top_m_0(self._hourglass(self.m0.coordconv(x), self.depth))
+        return self.l0(torch.relu(self.bn_end0(self.conv_last0(x))))  # (B, 99, 64, 64)
+
+    @torch.no_grad()
+    def heatmaps(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> the 98 landmark heatmaps (B, 98, 256, 256), float32."""
+        with torch.autocast(x.device.type, enabled=False):  # the mask powers need fp32
+            x = nn.functional.interpolate(x.float(), size=256, mode="bilinear")
+            heat = self(x * 0.5 + 0.5)[:, :-1]  # (B, 98, 64, 64): the boundary map is unused
+            return nn.functional.interpolate(heat, size=256, mode="bilinear", align_corners=True)
+
+    def masks(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> (whole face, eyes + nose), each (B, 1, 256, 256)."""
+        return face_masks(self.heatmaps(x))
+
+
+# Landmark index ranges of the 98-point (WFLW) layout, end excluded, and what face_masks does with
+# each: (rows to move the map up, negative = down; power that sharpens it). Official values.
+_MASK_PARTS = {"chin": (8, 25, 0, 3), "eyebrows": (33, 51, -7, 2), "nostrils": (55, 60, 8, 4),
+               "lip_upper": (77, 82, -8, 4), "lip_lower": (83, 88, 8, 4),
+               "lip_inner": (88, 96, -2, 3)}
+
+
+def face_masks(heat):
+    """The official heatmap-to-mask recipe: heat (B, 98, H, W), H = 256 -> two (B, 1, H, W) masks
+    in [0, 1]: [0] every kept part (used at 32 px), [1] without jaw line, mouth and eyebrows."""
+    up = lambda h, rows: torch.roll(h, -rows, dims=2)  # noqa: E731 (content moves up, wraps)
+    sw = heat.shape[2] // 256  # the shifts are in pixels of a 256-px image
+    x = torch.where(heat < 0.1, torch.zeros_like(heat), heat)  # drop the faint tails
+    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    x = (x - lo) / (hi - lo + 1e-6)  # each map min-max normalised to [0, 1]
+    for a, b, rows, power in _MASK_PARTS.values():
+        x[:, a:b] = up(x[:, a:b], rows * sw) ** power
+    x[:, list(range(0, 8)) + list(range(25, 33)) + [33, 46, 76, 82]] = 0  # outer jaw, corners
+    x[:, 52:55] = up(x[:, 52:55], 4 * sw)  # nose ridge (52-54; 51, its top, stays)
+    x[:, 60:76] = up(x[:, 60:76], -8) ** 3 + up(x[:, 60:76], -24)  # eyes (official: not × sw)
+    x2 = x.clone()
+    x2[:, 8:25] = x2[:, 33:51] = x2[:, 76:96] = 0  # second level: no jaw line, eyebrows, mouth
+    return tuple(m.sum(1, keepdim=True).nan_to_num(0).clamp(0, 1) for m in (x, x2))
+
+
+def load_fan(path, device="cpu"):
+    """wing.ckpt ({'state_dict': ...}) -> a frozen FAN in eval mode; entries matched by name, extra
+    entries ignored (as official), a missing or mis-shaped one refused with one line."""
+    fix = "get it with `python data/download.py wing` (or pass --wing PATH)"
+    require(Path(path).is_file(), f"{path}: no FAN weights (wing.ckpt) here; {fix}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or holding pickled Python objects
+        raise UserError(f"{path}: cannot read it as a torch checkpoint ({type(e).__name__}); "
+                        f"delete it and {fix}") from None
+    state = strip_prefixes(ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {})
+    fan = FAN()
+    for key, want in fan.state_dict().items():
+        got = state.get(key)
+        require(got is not None, f"{path}: no entry '{key}'; not the StarGAN v2 wing.ckpt? {fix}")
+        require(got.shape == want.shape, f"{path}: '{key}' is {tuple(got.shape)}, expected "
+                f"{tuple(want.shape)}; not the StarGAN v2 wing.ckpt? {fix}")
+    fan.load_state_dict({k: state[k] for k in fan.state_dict()})
+    return fan.to(device)

@@ -26,6 +26,7 @@ DROPBOX = "https://www.dropbox.com/s/"  # dl=1 asks Dropbox for the file, not it
 
 
 Item = namedtuple("Item", "url kind needs command")  # kind: zip, tar (.tar.gz) or file (as is)
+# A "file" item with several files has one URL per file (--url then names a folder holding them).
 V2 = "python 02_stargan_v2.py --data {dest}"
 V2_CKPT = ("python 02_stargan_v2.py sample --preset {} --official-ckpt "
            "{{dest}}/100000_nets_ema.ckpt --src <image>")
@@ -43,6 +44,10 @@ ITEMS = {  # name: where from, archive kind, paths the final folder must hold, w
                             ("100000_nets_ema.ckpt",), V2_CKPT.format("afhq")),
     "stargan_v2_celeba_hq": Item(DROPBOX + "96fmei6c93o8b8t/100000_nets_ema.ckpt?dl=1", "file",
                                  ("100000_nets_ema.ckpt",), V2_CKPT.format("celeba_hq")),
+    "wing": Item((DROPBOX + "tjxpypwpt38926e/wing.ckpt?dl=1",
+                  DROPBOX + "91fth49gyb7xksk/celeba_lm_mean.npz?dl=1"), "file",
+                 ("wing.ckpt", "celeba_lm_mean.npz"),
+                 "python 02_stargan_v2.py --data data/celeba_hq   # face masks for w_hpf > 0"),
     "stargan_v1_celeba_128": Item(DROPBOX + "7e966qq0nlxwte4/celeba-128x128-5attrs.zip?dl=1",
                                   "zip", ("200000-G.ckpt", "200000-D.ckpt"), V1_CKPT),
     "stargan_v1_celeba_256": Item(DROPBOX + "zdq6roqf63m0v5f/celeba-256x256-5attrs.zip?dl=1",
@@ -168,9 +173,16 @@ def find_root(top, item):
 
 def install(name, item, root, url, force):
     """Download + verify + extract + fix layout for one item. Returns the final folder."""
-    dest = root / ("checkpoints/" + name if name.startswith("stargan") else name)
+    dest = root / ("checkpoints/" + name if item.kind == "file" or name.startswith("stargan")
+                   else name)
     if not force and all((dest / n).exists() for n in item.needs):
         print(f"{name} is already present at {dest} (pass --force to download it again)")
+        return dest
+    if item.kind == "file" and len(item.needs) > 1:  # one download per file, in order
+        urls = url if isinstance(url, tuple) else [f"{url.rstrip('/')}/{n}" for n in item.needs]
+        for u, n in zip(urls, item.needs):
+            if force or not (dest / n).exists():
+                install(name, item._replace(needs=(n,)), root, u, force)
         return dest
     filename = item.needs[0] if item.kind == "file" else name + (".zip" if item.kind == "zip"
                                                                  else ".tar.gz")
@@ -240,7 +252,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("name", choices=sorted(ITEMS) + ["weights"], help="what to download")
     parser.add_argument("--root", default="data", help="folder that receives data/<name>")
-    parser.add_argument("--url", default="", help="override the official URL (a mirror, file://)")
+    parser.add_argument("--url", default="", help="override the official URL (a mirror, file://;"
+                        " for wing: the folder holding both files)")
     parser.add_argument("--force", action="store_true", help="download again even if present")
     ns = parser.parse_args(argv)
     try:

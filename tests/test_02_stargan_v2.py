@@ -1,5 +1,6 @@
 """Tests for 02_stargan_v2.py: shapes, official parameter counts and layout, loss signs, which nets
 each step updates, EMA, λ_ds schedule, exact resume, official-checkpoint loading, a toy run."""
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -10,7 +11,9 @@ import torch
 from conftest import load_script
 
 m = load_script("02_stargan_v2")
-from common import UserError, load_checkpoint, save_checkpoint  # noqa: E402 (after sys.path set-up)
+import common  # noqa: E402 (after sys.path set-up)
+from common import UserError, load_checkpoint, save_checkpoint  # noqa: E402
+from common import strip_prefixes as common_strip  # noqa: E402
 from data import toy  # noqa: E402 (our own toy data and its oracle)
 
 REF = Path("/work/shared/reference")
@@ -178,24 +181,100 @@ def test_resume_gives_identical_next_losses(tmp_path):
         {k: v.item() for k, v in want.items()}
 
 
-def test_load_official_round_trip(tmp_path):
+def _official_file(path, nets, layout):
+    """A release-style file: official names; '2020' has no hpf.filter and no discriminator (a
+    nets_ema file), '2021' has both, 'module' is a 2021 file saved through nn.DataParallel."""
+    ckpt = {}
+    for ours, official in m.OFFICIAL_NAMES.items():
+        if ours == "D" and layout == "2020":
+            continue
+        sd = {k: torch.randn_like(v) for k, v in getattr(nets, ours).state_dict().items()}
+        if layout == "2020":
+            sd.pop("hpf.filter", None)
+        ckpt[official] = {("module." if layout == "module" else "") + k: v for k, v in sd.items()}
+    torch.save(ckpt, path)
+    return ckpt
+
+
+@pytest.mark.parametrize("layout", ["2020", "2021", "module"])
+def test_load_official_round_trip(tmp_path, layout):
     cfg = tiny_cfg(w_hpf=1.0, img_size=64)
     src, _ = m.build_nets(cfg)
-    # Official files: DataParallel "module." prefixes, official network names, official key order.
-    ckpt = {official: {"module." + k: torch.randn_like(v) if v.is_floating_point() else v
-                       for k, v in getattr(src, ours).state_dict().items()}
-            for ours, official in m.OFFICIAL_NAMES.items()}
-    torch.save(ckpt, tmp_path / "100000_nets_ema.ckpt")
+    ckpt = _official_file(tmp_path / "100000_nets_ema.ckpt", src, layout)
     dst, _ = m.build_nets(cfg)
-    m.load_official(tmp_path / "100000_nets_ema.ckpt", {"G": dst.G, "mapping": dst.mapping,
-                                                        "E": dst.E, "D": dst.D})
+    d_before = [p.clone() for p in dst.D.state_dict().values()]
+    m.load_official(tmp_path / "100000_nets_ema.ckpt", vars(dst))
     for ours, official in m.OFFICIAL_NAMES.items():
-        theirs = list(ckpt[official].values())
-        loaded = getattr(dst, ours).state_dict().values()
-        assert all(torch.equal(a, b) for a, b in zip(theirs, loaded))
+        loaded = getattr(dst, ours).state_dict()
+        if official not in ckpt:  # nets_ema files hold no D: ours is left untouched
+            assert all(torch.equal(a, b) for a, b in zip(d_before, loaded.values()))
+            continue
+        theirs = common_strip(ckpt[official])
+        assert theirs.keys() <= loaded.keys()
+        assert all(torch.equal(theirs[k], loaded[k]) for k in theirs)
+    filt = dst.G.state_dict()["hpf.filter"]  # the 2020 files lack it: the official constant stays
+    if layout == "2020":
+        assert torch.equal(filt, torch.tensor([[-1.0, -1, -1], [-1, 8, -1], [-1, -1, -1]]))
+
+
+def test_load_official_names_the_real_mismatches(tmp_path):
+    cfg = tiny_cfg(w_hpf=1.0, img_size=64)
+    src, _ = m.build_nets(cfg)
+    _official_file(tmp_path / "a.ckpt", src, "2021")
     wrong, _ = m.build_nets(tiny_cfg(w_hpf=1.0, img_size=64, num_domains=2))
-    with pytest.raises(UserError, match="official-ckpt"):
-        m.load_official(tmp_path / "100000_nets_ema.ckpt", {"E": wrong.E})
+    with pytest.raises(UserError, match=r"style_encoder has unexpected \['unshared.2.weight'"):
+        m.load_official(tmp_path / "a.ckpt", {"E": wrong.E})  # 3 domains in the file, 2 here
+    plain, _ = m.build_nets(tiny_cfg(w_hpf=0.0, img_size=64))  # the AFHQ generator layout
+    with pytest.raises(UserError, match=r"generator (lacks|has unexpected)"):
+        m.load_official(tmp_path / "a.ckpt", {"G": plain.G})
+    other, _ = m.build_nets(tiny_cfg(w_hpf=1.0, img_size=64, dim_in=16, max_conv_dim=32))
+    with pytest.raises(UserError, match=r"generator.from_rgb.weight is \(8, 3, 3, 3\), ours"):
+        m.load_official(tmp_path / "a.ckpt", {"G": other.G})
+    torch.save({"state_dict": {}}, tmp_path / "wing.ckpt")
+    with pytest.raises(UserError, match="not a StarGAN v2 release file"):
+        m.load_official(tmp_path / "wing.ckpt", {"G": src.G})
+
+
+class _SpyFAN(torch.nn.Module):
+    """A small random FAN that records what it was asked to mask."""
+    def __init__(self):
+        super().__init__()
+        self.fan, self.inputs = common.FAN(width=16), []
+
+    def masks(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.fan.masks(x)
+
+
+def test_hpf_training_iteration_uses_fan_masks(tmp_path):
+    cfg = tiny_cfg(img_size=64, w_hpf=1.0)
+    nets, ema = m.build_nets(cfg)
+    optims = m.build_optims(nets, cfg)
+    plain = copy.deepcopy((nets, ema, optims))
+    before, batch, fan = snapshot(nets), batch_of(cfg), _SpyFAN()
+    torch.manual_seed(1)
+    logs = m.train_step(nets, ema, optims, batch, 0, cfg, fan)
+    assert all(torch.isfinite(v) for v in logs.values())
+    assert changed(before, nets) == set(m.NET_NAMES)
+    # Official: FAN(x_real) once for all four steps, FAN(x_fake) for each G step's cycle term.
+    assert len(fan.inputs) == 3 and torch.equal(fan.inputs[0], batch[0])
+    assert not any(torch.equal(x, batch[0]) for x in fan.inputs[1:])
+    torch.manual_seed(1)
+    m.train_step(*plain, batch, 0, cfg)  # the same step without masks: G ends elsewhere
+    assert any(not torch.equal(a, b) for a, b in zip(nets.G.parameters(), plain[0].G.parameters()))
+    x_src, y = batch[0], batch[1]
+    m.write_samples(ema, (x_src, y, batch[2], batch[4]), tmp_path, "t", cfg, fan, n_z=1)
+    assert (tmp_path / "t_masks.png").is_file() and (tmp_path / "t_reference.png").is_file()
+
+
+def test_hpf_without_fan_file_is_one_line_error(tmp_path, capsys):
+    argv = ["--preset", "celeba_hq", "--wing", str(tmp_path / "wing.ckpt"), "--out",
+            str(tmp_path / "run")]
+    for mode in ([], ["sample", "--official-ckpt", str(tmp_path / "x.ckpt"), "--src", "a.png"]):
+        with pytest.raises(UserError, match=r"--w-hpf 1.0: .*not found at .*wing.ckpt; run "
+                                            r"`python data/download.py wing`.*--w-hpf 0"):
+            m.main(mode + argv)
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_short_toy_run_writes_samples_and_resumes(tmp_path, capsys):
@@ -241,7 +320,7 @@ class SkyPainter(torch.nn.Module):
     def style(self, y):
         return torch.nn.functional.one_hot(y, self.S).float()
 
-    def forward(self, x, s):
+    def forward(self, x, s, masks=None):  # the signature of G
         if self.mode == "identity":
             return x
         src, trg = toy.read_scenes(x)["domain"], s[:, :self.K].argmax(1)

@@ -105,6 +105,25 @@ def test_tar_gz_and_pretrained_file(tmp_path, capsys):
     assert not (root / "stargan_v1_celeba_256.zip").exists()
 
 
+def test_wing_fetches_both_files_into_checkpoints(tmp_path, capsys):
+    mirror, root = tmp_path / "mirror", tmp_path / "data"
+    mirror.mkdir()
+    (mirror / "wing.ckpt").write_bytes(b"fan")
+    (mirror / "celeba_lm_mean.npz").write_bytes(b"landmarks")
+    rc, out, err = run(["wing", "--root", str(root), "--url", mirror.as_uri()], capsys)
+    folder = root / "checkpoints/wing"
+    assert rc == 0, err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == \
+        {"wing.ckpt": b"fan", "celeba_lm_mean.npz": b"landmarks"}
+    assert "python 02_stargan_v2.py --data data/celeba_hq" in out
+    assert [u.split("/")[-1] for u in download.ITEMS["wing"].url] == \
+        ["wing.ckpt?dl=1", "celeba_lm_mean.npz?dl=1"]  # the official files, in `needs` order
+    (folder / "celeba_lm_mean.npz").unlink()  # one missing: only that one is fetched again
+    (mirror / "wing.ckpt").unlink()
+    rc, out, err = run(["wing", "--root", str(root), "--url", mirror.as_uri()], capsys)
+    assert rc == 0 and (folder / "celeba_lm_mean.npz").read_bytes() == b"landmarks"
+
+
 class Server(BaseHTTPRequestHandler):
     """Serves `payload` at /f. Honours Range unless told not to; can cut the first answer short."""
     payload, honour_range, cut_first, ranges = b"", True, False, []
