@@ -13,6 +13,7 @@ Bench:   python 02_stargan_v2.py --bench [--preset afhq]   # one line: it/s, img
 Sample:  python 02_stargan_v2.py sample --ckpt runs/stargan_v2_toy/last.pt --src a.png --ref refs/
          --domain 1   |  ... sample --preset afhq --official-ckpt 100000_nets_ema.ckpt --src ...
 Eval:    python 02_stargan_v2.py eval --ckpt runs/stargan_v2_toy/last.pt [--random-weights]
+Align:   python 02_stargan_v2.py align --src my_faces/ --out aligned/   # faces like CelebA-HQ
 Measured (toy scenes 16×16, 2-core CPU, idle): 1500 steps in 524 s (8 min 51 s with the oracle).
 Oracle at step 1500: domain (sky) accuracy 0.99 latent / 0.99 ref (target 0.9). Content only
 partly kept: the object is read at the source's place in 48 % / 48 % of translations (error
@@ -30,6 +31,7 @@ Official quirks (SPEC §5) and what we do:
 """
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +44,12 @@ import torchvision.transforms as T
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
-from common import (FAN, DomainFolder, ImageFiles, InceptionPool, LPIPS, Logger, ReferencePairs,
-                    UserError, autocast, check_finite, frechet_distance, infinite, load_checkpoint,
-                    load_fan, load_rgb, main_guard, make_loader, parse_config, pick_device,
-                    prepare_run, read_scenes, require, resolve_data, save_checkpoint, save_gif,
-                    save_grid, seed_everything, strip_prefixes, to_tensor_norm)
+from common import (DomainFolder, FAN, ImageFiles, InceptionPool, Logger, LPIPS, ReferencePairs,
+                    UserError, align_faces, autocast, check_finite, frechet_distance, infinite,
+                    load_checkpoint, load_fan, load_rgb, main_guard, make_loader, parse_config,
+                    pick_device, prepare_run, read_npz, read_scenes, require, resolve_data,
+                    save_checkpoint, save_gif, save_grid, seed_everything, strip_prefixes,
+                    to_tensor_norm)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -595,6 +598,34 @@ def read_images(path, img_size, flag):
     return torch.stack([to_tensor_norm()(resize(load_rgb(f))) for f in files])  # (N, 3, H, W)
 
 
+def face_aligner(cfg, device):
+    """x (N, 3, S, S) -> x aligned like CelebA-HQ: FAN landmarks onto the mean CelebA-HQ ones
+    (celeba_lm_mean.npz beside wing.ckpt; both from `python data/download.py wing`)."""
+    fan, lm_path = load_fan(cfg.wing, device), Path(cfg.wing).with_name("celeba_lm_mean.npz")
+    require(lm_path.is_file(), f"{lm_path}: missing (the mean CelebA-HQ landmarks); get it with "
+            "`python data/download.py wing`")
+    ref = read_npz(lm_path, "mean").float() * (cfg.img_size / 256)  # (98, 2), given at 256 px
+    return lambda x: align_faces(fan, x, ref).to(x.device)
+
+
+@torch.no_grad()
+def align(cfg, ns):
+    """Official `align` mode: each --src image resized to img_size and aligned, one PNG per input
+    (same name) in --out; unreadable files are named and skipped."""
+    require(ns.src and Path(ns.src).exists(), f"--src {ns.src!r}: pass an image file or folder")
+    aligner, out = face_aligner(cfg, pick_device(cfg.device)), Path(cfg.out)
+    files, resize = ([Path(ns.src)] if Path(ns.src).is_file() else ImageFiles(ns.src).files,
+                     T.Resize([cfg.img_size] * 2))
+    for f in files:
+        try:
+            x = to_tensor_norm()(resize(load_rgb(f)))[None]  # (1, 3, S, S)
+        except UserError as e:
+            print(f"skipped {e}")
+            continue
+        save_grid(aligner(x), out / f"{f.stem}.png", nrow=1)
+        print(f"aligned {f} -> {out / f'{f.stem}.png'}")
+
+
 def sampling_nets(cfg, ns):
     """(cfg, EMA G/F/E, device, FAN or None) from our checkpoint (its saved config wins) or an
     official one."""
@@ -604,7 +635,8 @@ def sampling_nets(cfg, ns):
                 "(or --official-ckpt with --preset afhq / celeba_hq)")
         saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
         keep = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
-        cfg = Config(**{**keep, "device": cfg.device, "out": str(Path(path).parent)})
+        cfg = Config(**{**keep, "device": cfg.device, "out": str(Path(path).parent),
+                        "wing": cfg.wing})  # where the FAN is now, not where it was
     fan = face_net(cfg, device)  # before the nets: a missing FAN file fails at once
     _, ema = build_nets(cfg, device)
     if ns.official_ckpt:
@@ -622,11 +654,13 @@ def sample(cfg, ns):
     require(0 <= ns.domain < cfg.num_domains, f"--domain {ns.domain}: use 0..{cfg.num_domains - 1}")
     require(ns.n_styles > 0, f"--n-styles {ns.n_styles}: must be ≥ 1")
     x_src = read_images(ns.src, cfg.img_size, "--src").to(device)  # (N, 3, H, W)
+    aligned = face_aligner(cfg, device) if ns.align else (lambda x: x)  # like CelebA-HQ faces
+    x_src = aligned(x_src)
     N, out, masks = len(x_src), Path(cfg.out) / "sample", masks_of(fan, x_src)
     if masks is not None:
         save_masks(x_src, masks, out / "masks.png")
     if ns.ref:
-        x_ref = read_images(ns.ref, cfg.img_size, "--ref").to(device)  # (R, 3, H, W)
+        x_ref = aligned(read_images(ns.ref, cfg.img_size, "--ref").to(device))  # (R, 3, H, W)
         styles = nets.E(x_ref, torch.full((len(x_ref),), ns.domain, device=device))  # (R, S)
         save_grid(ref_rows(nets.G, x_src, x_ref, styles, masks), out / "reference.png", N + 1)
     else:
@@ -754,19 +788,25 @@ def bench(nets, ema, optims, cfg, device, fan=None):
 EXTRA = [((f"--{flag}",), dict(default=default, type=type(default), help=text)) for flag, default,
          text in (("ckpt", "", "sample/eval: our last.pt (default: <out>/last.pt)"),
                   ("official-ckpt", "", "sample/eval: official *_nets_ema.ckpt"),
-                  ("src", "", "sample: source image file or folder"),
+                  ("src", "", "sample/align: source image file or folder"),
                   ("ref", "", "sample: reference image file or folder (of --domain)"),
                   ("domain", 0, "sample: target domain index"),
                   ("n-styles", 4, "sample: latent styles when no --ref"),
                   ("num-outs", 10, "eval: outputs per source image"),
                   ("eval-src", 0, "eval: sources per task (0 = all val)"))]
 EXTRA += [(("--random-weights",), dict(action="store_true",
-                                       help="eval: random Inception/LPIPS weights (offline only)"))]
+                                       help="eval: random Inception/LPIPS weights (offline only)")),
+          (("--align",), dict(action="store_true", help="sample: align faces like CelebA-HQ"))]
 
 
 def main(argv=None):
-    cfg, ns = parse_config(Config, PRESETS, argv, __doc__, ("train", "sample", "eval"), EXTRA)
-    return {"sample": sample, "eval": evaluate}.get(ns.mode, lambda c, _: train(c))(cfg, ns)
+    modes, argv = ("train", "sample", "eval", "align"), sys.argv[1:] if argv is None else argv
+    cfg, ns = parse_config(Config, PRESETS, argv, __doc__, modes, EXTRA)
+    if ns.mode == "align" and ns.preset == "toy":  # faces: CelebA-HQ's settings (256 px) unless set
+        cfg, ns = parse_config(Config, PRESETS, ["--preset", "celeba_hq", *argv], __doc__, modes,
+                               EXTRA)
+    return {"sample": sample, "eval": evaluate, "align": align}.get(
+        ns.mode, lambda c, _: train(c))(cfg, ns)
 
 
 if __name__ == "__main__":

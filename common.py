@@ -2,16 +2,19 @@
 toy data, grids, logging, metric backbones. Nothing a paper names lives here (networks, losses,
 EMA, truncation, R1 ... stay in the scripts). The toy data generator and its oracle: data/toy.py."""
 import argparse
+import ast
 import contextlib
 import dataclasses
 import inspect
 import json
+import math
 import os
 import random
 import re
 import sys
 import time
 import typing
+import zipfile
 from pathlib import Path
 
 import torch
@@ -540,6 +543,14 @@ class FAN(nn.Module):
         """x (B, 3, H, W) in [-1, 1] -> (whole face, eyes + nose), each (B, 1, 256, 256)."""
         return face_masks(self.heatmaps(x))
 
+    @torch.no_grad()
+    def landmarks(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> 98 landmarks (B, 98, 2) as (x, y) pixels of x."""
+        with torch.autocast(x.device.type, enabled=False):
+            heat = self(nn.functional.interpolate(x.float(), size=256, mode="bilinear") * 0.5
+                        + 0.5)[:, :-1]  # (B, 98, 64, 64)
+        return heat_peaks(heat) * (x.shape[2] / heat.shape[2])  # official: // (same at 256)
+
 
 # Landmark index ranges of the 98-point (WFLW) layout, end excluded, and what face_masks does with
 # each: (rows to move the map up, negative = down; power that sharpens it). Official values.
@@ -585,3 +596,125 @@ def load_fan(path, device="cpu"):
                 f"{tuple(want.shape)}; not the StarGAN v2 wing.ckpt? {fix}")
     fan.load_state_dict({k: state[k] for k in fan.state_dict()})
     return fan.to(device)
+
+
+def heat_peaks(heat):
+    """Official read-out: argmax of each map, a quarter pixel toward the higher neighbour (away
+    from the border), centred: heat (B, L, h, w) -> (B, L, 2) as (x, y) in heatmap pixels."""
+    B, L, h, w = heat.shape
+    idx = heat.flatten(2).argmax(2)  # (B, L)
+    row, col = idx // w, idx % w
+    inner = (row > 0) & (row < h - 1) & (col > 0) & (col < w - 1)
+    r0, r1, c0, c1 = ((v + d).clamp(0, n - 1) for v, d, n in
+                      ((row, -1, h), (row, 1, h), (col, -1, w), (col, 1, w)))
+    at = lambda r, c: heat.flatten(2).gather(2, (r * w + c)[..., None])[..., 0]  # noqa: E731
+    dx, dy = (at(row, c1) - at(row, c0)).sign(), (at(r1, col) - at(r0, col)).sign()
+    xy = torch.stack([col + 0.25 * dx * inner, row + 0.25 * dy * inner], -1)  # (B, L, 2)
+    return xy.float() + 0.5  # the official 1-based index minus 0.5
+
+
+# ---- Face alignment onto the mean CelebA-HQ landmarks (the official `align` mode)
+def read_npz(path, key=None):
+    """A NumPy .npz (a zip of .npy files) or .npy, read without NumPy: {name: tensor} or the
+    tensor `key`. Little-endian float32 / float64 in C order only; anything else is refused."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                arrays = {n.removesuffix(".npy"): _read_npy(z.read(n), f"{path}:{n}")
+                          for n in z.namelist()}
+        else:
+            arrays = {"": _read_npy(Path(path).read_bytes(), path)}
+    except (OSError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: cannot read ({type(e).__name__}); get it with "
+                        "`python data/download.py wing`") from None
+    if key is None:
+        return arrays
+    require(key in arrays, f"{path}: no array '{key}' (has {sorted(arrays)})")
+    return arrays[key]
+
+
+def _read_npy(raw, name):
+    """.npy: magic, version, header length, a dict literal header, then the raw values."""
+    require(raw[:6] == b"\x93NUMPY", f"{name}: not a .npy array (bad magic bytes)")
+    n = 4 if raw[6] >= 2 else 2  # header-length field: 2 bytes (v1), 4 bytes (v2, v3)
+    size = int.from_bytes(raw[8:8 + n], "little")
+    try:
+        header = ast.literal_eval(raw[8 + n:8 + n + size].decode("latin1"))
+        descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
+    except (ValueError, SyntaxError, KeyError, TypeError):
+        raise UserError(f"{name}: unreadable .npy header") from None
+    dtypes = {"<f4": torch.float32, "<f8": torch.float64}
+    require(descr in dtypes, f"{name}: dtype {descr!r}; only little-endian float32 ('<f4') and "
+            "float64 ('<f8') are read")
+    require(not fortran, f"{name}: Fortran-ordered array; re-save it in C order "
+            "(numpy.ascontiguousarray)")
+    data = bytearray(raw[8 + n + size:])
+    count = math.prod(shape)
+    require(len(data) >= count * dtypes[descr].itemsize, f"{name}: truncated array data")
+    return torch.frombuffer(data, dtype=dtypes[descr], count=count).reshape(shape).clone()
+
+
+def similarity_to(lm, ref):
+    """The official landmark alignment (3, 3): move lm's mean to the origin, rotate its face x-axis
+    onto ref's, scale by the mean distance ratio of eyes + mouth ends, move to ref's mean."""
+    def xaxis(p):  # eye-to-eye minus the 90°-rotated eye-centre-to-mouth-centre vector
+        eye_l, eye_r = p[[*range(60, 68), 96]].mean(0), p[[*range(68, 76), 97]].mean(0)
+        up = (eye_l + eye_r) / 2 - (p[76] + p[82]) / 2
+        v = eye_r - eye_l - torch.stack([up[1], -up[0]])
+        return v / v.norm()
+
+    def shift(t):
+        m = torch.eye(3, dtype=torch.float64)
+        m[:2, 2] = t
+        return m
+
+    lm, ref = lm.double(), ref.double()
+    a, b = xaxis(lm), xaxis(ref)
+    cos, sin = a @ b, a[0] * b[1] - a[1] * b[0]  # the angle from lm's axis to ref's
+    rot = torch.tensor([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]], dtype=torch.float64)
+    keys = [96, 97, 76, 82]  # eye centres, mouth ends
+    scale = ((ref - ref.mean(0)).norm(dim=1) / (lm - lm.mean(0)).norm(dim=1))[keys].mean()
+    return shift(ref.mean(0)) @ torch.diag(torch.stack([scale, scale, scale.new_ones(())])) \
+        @ rot @ shift(-lm.mean(0))
+
+
+def mirror_pad(img, lm):
+    """img (3, H, W) in [0, 1]: reflect-pad by half the size, fade the padding into a blurred copy
+    (fewer mirrored features at the edges of an aligned face), as official; lm moves with it."""
+    H, W = img.shape[1:]
+    img = nn.functional.pad(img[None], (W // 2, W // 2, H // 2, H // 2), mode="reflect")[0]
+    Hp, Wp = img.shape[1:]
+    sigma = H // 100
+    blurred = nn.functional.interpolate(img[None], size=(H, W), mode="bilinear")
+    if sigma > 0:  # kernel truncated at 4 sigma as scikit-image's; edges reflect, not repeat
+        blurred = v2.functional.gaussian_blur(blurred, [2 * 4 * sigma + 1] * 2, [float(sigma)] * 2)
+    blurred = nn.functional.interpolate(blurred, size=(Hp, Wp), mode="bilinear")[0]
+    ramp = lambda n: torch.minimum(torch.arange(n), torch.arange(n).flip(0)) / (Hp // 4)  # noqa
+    weight = torch.minimum(ramp(Hp)[:, None], ramp(Wp)[None]).clamp(max=1) ** 4  # (Hp, Wp)
+    return img * weight + blurred * (1 - weight), lm + torch.tensor([Wp // 4, Hp // 4])
+
+
+def warp(img, matrix, size):
+    """out(p) = img(matrix⁻¹ p) on a size×size grid, bicubic (official: Lanczos), pixel centres
+    at integers; img (3, H, W) -> (3, size, size)."""
+    def to_norm(w, h):  # pixel centre p -> grid_sample's (2p + 1) / n - 1 (align_corners False)
+        return torch.tensor([[2 / w, 0, 1 / w - 1], [0, 2 / h, 1 / h - 1], [0, 0, 1]],
+                            dtype=torch.float64)
+
+    H, W = img.shape[1:]
+    theta = to_norm(W, H) @ torch.linalg.inv(matrix) @ torch.linalg.inv(to_norm(size, size))
+    grid = nn.functional.affine_grid(theta[None, :2].float(), [1, 3, size, size],
+                                     align_corners=False)
+    return nn.functional.grid_sample(img[None], grid, mode="bicubic", align_corners=False)[0]
+
+
+def align_face(x, lm, ref):
+    """x (3, H, W) in [-1, 1], its landmarks lm (98, 2) -> (3, S, S) aligned onto ref, S = H."""
+    img, lm = mirror_pad((x + 1) / 2, lm)
+    return (warp(img, similarity_to(lm, ref), x.shape[1]) * 2 - 1).clamp(-1, 1)
+
+
+def align_faces(fan, x, ref):
+    """x (B, 3, S, S) in [-1, 1] -> each face aligned onto the reference landmarks ref (98, 2)."""
+    lms = fan.landmarks(x).cpu()  # (B, 98, 2)
+    return torch.stack([align_face(img, lm, ref) for img, lm in zip(x.cpu().float(), lms)])

@@ -3,6 +3,7 @@ each step updates, EMA, λ_ds schedule, exact resume, official-checkpoint loadin
 import copy
 import dataclasses
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -367,3 +368,44 @@ def test_config_presets_match_official():
     assert (d["lr"], d["f_lr"], d["beta1"], d["beta2"], d["weight_decay"], d["batch"],
             d["total_iters"], d["ema_beta"], d["img_size"]) == \
         (1e-4, 1e-6, 0.0, 0.99, 1e-4, 8, 100000, 0.999, 256)
+
+
+def test_align_mode_writes_one_png_per_readable_face(tmp_path, capsys):
+    import zipfile
+    from PIL import Image
+    fan = common.FAN()
+    torch.save({"state_dict": fan.state_dict()}, tmp_path / "wing.ckpt")
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': (98, 2), }".ljust(117) + "\n"
+    raw = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + \
+        struct.pack("<196d", *[60 + v % 140 for v in range(196)])  # a (98, 2) float64 .npy
+    with zipfile.ZipFile(tmp_path / "celeba_lm_mean.npz", "w") as z:
+        z.writestr("mean.npy", raw)
+    src = tmp_path / "faces"
+    src.mkdir()
+    for name, size in (("a.jpg", (40, 50)), ("b.png", (64, 64))):
+        Image.new("RGB", size, (200, 120, 90)).save(src / name)
+    (src / "c.png").write_bytes(b"not an image")
+    m.main(["align", "--src", str(src), "--out", str(tmp_path / "out"), "--img-size", "64",
+            "--wing", str(tmp_path / "wing.ckpt")])
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]
+    assert Image.open(tmp_path / "out" / "a.png").size == (64, 64)
+    assert "skipped" in out and "c.png" in out
+    cfg = tiny_cfg(img_size=32)  # sample --align: sources and references aligned first
+    nets, ema = m.build_nets(cfg)
+    (tmp_path / "run").mkdir()
+    save_checkpoint(tmp_path / "run" / "last.pt", 1, cfg,
+                    {**vars(nets), **{k + "_ema": v for k, v in vars(ema).items()}}, {})
+    calls = []
+    real = m.align_faces
+    m.align_faces = lambda *a: calls.append(len(a[1])) or real(*a)
+    try:
+        m.main(["sample", "--ckpt", str(tmp_path / "run" / "last.pt"), "--src", str(src / "a.jpg"),
+                "--ref", str(src / "b.png"), "--align", "--wing", str(tmp_path / "wing.ckpt")])
+    finally:
+        m.align_faces = real
+    assert calls == [1, 1] and (tmp_path / "run" / "sample" / "reference.png").is_file()
+    (tmp_path / "celeba_lm_mean.npz").unlink()
+    with pytest.raises(UserError, match="celeba_lm_mean.npz: missing.*download.py wing"):
+        m.main(["align", "--src", str(src), "--out", str(tmp_path / "o2"), "--wing",
+                str(tmp_path / "wing.ckpt")])

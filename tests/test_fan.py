@@ -115,3 +115,100 @@ def test_load_fan_round_trip_extra_missing_and_misshaped(tmp_path):
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
         common.load_fan(tmp_path / "junk.ckpt")
+
+
+# -----------------------------------------------------------------------------------------------
+# Face alignment (02's `align` mode): .npy/.npz reader, landmark read-out, the similarity transform
+# -----------------------------------------------------------------------------------------------
+def _npy(values, descr="<f4", fortran=False, version=1):
+    """A .npy file written byte by byte: magic, version, header length, dict header, raw data."""
+    fmt = {"<f4": "<f", "<f8": "<d", "<i4": "<i", ">f4": ">f"}[descr]
+    shape = (len(values), len(values[0]))
+    header = f"{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape}, }}"
+    n = 4 if version >= 2 else 2
+    header += " " * (-(10 + len(header) + n - 2 + 1) % 64) + "\n"
+    import struct
+    data = b"".join(struct.pack(fmt, v) for row in values for v in row)
+    return (b"\x93NUMPY" + bytes([version, 0]) + len(header).to_bytes(n, "little")
+            + header.encode("latin1") + data)
+
+
+@pytest.mark.parametrize("descr,version", [("<f4", 1), ("<f8", 1), ("<f8", 2)])
+def test_npz_reader_float32_float64(tmp_path, descr, version):
+    import zipfile
+    values = [[1.5, -2.25], [3.0, 1e-3], [0.0, 255.0]]
+    with zipfile.ZipFile(tmp_path / "lm.npz", "w") as z:
+        z.writestr("mean.npy", _npy(values, descr, version=version))
+        z.writestr("other.npy", _npy([[7.0]], descr))
+    arrays = common.read_npz(tmp_path / "lm.npz")
+    assert sorted(arrays) == ["mean", "other"]
+    want = torch.tensor(values, dtype=torch.float32 if descr == "<f4" else torch.float64)
+    assert torch.equal(common.read_npz(tmp_path / "lm.npz", "mean"), want)
+    (tmp_path / "a.npy").write_bytes(_npy(values, descr, version=version))
+    assert torch.equal(common.read_npz(tmp_path / "a.npy")[""], want)
+
+
+@pytest.mark.parametrize("raw,msg", [
+    (_npy([[1.0, 2.0]], fortran=True), "Fortran-ordered"),
+    (_npy([[1, 2]], "<i4"), "dtype '<i4'"),
+    (_npy([[1.0, 2.0]], ">f4"), "dtype '>f4'"),
+    (b"PK-not-numpy", "bad magic"),
+    (_npy([[1.0, 2.0]])[:-3], "truncated")])
+def test_npz_reader_refuses_what_it_cannot_read(tmp_path, raw, msg):
+    (tmp_path / "x.npy").write_bytes(raw)
+    with pytest.raises(UserError, match=msg):
+        common.read_npz(tmp_path / "x.npy")
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "lm.npz", "w") as z:
+        z.writestr("mean.npy", _npy([[1.0, 2.0]]))
+    with pytest.raises(UserError, match=r"no array 'avg' \(has \['mean'\]\)"):
+        common.read_npz(tmp_path / "lm.npz", "avg")
+
+
+def test_landmark_readout_quarter_pixel_toward_higher_neighbour():
+    heat = torch.zeros(1, 3, 64, 64)
+    heat[0, 0, 20, 30], heat[0, 0, 20, 31], heat[0, 0, 19, 30] = 1.0, 0.6, 0.3  # right, above
+    heat[0, 1, 40, 10], heat[0, 1, 40, 9], heat[0, 1, 41, 10] = 1.0, 0.2, 0.7  # left, below
+    heat[0, 2, 0, 63] = 1.0  # on the border: no quarter step
+    xy = common.heat_peaks(heat)[0]
+    assert xy.tolist() == [[30.75, 20.25], [10.25, 40.75], [63.5, 0.5]]
+    fan = common.FAN(width=16)
+    lm = fan.landmarks(torch.rand(2, 3, 128, 128) * 2 - 1)
+    assert lm.shape == (2, 98, 2) and 0 <= lm.min() and lm.max() <= 128  # pixels of the input
+
+
+def _reference_landmarks():
+    """A plausible 98-point face at 256 px (the layout of celeba_lm_mean.npz), (98, 2) as (x, y)."""
+    g = torch.Generator().manual_seed(0)
+    lm = torch.rand(98, 2, generator=g) * 100 + 78
+    lm[60:68], lm[96] = torch.tensor([95.0, 110]) + torch.randn(8, 2, generator=g), \
+        torch.tensor([95.0, 110])
+    lm[68:76], lm[97] = torch.tensor([160.0, 110]) + torch.randn(8, 2, generator=g), \
+        torch.tensor([160.0, 110])
+    lm[76], lm[82] = torch.tensor([105.0, 185]), torch.tensor([150.0, 185])
+    return lm
+
+
+@pytest.mark.parametrize("angle,scale,shift", [(0.0, 1.0, (0, 0)), (0.4, 0.7, (-30, 12)),
+                                               (-0.9, 1.8, (50, -40)), (2.5, 1.2, (5, 5))])
+def test_similarity_maps_a_moved_face_back_onto_the_reference(angle, scale, shift):
+    ref = _reference_landmarks().double()
+    c, s = torch.cos(torch.tensor(angle)), torch.sin(torch.tensor(angle))
+    rot = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    moved = (ref - 128) @ rot.T * scale + 128 + torch.tensor(shift)
+    m = common.similarity_to(moved, ref)
+    back = torch.cat([moved, torch.ones(98, 1, dtype=torch.float64)], 1) @ m.T
+    assert (back[:, :2] - ref).abs().max() < 0.5  # pixels
+    assert torch.allclose(m[:2, :2] @ m[:2, :2].T, torch.eye(2, dtype=torch.float64) / scale ** 2)
+
+
+def test_aligning_an_aligned_face_changes_it_little():
+    ref = _reference_landmarks()
+    g = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 32, 32, generator=g), size=256,
+                                        mode="bilinear")[0] * 2 - 1  # smooth content
+    out = common.align_face(x, ref, ref)
+    assert out.shape == (3, 256, 256)
+    assert (out - x).abs().max() < 1e-4  # the identity warp: the image comes back
+    moved = common.align_face(x, ref + torch.tensor([6.0, -4.0]), ref)  # landmarks 6 px right
+    assert torch.allclose(moved[:, 20:-20, 20:-20], x[:, 16:-24, 26:-14], atol=1e-4)
