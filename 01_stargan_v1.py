@@ -63,7 +63,7 @@ class Config:
     resume: str = ""  # "" fresh, "auto" out/last.pt if present, or a checkpoint path
     overwrite: bool = False  # allow starting fresh in a folder that holds last.pt
     device: str = "auto"  # auto, cpu or cuda
-    amp: bool = True  # bf16 autocast (CUDA only)
+    amp: bool | None = None  # bf16 autocast: default CUDA only; --amp on the CPU too
     num_workers: int = 0  # data loader workers
     log_every: int = 100  # iterations between log lines
     sample_every: int = 1000  # iterations between sample grids
@@ -158,7 +158,8 @@ def adv_loss_g(src_fake):
 def gradient_penalty(D, x_real, x_fake):
     """Eq. (8): E[(‖∇_x̂ D_src(x̂)‖₂ − 1)²], x̂ uniformly on lines between real and fake samples."""
     alpha = torch.rand(x_real.size(0), 1, 1, 1, device=x_real.device)  # (B, 1, 1, 1)
-    x_hat = torch.lerp(x_fake.detach(), x_real, alpha).requires_grad_(True)  # α·x + (1 − α)·x̃
+    # x_fake is bf16 under autocast, x_real fp32: lerp (no autocast rule) needs one dtype
+    x_hat = torch.lerp(x_fake.detach().to(x_real.dtype), x_real, alpha).requires_grad_(True)
     src = D(x_hat.view_as(x_hat))[0]  # a non-leaf input: FlopCounterMode (--bench) needs it
     grad = torch.autograd.grad(src.float().sum(), x_hat, create_graph=True)[0]  # (B, 3, H, W)
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()

@@ -62,7 +62,7 @@ class Config:
     overwrite: bool = False          # start fresh even if out/last.pt exists
     device: str = "auto"             # auto | cpu | cuda
     seed: int = 777                  # official seed
-    amp: bool = True                 # bf16 autocast (CUDA only)
+    amp: bool | None = None          # bf16 autocast: default CUDA only; --amp on the CPU too
     channels_last: bool = False      # NHWC tensors and weights (CUDA speed-up)
     bench: bool = False              # time training iterations on random data instead of training
     bench_iters: int = 20            # timed iterations for --bench
@@ -347,8 +347,10 @@ def adv_loss(logits, target):
 
 
 def r1_reg(d_out, x_real):
-    """R1 (App. B, Mescheder et al. 2018): 0.5 · E ||∇_x D(x)||² on real images only."""
-    grad, = torch.autograd.grad(d_out.sum(), x_real, create_graph=True)
+    """R1 (App. B, Mescheder et al. 2018): 0.5 · E ||∇_x D(x)||² on real images only. Under bf16
+    autocast: bf16 keeps fp32's exponent range, so small gradients do not underflow (fp16 would
+    need loss scaling); the sum, square and mean run in fp32 so no term is lost to rounding."""
+    grad, = torch.autograd.grad(d_out.float().sum(), x_real, create_graph=True)
     return 0.5 * grad.float().pow(2).flatten(1).sum(1).mean()
 
 

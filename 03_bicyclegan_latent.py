@@ -66,7 +66,7 @@ class Config:
     sample_every: int = 5000  # sample grid every N steps
     save_every: int = 5000  # checkpoint every N steps
     num_workers: int = 4  # data loader workers (official: 4 threads)
-    amp: bool = True  # bf16 autocast (CUDA only)
+    amp: bool | None = None  # bf16 autocast: default CUDA only; --amp on the CPU too
     bench: bool = False  # time training on synthetic data instead of training
 
 

@@ -66,7 +66,7 @@ class Config:
     sample_every: int = 2000  # save a sample grid every N steps
     save_every: int = 5000  # write last.pt every N steps
     num_workers: int = 4  # DataLoader workers
-    amp: bool = True  # bf16 autocast (CUDA only)
+    amp: bool | None = None  # bf16 autocast: default CUDA only; --amp on the CPU too
     bench: bool = False  # time bench_iters training steps on random data instead of training
     bench_iters: int = 20  # timed iterations for --bench
 

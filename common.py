@@ -71,7 +71,8 @@ def parse_config(cfg_cls, presets, argv=None, doc="", modes=("train",), extra=()
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse
         seq = typing.get_origin(kind) in (tuple, list)
-        kw = ({"action": argparse.BooleanOptionalAction} if kind is bool else
+        flag = kind is bool or set(typing.get_args(kind)) == {bool, type(None)}  # bool | None
+        kw = ({"action": argparse.BooleanOptionalAction} if flag else
               {"nargs": "+", "type": typing.get_args(kind)[0]} if seq else {"type": kind})
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         p.add_argument(*flags, default=argparse.SUPPRESS, dest=f.name, help=text, **kw)
@@ -102,10 +103,12 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
-def autocast(device, enabled):
-    """bf16 mixed precision on CUDA when enabled; the CPU always runs the faithful fp32 path."""
-    cuda = enabled and torch.device(device).type == "cuda"
-    return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+def autocast(device, amp):
+    """bf16 mixed precision. amp None (the default): on CUDA only, the CPU runs the faithful fp32
+    path; True (--amp): on the CPU too, through the same autocast machinery; False: fp32."""
+    kind = torch.device(device).type
+    on = (kind == "cuda") if amp is None else amp and kind in ("cuda", "cpu")
+    return torch.autocast(kind, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
 # ---- Run folder and checkpoints: one file holds the whole training state

@@ -1,0 +1,124 @@
+"""The mixed-precision path of every script, on the CPU: `--amp` runs torch.autocast("cpu", bf16),
+the same machinery as CUDA's default. From the same weights, batch and random draws, one training
+iteration with autocast logs every loss term within 3 % (relative) or 2e-3 (absolute) of the fp32
+iteration, the penalties stay finite and non-zero, and some tensor inside the step really is bf16."""
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import common
+from conftest import load_script
+
+TOL_REL, TOL_ABS = 0.03, 2e-3
+
+
+def first_conv(net):
+    """The first module holding a conv weight (B, C, k, k): nn.Conv2d or an equalised-lr conv."""
+    return next(m for m in net.modules() if getattr(m, "weight", None) is not None
+                and m.weight.dim() == 4)
+
+
+def run_twice(step, nets, cfg):
+    """step(nets, cfg) -> {term: tensor}: once in fp32 (amp False), once with --amp, from copies
+    of the same nets and the same RNG state; returns both logs and the dtypes a D conv produced."""
+    logs, seen = [], []
+    for amp in (False, True):
+        twin = copy.deepcopy(nets)
+        torch.manual_seed(123)
+        d = twin["D"]
+        hook = first_conv(d).register_forward_hook(lambda m, i, o: seen.append((amp, o.dtype)))
+        logs.append({k: float(v) for k, v in step(twin, dataclasses.replace(cfg, amp=amp)).items()})
+        hook.remove()
+    return logs, seen
+
+
+def assert_close(logs, seen, penalties):
+    fp32, bf16 = logs
+    assert fp32.keys() == bf16.keys()
+    for k in fp32:
+        assert abs(bf16[k] - fp32[k]) <= max(TOL_REL * abs(fp32[k]), TOL_ABS), (k, fp32[k], bf16[k])
+    for k in penalties:  # a gradient penalty that bf16 zeroed or blew up would show here
+        assert 0 < abs(bf16[k]) < float("inf") and 0 < abs(fp32[k]), k
+    assert {dt for amp, dt in seen if not amp} == {torch.float32}
+    assert {dt for amp, dt in seen if amp} == {torch.bfloat16}  # autocast was really on
+
+
+def diffs(logs):
+    return {k: f"{logs[0][k]:.4g} {logs[1][k] - logs[0][k]:+.2g}" for k in logs[0]}
+
+
+def test_autocast_modes():
+    cpu, on = torch.device("cpu"), torch.bfloat16
+    with common.autocast(cpu, None):
+        assert not torch.is_autocast_enabled("cpu")  # default: the CPU stays fp32
+    with common.autocast(cpu, True):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == on
+    with common.autocast(cpu, False):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_01_stargan_v1_fast_path():
+    S = load_script("01_stargan_v1")
+    cfg = S.Config(img_size=32, g_conv_dim=8, d_conv_dim=8, g_repeat_num=2, d_repeat_num=4)
+    G, D, opt_g, opt_d = S.build(cfg, [5], torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, (torch.rand(4, 5, generator=g) > .5).float()
+
+    def step(n, c_):
+        return {**S.d_step(n["G"], n["D"], n["opt_d"], x, c, c.flip(0), c_),
+                **S.g_step(n["G"], n["D"], n["opt_g"], x, c, c.flip(0), c_)}
+    logs, seen = run_twice(step, dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d), cfg)
+    print("01 |bf16 - fp32|:", diffs(logs))
+    assert_close(logs, seen, ["D/gp"])
+
+
+def test_02_stargan_v2_fast_path():
+    m = load_script("02_stargan_v2")
+    cfg = m.Config(img_size=32, dim_in=16, max_conv_dim=32, mapping_dim=32, num_domains=3,
+                   batch=4, ds_iter=10)
+    nets, ema = m.build_nets(cfg)
+    optims = m.build_optims(nets, cfg)
+    g = torch.Generator().manual_seed(0)
+    x = lambda: torch.rand(4, 3, 32, 32, generator=g) * 2 - 1  # noqa: E731
+    batch = (x(), torch.tensor([0, 1, 2, 0]), x(), x(), torch.tensor([1, 2, 0, 2]))
+
+    def step(n, c_):
+        logs = m.train_step(n["nets"], n["ema"], n["optims"], batch, 0, c_)
+        return {k: v for k, v in logs.items() if k != "G/lambda_ds"}
+    logs, seen = run_twice(step, dict(nets=nets, ema=ema, optims=optims, D=nets.D), cfg)
+    print("02 |bf16 - fp32|:", diffs(logs))
+    assert_close(logs, seen, ["D/latent_reg", "D/ref_reg"])
+
+
+def test_03_bicyclegan_fast_path():
+    bg = load_script("03_bicyclegan_latent")
+    cfg = bg.Config(ngf=8, nef=8, ndf=8, img_size=64, batch=4, num_workers=0)
+    cpu = torch.device("cpu")
+    nets = bg.build_nets(cfg, cpu)
+    opts = bg.build_opts(nets, cfg, cpu)
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.rand(4, 1, 64, 64, generator=g) * 2 - 1, torch.rand(4, 3, 64, 64, generator=g)
+
+    def step(n, c_):
+        return bg.train_step(n["nets"], n["opts"], A, B * 2 - 1, c_, cpu)
+    logs, seen = run_twice(step, dict(nets=nets, opts=opts, D=nets["D"]), cfg)
+    print("03 |bf16 - fp32|:", diffs(logs))
+    assert_close(logs, seen, [])
+
+
+def test_04_stylegan_fast_path():
+    m = load_script("04_stylegan_mapping")
+    cfg = dataclasses.replace(m.Config(), img_size=16, w_dim=32, fmap_base=128, fmap_max=32,
+                              batch=4)
+    cpu = torch.device("cpu")
+    G, D, _, opt_G, opt_D = m.build(cfg, cpu)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def step(n, c_):
+        return {**m.d_step(n["G"], n["D"], n["opt_D"], x, c_),
+                **m.g_step(n["G"], n["D"], n["opt_G"], 4, c_, cpu)}
+    logs, seen = run_twice(step, dict(G=G, D=D, opt_G=opt_G, opt_D=opt_D), cfg)
+    print("04 |bf16 - fp32|:", diffs(logs))
+    assert_close(logs, seen, ["D/r1"])
