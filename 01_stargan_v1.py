@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import (FACE_ATTRS, CelebAAttrs, DomainFolder, ImageFiles, Logger, autocast,
                     check_finite, infinite, load_checkpoint, load_rgb, main_guard, make_loader,
                     parse_config, pick_device, prepare_run, read_faces, require, resolve_data,
-                    save_checkpoint, save_grid, seed_everything, to_tensor_norm)
+                    save_checkpoint, save_grid, seed_everything, to_tensor_norm, sig3)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -69,6 +69,7 @@ class Config:
     sample_every: int = 1000  # iterations between sample grids
     save_every: int = 10000  # iterations between checkpoints
     bench: bool = False  # time training iterations on random data instead of training
+    compile: bool = False  # torch.compile G (D stays eager: WGAN-GP's double backward)
     bench_iters: int = 20  # timed iterations for --bench
     cls_iters: int = 2000  # iterations of the ResNet-18 evaluation classifier (eval)
 
@@ -265,6 +266,8 @@ def build(cfg, sizes, device):
     n = len(sizes)
     G = Generator(cfg.g_conv_dim, sum(sizes) + (n if n > 1 else 0), cfg.g_repeat_num).to(device)
     D = Discriminator(cfg.img_size, cfg.d_conv_dim, sum(sizes), cfg.d_repeat_num).to(device)
+    if cfg.compile:  # in place: the state_dict keeps its names
+        G.compile()
     fast, betas = {"fused" if device.type == "cuda" else "foreach": True}, (cfg.beta1, cfg.beta2)
     return G, D, *(torch.optim.Adam(net.parameters(), lr, betas, **fast)
                    for net, lr in ((G, cfg.g_lr), (D, cfg.d_lr)))
@@ -416,9 +419,9 @@ def bench(cfg, device):
                     g_step(G, D, opt_g, *batch)
     its = cfg.bench_iters / ((sync(), time.perf_counter())[1] - t0)
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
-    print(f"bench {device.type} {cfg.img_size}px batch {cfg.batch}: {its:.2f} it/s | "
-          f"{its * cfg.batch:.1f} images/s | peak memory {mem} | "
-          f"{counter.get_total_flops() / cfg.n_critic * its / 1e12:.4f} TFLOP/s")
+    print(f"bench {device.type} {cfg.img_size}px batch {cfg.batch}: {sig3(its)} it/s | "
+          f"{sig3(its * cfg.batch)} images/s | peak memory {mem} | "
+          f"{sig3(counter.get_total_flops() / cfg.n_critic * its / 1e12)} TFLOP/s")
 
 
 # ----------------------------------------------------------------------------

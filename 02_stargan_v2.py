@@ -49,7 +49,7 @@ from common import (DomainFolder, FAN, ImageFiles, InceptionPool, Logger, LPIPS,
                     load_checkpoint, load_fan, load_rgb, main_guard, make_loader, parse_config,
                     pick_device, prepare_run, read_npz, read_scenes, require, resolve_data,
                     save_checkpoint, save_gif, save_grid, seed_everything, strip_prefixes,
-                    to_tensor_norm)
+                    to_tensor_norm, sig3)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -65,6 +65,7 @@ class Config:
     amp: bool | None = None          # bf16 autocast: default CUDA only; --amp on the CPU too
     channels_last: bool = False      # NHWC tensors and weights (CUDA speed-up)
     bench: bool = False              # time training iterations on random data instead of training
+    compile: bool = False            # torch.compile G, F, E (D eager: R1's double backward)
     bench_iters: int = 20            # timed iterations for --bench
     img_size: int = 256              # image side H = W (official 256)
     num_domains: int = 3             # K; must equal the number of domain folders
@@ -292,6 +293,8 @@ def build_nets(cfg, device="cpu"):
         D=Discriminator(c.img_size, c.num_domains, c.max_conv_dim, c.dim_in)).items()})
     ema = SimpleNamespace(**{k: copy.deepcopy(getattr(nets, k)).requires_grad_(False)
                              for k in ("G", "mapping", "E")})
+    for net in (nets.G, nets.mapping, nets.E) if cfg.compile else ():
+        net.compile()  # in place: state_dict names unchanged; the EMA copies stay eager
     return nets, ema
 
 
@@ -779,8 +782,8 @@ def bench(nets, ema, optims, cfg, device, fan=None):
     sync()
     its = cfg.bench_iters / (time.perf_counter() - t0)
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"
-    print(f"bench {device} img {H} batch {B}: {its:.2f} it/s | {its * B:.1f} images/s | "
-          f"peak mem {mem} | {counter.get_total_flops() * its / 1e12:.3g} TFLOP/s")
+    print(f"bench {device} img {H} batch {B}: {sig3(its)} it/s | {sig3(its * B)} images/s | "
+          f"peak mem {mem} | {sig3(counter.get_total_flops() * its / 1e12)} TFLOP/s")
     return losses
 
 

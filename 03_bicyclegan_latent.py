@@ -33,7 +33,7 @@ from torchvision import transforms as T
 from common import (LPIPS, AlignedPairs, ImageFiles, Logger, UserError, autocast, check_finite,
                     load_checkpoint, main_guard, make_loader, parse_config, pick_device,
                     prepare_run, read_shapes, require, resolve_data, save_checkpoint, save_gif,
-                    save_grid, seed_everything)
+                    save_grid, seed_everything, sig3)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -68,6 +68,8 @@ class Config:
     num_workers: int = 4  # data loader workers (official: 4 threads)
     amp: bool | None = None  # bf16 autocast: default CUDA only; --amp on the CPU too
     bench: bool = False  # time training on synthetic data instead of training
+    bench_iters: int = 20  # timed iterations for --bench (after 3 warm-up ones)
+    compile: bool = False  # torch.compile G, E, D, D2 (no double backward here)
 
 
 PRESETS = {  # edges2shoes = the defaults; afhq: 60 epochs of 14,630 images / 2
@@ -197,6 +199,8 @@ def build_nets(cfg, device):
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             nn.init.xavier_normal_(m.weight, gain=0.02)
             nn.init.zeros_(m.bias)
+    for net in nets.values() if cfg.compile else ():
+        net.compile()  # in place: the state_dict keeps its names
     return {k: net.to(device) for k, net in nets.items()}
 
 # ----------------------------------------------------------------------------
@@ -419,23 +423,23 @@ def train(cfg):
 
 
 def bench(cfg):
-    """3 warm-up + 20 timed training steps on random data; prints one line."""
+    """3 warm-up + bench_iters timed training steps on random data; prints one line."""
     device = pick_device(cfg.device)
     nets, cuda, s = build_nets(cfg, device), device.type == "cuda", cfg.img_size
     opts = build_opts(nets, cfg, device)
     A, B = (torch.rand(cfg.batch, c, s, s, device=device) * 2 - 1 for c in (cfg.input_nc, 3))
     with FlopCounterMode(display=False) as counter:
         train_step(nets, opts, A, B, cfg, device)
-    for i in range(23):  # synchronise only at the ends of the timed steps
+    for i in range(3 + cfg.bench_iters):  # synchronise only at the ends of the timed steps
         if i == 3:
             torch.cuda.synchronize() if cuda else None
             t0 = time.perf_counter()
         train_step(nets, opts, A, B, cfg, device)
     torch.cuda.synchronize() if cuda else None
-    its = 20 / (time.perf_counter() - t0)
+    its = cfg.bench_iters / (time.perf_counter() - t0)
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"
-    print(f"bench {s}px batch {cfg.batch} {device.type}: {its:.3g} it/s | {its * cfg.batch:.3g} "
-          f"images/s | peak mem {mem} | {counter.get_total_flops() * its / 1e12:.3g} TFLOP/s")
+    print(f"bench {s}px batch {cfg.batch} {device.type}: {sig3(its)} it/s | {sig3(its * cfg.batch)} "
+          f"images/s | peak mem {mem} | {sig3(counter.get_total_flops() * its / 1e12)} TFLOP/s")
 
 
 def load_run(cfg, ckpt):

@@ -31,7 +31,7 @@ from torchvision.utils import make_grid
 from common import (LPIPS, SHAPES, ImageFiles, Logger, UserError, autocast, check_finite,
                     load_checkpoint, main_guard, make_loader, parse_config, pick_device,
                     prepare_run, read_shapes, require, resolve_data, save_checkpoint, save_gif,
-                    save_grid, seed_everything, to_tensor_norm)
+                    save_grid, seed_everything, to_tensor_norm, sig3)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -68,6 +68,7 @@ class Config:
     num_workers: int = 4  # DataLoader workers
     amp: bool | None = None  # bf16 autocast: default CUDA only; --amp on the CPU too
     bench: bool = False  # time bench_iters training steps on random data instead of training
+    compile: bool = False  # torch.compile G (D stays eager: R1's double backward)
     bench_iters: int = 20  # timed iterations for --bench
 
 
@@ -351,6 +352,8 @@ def build(cfg, device):
     G, G_ema = Generator(cfg).to(device), Generator(cfg).to(device).requires_grad_(False)
     G_ema.load_state_dict(G.state_dict())
     D = Discriminator(cfg.img_size, cfg.fmap_base, cfg.fmap_max).to(device)
+    if cfg.compile:  # in place: the state_dict keeps its names; G_ema (sampling) stays eager
+        G.compile()
     kw = dict(lr=cfg.lr, betas=cfg.betas, eps=1e-8, fused=device.type == "cuda" or None)
     opt_G = torch.optim.Adam([{"params": G.synthesis.parameters()}, {
         "params": G.mapping.parameters(), "lr": cfg.lr * cfg.mapping_lr_mul}], **kw)
@@ -486,9 +489,9 @@ def bench(cfg, device):
     sync()
     rate = cfg.bench_iters / (time.perf_counter() - t0)
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
-    print(f"bench {cfg.img_size} px, batch {cfg.batch}, {device.type}: {rate:.2f} it/s | "
-          f"{rate * cfg.batch:.1f} images/s | peak mem {mem} | "
-          f"{counter.get_total_flops() * rate / 1e12:.4f} TFLOP/s")
+    print(f"bench {cfg.img_size} px, batch {cfg.batch}, {device.type}: {sig3(rate)} it/s | "
+          f"{sig3(rate * cfg.batch)} images/s | peak mem {mem} | "
+          f"{sig3(counter.get_total_flops() * rate / 1e12)} TFLOP/s")
 
 
 # ----------------------------------------------------------------------------

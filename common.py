@@ -338,6 +338,11 @@ def infinite(loader):
 
 
 # ---- Output: grids, GIFs, console and JSONL logging
+def sig3(x):
+    """x with 3 significant digits and no exponent (bench lines): 0.0123, 4.56, 78.9, 2160."""
+    return f"{x:.{max(0, 2 - math.floor(math.log10(abs(x))))}f}" if x else "0"
+
+
 def save_grid(images, path, nrow):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     images = images.detach().float().cpu()

@@ -4,6 +4,7 @@ iteration with autocast logs every loss term within 3 % (relative) or 2e-3 (abso
 iteration, the penalties stay finite and non-zero, and some tensor inside the step really is bf16."""
 import copy
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -122,3 +123,42 @@ def test_04_stylegan_fast_path():
     logs, seen = run_twice(step, dict(G=G, D=D, opt_G=opt_G, opt_D=opt_D), cfg)
     print("04 |bf16 - fp32|:", diffs(logs))
     assert_close(logs, seen, ["D/r1"])
+
+
+def test_compiled_and_eager_forward_agree():
+    """--compile (torch.compile with the C++ inductor backend on the CPU) changes no value and no
+    state_dict name: G compiled in place vs its eager EMA twin, which starts with equal weights."""
+    m = load_script("02_stargan_v2")
+    cfg = m.Config(img_size=16, dim_in=8, max_conv_dim=16, mapping_dim=16, compile=True)
+    nets, ema = m.build_nets(cfg)
+    assert nets.G._compiled_call_impl is not None and ema.G._compiled_call_impl is None
+    assert list(nets.G.state_dict()) == list(ema.G.state_dict())  # no "_orig_mod." prefixes
+    x, s = torch.randn(2, 3, 16, 16), torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.allclose(nets.G(x, s), ema.G(x, s), atol=1e-5)
+
+
+BENCH_FLAGS = {
+    "01_stargan_v1": ["--preset", "toy", "--img-size", "16", "--g-conv-dim", "4", "--d-conv-dim",
+                      "4", "--g-repeat-num", "1", "--d-repeat-num", "3"],
+    "02_stargan_v2": ["--dim-in", "8", "--max-conv-dim", "16", "--batch", "2"],
+    "03_bicyclegan_latent": ["--ngf", "8", "--nef", "8", "--ndf", "8", "--batch", "2"],
+    "04_stylegan_mapping": ["--img-size", "16", "--w-dim", "16", "--fmap-base", "64",
+                            "--fmap-max", "16", "--batch", "4", "--num-workers", "0"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(BENCH_FLAGS))
+def test_bench_line_has_three_significant_digits(script, capsys):
+    """Slow settings (the CPU at 256 px) once printed '0.01 it/s | 0.0 images/s': every figure
+    keeps 3 significant digits, however small or large."""
+    load_script(script).main(["--bench", "--bench-iters", "1", *BENCH_FLAGS[script]])
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("bench")][-1]
+    for unit in ("it/s", "images/s", "TFLOP/s"):
+        number = re.search(r"([0-9.e+-]+) " + re.escape(unit), line).group(1)
+        assert float(number) > 0 and common.sig3(float(number)) == number, (unit, line)
+
+
+def test_sig3():
+    assert [common.sig3(x) for x in (0.012345, 4.5678, 78.94, 2163.7, 0.0, 1.0)] == \
+        ["0.0123", "4.57", "78.9", "2164", "0", "1.00"]
