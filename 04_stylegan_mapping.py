@@ -5,7 +5,7 @@ Symbols: f → mapping; A → AdaIN.affine, y = (y_s, y_b); B → StyleLayer.noi
 w̄ → w_avg; ψ → psi; γ → r1_gamma. Shapes: B batch, Z = W latent size, L = 2·log2(R) − 2 layers.
   python 04_stylegan_mapping.py [--resume auto]   # toy shapes, 32 px, CPU minutes; exact resume
   python 04_stylegan_mapping.py --data data/afhq  # 256 px into runs/04_afhq (CelebA: 128 px)
-  python 04_stylegan_mapping.py sample --out runs/04_toy  # Figs. 3, 4, 8 + z/w interpolation GIFs
+  python 04_stylegan_mapping.py sample --out runs/04_toy [--ckpt F]  # Figs. 3, 4, 8 + z/w GIFs
   python 04_stylegan_mapping.py eval --out runs/04_toy    # PPL in Z and W + toy oracle
   python 04_stylegan_mapping.py --bench           # one line: it/s, TFLOP/s
 Measured (shared 2-core CPU): toy run 11.7 min wall, 660 s CPU; the oracle reads 25-36 % of
