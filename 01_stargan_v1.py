@@ -29,10 +29,11 @@ import torchvision
 import torchvision.transforms as T
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import (FACE_ATTRS, CelebAAttrs, DomainFolder, ImageFiles, Logger, autocast,
-                    check_finite, infinite, load_checkpoint, load_rgb, main_guard, make_loader,
-                    parse_config, pick_device, prepare_run, read_faces, require, resolve_data,
-                    save_checkpoint, save_grid, seed_everything, to_tensor_norm, sig3)
+from common import (CelebAAttrs, DomainFolder, FACE_ATTRS, ImageFiles, Logger, UserError, autocast,
+                    check_finite, check_flags, infinite, load_checkpoint, load_rgb, main_guard,
+                    make_loader, parse_config, pick_device, prepare_run, read_checkpoint,
+                    read_faces, require, resolve_data, save_checkpoint, save_grid, seed_everything,
+                    sig3, to_tensor_norm)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -78,6 +79,10 @@ PRESETS = {"toy": dict(  # CPU minutes: narrow nets, 4x lr (~400 G updates); the
     img_size=32, g_conv_dim=16, d_conv_dim=16, g_repeat_num=2, d_repeat_num=4, g_lr=4e-4,
     d_lr=4e-4, total_iters=2000, decay_iters=1000, log_every=100, sample_every=500, save_every=500,
     cls_iters=300)}
+# A resumed run refuses a change of these (the weights or the labels would not fit); any other
+# changed flag is applied (common.resume_config).
+FIXED = ("data", "data2", "attrs", "img_size", "g_conv_dim", "d_conv_dim", "g_repeat_num",
+         "d_repeat_num")
 
 
 # ----------------------------------------------------------------------------
@@ -138,8 +143,12 @@ class Discriminator(nn.Module):
 
 def load_official(path, net):
     """Official *-G.ckpt / *-D.ckpt (yunjey/stargan) into our G / D; IN running stats dropped."""
-    state, stats = torch.load(path, "cpu", weights_only=True), ("running_mean", "running_var")
-    net.load_state_dict({k: v for k, v in state.items() if not k.endswith(stats + ("_tracked",))})
+    state, stats = read_checkpoint(path, ours=False), ("running_mean", "running_var", "_tracked")
+    try:
+        net.load_state_dict({k: v for k, v in state.items() if not k.endswith(stats)})
+    except (RuntimeError, TypeError, AttributeError) as e:  # a file of another kind
+        raise UserError(f"{path}: not a checkpoint of this script, nor an official *-G.ckpt "
+                        f"for these --attrs ({str(e).splitlines()[0][:120]})") from None
     return net
 
 
@@ -263,7 +272,10 @@ def g_step(G, D, opt_g, x_real, c_org, c_trg, cfg, k=0, sizes=(), multi=True):
 
 def build(cfg, sizes, device):
     """G sees [c_1, .., c_n, m] (the mask only with n > 1 datasets); D classifies c_1..c_n."""
-    n = len(sizes)
+    n, R = len(sizes), cfg.d_repeat_num
+    require(cfg.img_size % 4 == 0 and cfg.img_size >= 2 ** R, f"--img-size {cfg.img_size}: D "
+            f"halves it {R} times (--d-repeat-num) and G needs a multiple of 4; use a multiple of "
+            f"4 ≥ {2 ** R}, or a smaller --d-repeat-num (the toy preset: 32 px, 4)")
     G = Generator(cfg.g_conv_dim, sum(sizes) + (n if n > 1 else 0), cfg.g_repeat_num).to(device)
     D = Discriminator(cfg.img_size, cfg.d_conv_dim, sum(sizes), cfg.d_repeat_num).to(device)
     if cfg.compile:  # in place: the state_dict keeps its names
@@ -362,10 +374,11 @@ def sample_own(G, D, sources, cfg, ns, device):
 # ----------------------------------------------------------------------------
 # 7. Train
 # ----------------------------------------------------------------------------
-def train(cfg, device):
+def train(cfg, device, given=()):
     """n_critic D steps per G step (§4); with two datasets each iteration visits both (§3.2)."""
+    cfg, ckpt = prepare_run(cfg, given, FIXED)  # a resumed run: flags left out keep saved values
     seed_everything(cfg.seed)
-    ckpt, sources = prepare_run(cfg.out, cfg.resume, cfg.overwrite), list(make_sources(cfg))
+    sources = list(make_sources(cfg))
     G, D, opt_g, opt_d = build(cfg, sizes := [len(s.names) for s in sources], device)
     nets, opts, last = {"G": G, "D": D}, {"G": opt_g, "D": opt_d}, Path(cfg.out) / "last.pt"
     step = load_checkpoint(ckpt, nets, opts)["step"] if ckpt else 0
@@ -374,7 +387,7 @@ def train(cfg, device):
                                     device=device, seed=cfg.seed + step)) for s in sources]
     x_fix, y_fix = next(iter(make_loader(sources[0].test, 8, shuffle=False)))  # fixed debug batch
     x_fix, c_fix = x_fix.to(device), as_label(y_fix, sources[0].multi, sizes[0]).to(device)
-    logger, t0 = Logger(cfg.out, cfg.total_iters, cfg.log_every), time.time()
+    logger, t0, losses = Logger(cfg.out, cfg.total_iters, cfg.log_every), time.time(), {}
     try:
         while step < cfg.total_iters:
             for optim, lr0 in ((opt_g, cfg.g_lr), (opt_d, cfg.d_lr)):  # one param group each
@@ -391,13 +404,13 @@ def train(cfg, device):
             step += 1
             if step % cfg.log_every == 0:
                 logger.log(step, losses)
+                check_finite(losses, step, last)  # never train on for thousands of nan steps
             if step % cfg.sample_every == 0 or step == cfg.total_iters:
                 save_translations(G, x_fix, c_fix, sources, last.parent / f"sample_{step:06d}.jpg")
             if step % cfg.save_every == 0 or step == cfg.total_iters:
-                check_finite(losses, step, last if last.exists() else None)
-                save_checkpoint(last, step, cfg, nets, opts, extra)
-    except KeyboardInterrupt:  # keep the work done so far
-        save_checkpoint(last, step, cfg, nets, opts, extra)
+                save_checkpoint(last, step, cfg, nets, opts, extra, losses)
+    except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
+        save_checkpoint(last, step, cfg, nets, opts, extra, losses, interrupted=True)
     print(f"step {step}: {time.time() - t0:.0f} s; saved {last} (--resume auto goes on)")
     if judge := oracle_judge(cfg, sources[0]):
         translation_scores(G, sources[0], sizes, judge, "oracle")
@@ -433,12 +446,14 @@ def main(argv=None):
              (("--ckpt",), dict(default="", help="sample/eval: our last.pt or official *-G.ckpt")),
              (("--train-classifier",), dict(action="store_true", help="eval: train ResNet-18"))]
     cfg, ns = parse_config(Config, PRESETS, argv, __doc__, ("train", "sample", "eval"), extra)
+    check_flags(cfg, positive="batch g_lr d_lr n_critic total_iters decay_iters log_every "
+                "sample_every save_every", nonneg="num_workers", unit="beta1 beta2")
     device = pick_device(cfg.device)
     if cfg.bench or ns.mode == "train":
-        return (bench if cfg.bench else train)(cfg, device)
+        return bench(cfg, device) if cfg.bench else train(cfg, device, ns.given)
     path = Path(ns.ckpt or Path(cfg.out) / "last.pt")  # ours (config inside) or an official G
     require(path.is_file(), f"checkpoint {path} not found: train first, or pass --ckpt FILE")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path, Config, ours=False)
     if "nets" in state:
         cfg, extra = Config(**{**state["config"], "out": cfg.out}), state["extra"]
         sources = [Source(*s) for s in zip(extra["names"], extra["multi"])]

@@ -45,11 +45,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
 from common import (DomainFolder, FAN, ImageFiles, InceptionPool, Logger, LPIPS, ReferencePairs,
-                    UserError, align_faces, autocast, check_finite, frechet_distance, infinite,
-                    load_checkpoint, load_fan, load_rgb, main_guard, make_loader, parse_config,
-                    pick_device, prepare_run, read_npz, read_scenes, require, resolve_data,
-                    save_checkpoint, save_gif, save_grid, seed_everything, strip_prefixes,
-                    to_tensor_norm, sig3)
+                    UserError, align_faces, autocast, check_finite, check_flags, frechet_distance,
+                    infinite, load_checkpoint, load_fan, load_rgb, main_guard, make_loader,
+                    parse_config, pick_device, prepare_run, read_checkpoint, read_npz, read_scenes,
+                    require, resolve_data, save_checkpoint, save_gif, save_grid, seed_everything,
+                    sig3, strip_prefixes, to_tensor_norm)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -108,6 +108,10 @@ PRESETS = {
                 randcrop_prob=0.0, num_workers=0, log_every=50, sample_every=500,
                 save_every=500, out="runs/stargan_v2_toy"),
 }
+# A resumed run refuses a change of these (the weights would not fit, or mean something else);
+# any other changed flag is applied (common.resume_config).
+FIXED = ("data", "img_size", "num_domains", "latent_dim", "style_dim", "dim_in", "max_conv_dim",
+         "mapping_dim", "w_hpf")
 NET_NAMES = ("G", "mapping", "E", "D")
 OFFICIAL_NAMES = {"G": "generator", "mapping": "mapping_network", "E": "style_encoder",
                   "D": "discriminator"}
@@ -638,9 +642,8 @@ def sampling_nets(cfg, ns):
     if not ns.official_ckpt:
         require(Path(path).is_file(), f"--ckpt {path}: not found; pass a run's last.pt "
                 "(or --official-ckpt with --preset afhq / celeba_hq)")
-        saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
-        keep = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
-        cfg = Config(**{**keep, "device": cfg.device, "out": str(Path(path).parent),
+        saved = read_checkpoint(path, Config)["config"]  # one line if empty, cut or foreign
+        cfg = Config(**{**saved, "device": cfg.device, "out": str(Path(path).parent),
                         "wing": cfg.wing})  # where the FAN is now, not where it was
     fan = face_net(cfg, device)  # before the nets: a missing FAN file fails at once
     _, ema = build_nets(cfg, device)
@@ -719,10 +722,11 @@ def evaluate(cfg, ns):
 # ----------------------------------------------------------------------------
 # 7. Train
 # ----------------------------------------------------------------------------
-def train(cfg):
+def train(cfg, given=()):
     device = pick_device(cfg.device)
+    # Fail early; a resumed run: flags left out keep the saved values (common.resume_config)
+    cfg, resume = (cfg, None) if cfg.bench else prepare_run(cfg, given, FIXED)
     seed_everything(cfg.seed)
-    resume = None if cfg.bench else prepare_run(cfg.out, cfg.resume, cfg.overwrite)  # fail early
     fan = face_net(cfg, device, random_ok=cfg.bench)  # None unless w_hpf > 0
     nets, ema = build_nets(cfg, device)
     optims = build_optims(nets, cfg)
@@ -738,7 +742,7 @@ def train(cfg):
     x, y = stack_split(root, "val", cfg.img_size, per_domain=4)  # fixed: samples compare over steps
     src = torch.arange(len(y)) % 4 < 2  # per domain: 2 sources, then 2 references
     fixed = [t.to(device) for t in (x[src], y[src], x[~src], y[~src])]
-    logger, t0 = Logger(out, cfg.total_iters, cfg.log_every), time.time()
+    logger, t0, losses = Logger(out, cfg.total_iters, cfg.log_every), time.time(), {}
     print(f"{sum(p.numel() for p in nets.G.parameters()):,} G params | data {root} | "
           f"{len(src_set)} images, domains {src_set.domains} | device {device} | from step {step}"
           + (f" | face masks from {cfg.wing}" if fan is not None else ""))
@@ -750,15 +754,15 @@ def train(cfg):
             step += 1
             if step % cfg.log_every == 0:
                 logger.log(step, losses)
+                check_finite(losses, step, last)  # never train on for thousands of nan steps
             if step % cfg.sample_every == 0 or step == cfg.total_iters:
                 write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg, fan)
                 if toy and step < cfg.total_iters:
                     oracle_scores(ema, root, cfg, device, step, fan)
             if step % cfg.save_every == 0 or step == cfg.total_iters:
-                check_finite(losses, step, last if last.exists() else None)
-                save_checkpoint(last, step, cfg, all_nets, optims)
-    except KeyboardInterrupt:
-        save_checkpoint(last, step, cfg, all_nets, optims)
+                save_checkpoint(last, step, cfg, all_nets, optims, losses=losses)
+    except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
+        save_checkpoint(last, step, cfg, all_nets, optims, losses=losses, interrupted=True)
         print(f"\ninterrupted: saved {last} at step {step}; resume with --resume auto")
         return None
     print(f"done: {step} steps in {time.time() - t0:.0f} s; samples in {out / 'samples'}")
@@ -810,8 +814,12 @@ def main(argv=None):
     if ns.mode == "align" and ns.preset == "toy":  # faces: CelebA-HQ's settings (256 px) unless set
         cfg, ns = parse_config(Config, PRESETS, ["--preset", "celeba_hq", *argv], __doc__, modes,
                                EXTRA)
+    check_flags(cfg, positive="batch lr f_lr total_iters ds_iter log_every sample_every "
+                "save_every", nonneg="num_workers weight_decay", unit="beta1 beta2 ema_beta")
+    require(cfg.img_size >= 8 and cfg.img_size & (cfg.img_size - 1) == 0, f"--img-size "
+            f"{cfg.img_size}: must be a power of two ≥ 8 (E and D halve it down to 4×4)")
     return {"sample": sample, "eval": evaluate, "align": align}.get(
-        ns.mode, lambda c, _: train(c))(cfg, ns)
+        ns.mode, lambda c, n: train(c, n.given))(cfg, ns)
 
 
 if __name__ == "__main__":

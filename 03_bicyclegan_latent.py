@@ -30,10 +30,10 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
 
-from common import (LPIPS, AlignedPairs, ImageFiles, Logger, UserError, autocast, check_finite,
-                    load_checkpoint, main_guard, make_loader, parse_config, pick_device,
-                    prepare_run, read_shapes, require, resolve_data, save_checkpoint, save_gif,
-                    save_grid, seed_everything, sig3)
+from common import (AlignedPairs, ImageFiles, Logger, LPIPS, UserError, autocast, check_finite,
+                    check_flags, load_checkpoint, main_guard, make_loader, parse_config,
+                    pick_device, prepare_run, read_checkpoint, read_shapes, require, resolve_data,
+                    save_checkpoint, save_gif, save_grid, seed_everything, sig3)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -79,6 +79,9 @@ PRESETS = {  # edges2shoes = the defaults; afhq: 60 epochs of 14,630 images / 2
     "toy": dict(img_size=64, ngf=16, nef=8, ndf=8, batch=8, total_iters=3000, log_every=100,
                 sample_every=300, save_every=300, num_workers=0),
 }
+# A resumed run refuses a change of these (the weights would not fit); any other changed flag is
+# applied (common.resume_config).
+FIXED = ("data", "img_size", "input_nc", "output_nc", "nz", "ngf", "nef", "ndf", "where_add")
 
 # ----------------------------------------------------------------------------
 # 2. Networks
@@ -388,11 +391,11 @@ def z_interp_gif(G, A, nz, path, n_keys=5, per_segment=4, seed=0):
 # ----------------------------------------------------------------------------
 # 7. Train
 # ----------------------------------------------------------------------------
-def train(cfg):
+def train(cfg, given=()):
     device = pick_device(cfg.device)
     require(cfg.batch >= 2 and cfg.batch % 2 == 0, f"--batch {cfg.batch}: use an even number >= 2")
+    cfg, ckpt = prepare_run(cfg, given, FIXED)  # a resumed run: flags left out keep saved values
     seed_everything(cfg.seed)
-    ckpt = prepare_run(cfg.out, cfg.resume, cfg.overwrite)
     out, last = Path(cfg.out), Path(cfg.out) / "last.pt"
     nets = build_nets(cfg, device)
     opts = build_opts(nets, cfg, device)
@@ -410,14 +413,13 @@ def train(cfg):
             step += 1
             if step % cfg.log_every == 0:
                 logger.log(step, {**losses, "lr": lr_at(step - 1, cfg)})
+                check_finite(losses, step, last)  # never train on for thousands of nan steps
             if step % cfg.sample_every == 0 or step == cfg.total_iters:
                 sample_grid(nets, A_fix, B_fix, z_fix, out / "samples" / f"{step:07d}.png")
             if step % cfg.save_every == 0 or step == cfg.total_iters:
-                check_finite(losses, step, last if last.exists() else None)
-                save_checkpoint(last, step, cfg, nets, opts)
-    except KeyboardInterrupt:
-        check_finite(losses, step, last if last.exists() else None)
-        save_checkpoint(last, step, cfg, nets, opts)
+                save_checkpoint(last, step, cfg, nets, opts, losses=losses)
+    except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
+        save_checkpoint(last, step, cfg, nets, opts, losses=losses, interrupted=True)
         print(f"\ninterrupted: saved {last} at step {step}; continue with --resume auto")
     return nets
 
@@ -438,15 +440,16 @@ def bench(cfg):
     torch.cuda.synchronize() if cuda else None
     its = cfg.bench_iters / (time.perf_counter() - t0)
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"
-    print(f"bench {s}px batch {cfg.batch} {device.type}: {sig3(its)} it/s | {sig3(its * cfg.batch)} "
-          f"images/s | peak mem {mem} | {sig3(counter.get_total_flops() * its / 1e12)} TFLOP/s")
+    print(f"bench {s}px batch {cfg.batch} {device.type}: {sig3(its)} it/s | "
+          f"{sig3(its * cfg.batch)} images/s | peak mem {mem} | "
+          f"{sig3(counter.get_total_flops() * its / 1e12)} TFLOP/s")
 
 
 def load_run(cfg, ckpt):
     """Nets from a checkpoint, built from the run's own config (sizes match); G in eval mode."""
     path = Path(ckpt or Path(cfg.out) / "last.pt")
     require(path.is_file(), f"{path}: no checkpoint; train first or pass --ckpt PATH")
-    saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    saved = read_checkpoint(path, Config)["config"]  # one line if empty, cut or foreign
     cfg = Config(**{**saved, **{k: getattr(cfg, k) for k in ("data", "out", "device")}})
     device = pick_device(cfg.device)
     nets = build_nets(cfg, device)
@@ -486,10 +489,12 @@ def evaluate(cfg, ckpt, n_inputs=100, n_z=20, lpips=None):
 def main(argv=None):
     extra = ((("--ckpt",), dict(default="", help="sample/eval checkpoint (default out/last.pt)")),)
     cfg, ns = parse_config(Config, PRESETS, argv, __doc__, ("train", "sample", "eval"), extra)
+    check_flags(cfg, positive="lr total_iters log_every sample_every save_every",
+                nonneg="num_workers")
     if cfg.bench:
         return bench(cfg)
     if ns.mode == "train":
-        return train(cfg)
+        return train(cfg, ns.given)
     if ns.mode == "eval":
         return evaluate(cfg, ns.ckpt)
     cfg, nets, device, G, E = load_run(cfg, ns.ckpt)

@@ -5,7 +5,7 @@ Symbols: f → mapping; A → AdaIN.affine, y = (y_s, y_b); B → StyleLayer.noi
 w̄ → w_avg; ψ → psi; γ → r1_gamma. Shapes: B batch, Z = W latent size, L = 2·log2(R) − 2 layers.
   python 04_stylegan_mapping.py [--resume auto]   # toy shapes, 32 px, CPU minutes; exact resume
   python 04_stylegan_mapping.py --data data/afhq  # 256 px into runs/04_afhq (CelebA: 128 px)
-  python 04_stylegan_mapping.py sample --out runs/04_toy  # Figs. 3, 4, 8 + z/w interpolation GIFs
+  python 04_stylegan_mapping.py sample --out runs/04_toy [--ckpt F]  # Figs. 3, 4, 8 + z/w GIFs
   python 04_stylegan_mapping.py eval --out runs/04_toy    # PPL in Z and W + toy oracle
   python 04_stylegan_mapping.py --bench           # one line: it/s, TFLOP/s
 Measured (shared 2-core CPU): toy run 11.7 min wall, 660 s CPU; the oracle reads 25-36 % of
@@ -28,10 +28,10 @@ from torch.utils.data import Subset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
-from common import (LPIPS, SHAPES, ImageFiles, Logger, UserError, autocast, check_finite,
-                    load_checkpoint, main_guard, make_loader, parse_config, pick_device,
-                    prepare_run, read_shapes, require, resolve_data, save_checkpoint, save_gif,
-                    save_grid, seed_everything, to_tensor_norm, sig3)
+from common import (ImageFiles, Logger, LPIPS, SHAPES, UserError, autocast, check_finite,
+                    check_flags, load_checkpoint, main_guard, make_loader, parse_config,
+                    pick_device, prepare_run, read_checkpoint, read_shapes, require, resolve_data,
+                    save_checkpoint, save_gif, save_grid, seed_everything, sig3, to_tensor_norm)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -79,6 +79,9 @@ PRESETS = {  # Deviation (toy): small widths so the default run takes CPU minute
     "afhq": dict(img_size=256, ppl_crop=False, out="runs/04_afhq"),
     "celeba": dict(img_size=128, out="runs/04_celeba"),
 }
+# A resumed run refuses a change of these (the weights would not fit); any other changed flag is
+# applied (common.resume_config).
+FIXED = ("data", "img_size", "w_dim", "mapping_layers", "fmap_base", "fmap_max")
 
 # ----------------------------------------------------------------------------
 # 2. Networks
@@ -444,13 +447,14 @@ def oracle_scores(G, cfg, device):
 # ----------------------------------------------------------------------------
 # 7. Train
 # ----------------------------------------------------------------------------
-def train(cfg, device):
-    ckpt, out = prepare_run(cfg.out, cfg.resume, cfg.overwrite), Path(cfg.out)
+def train(cfg, device, given=()):
+    (cfg, ckpt), out = prepare_run(cfg, given, FIXED), Path(cfg.out)  # resumed: see FIXED
     G, D, G_ema, opt_G, opt_D = build(cfg, device)
     nets, opts = {"G": G, "D": D, "G_ema": G_ema}, {"G": opt_G, "D": opt_D}
     step = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
     batches = real_batches(make_dataset(cfg), cfg, device, step)
-    logger, last, losses, t0 = Logger(out, cfg.total_iters, cfg.log_every), ckpt, {}, time.time()
+    logger, last, losses = Logger(out, cfg.total_iters, cfg.log_every), out / "last.pt", {}
+    t0 = time.time()
     z_fixed = torch.randn(16, cfg.w_dim, generator=torch.Generator().manual_seed(cfg.seed))
     try:
         while step < cfg.total_iters:
@@ -460,16 +464,14 @@ def train(cfg, device):
             step += 1
             if step % cfg.log_every == 0:
                 logger.log(step, losses)
+                check_finite(losses, step, last)  # never train on for thousands of nan steps
             if step % cfg.sample_every == 0:
                 save_grid(G_ema(z_fixed.to(device)), out / f"sample_{step:06d}.png", 4)
             if step % cfg.save_every == 0 or step == cfg.total_iters:
-                check_finite(losses, step, last)
-                save_checkpoint(out / "last.pt", step, cfg, nets, opts)
-                last = out / "last.pt"
-    except KeyboardInterrupt:  # keep the work done so far
-        check_finite(losses, step, last)
-        save_checkpoint(out / "last.pt", step, cfg, nets, opts)
-    print(f"step {step}: {time.time() - t0:.0f} s; saved {out / 'last.pt'} (--resume auto goes on)")
+                save_checkpoint(last, step, cfg, nets, opts, losses=losses)
+    except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
+        save_checkpoint(last, step, cfg, nets, opts, losses=losses, interrupted=True)
+    print(f"step {step}: {time.time() - t0:.0f} s; saved {last} (--resume auto goes on)")
     return nets
 
 
@@ -498,17 +500,23 @@ def bench(cfg, device):
 # 8. Entry point
 # ----------------------------------------------------------------------------
 def main(argv=None):
-    cfg, ns = parse_config(Config, PRESETS, argv, __doc__, modes=("train", "sample", "eval"))
+    extra = [(("--ckpt",), dict(default="", help="sample/eval: checkpoint (default out/last.pt)"))]
+    cfg, ns = parse_config(Config, PRESETS, argv, __doc__, ("train", "sample", "eval"), extra)
     require(cfg.img_size in [2 ** k for k in range(3, 11)],
             f"--img-size {cfg.img_size}: must be a power of 2 from 8 to 1024")
+    require(len(cfg.betas) == 2, f"--betas {' '.join(map(str, cfg.betas))}: Adam needs two values "
+            "(β1 β2), e.g. --betas 0.0 0.99")
+    check_flags(cfg, positive="batch lr mapping_lr_mul total_iters log_every sample_every "
+                "save_every", nonneg="num_workers", unit="betas")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     if cfg.bench or ns.mode == "train":
-        return bench(cfg, device) if cfg.bench else train(cfg, device)
-    # sample / eval: G_ema of --resume PATH or out/last.pt, with the widths it was trained with
-    path = Path(cfg.resume if cfg.resume not in ("", "auto") else Path(cfg.out) / "last.pt")
-    require(path.is_file(), f"{path}: no checkpoint; train first or pass --out RUN / --resume PATH")
-    saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
+        return bench(cfg, device) if cfg.bench else train(cfg, device, ns.given)
+    # sample / eval: G_ema of --ckpt (or, as before, --resume) PATH or out/last.pt, as trained
+    old = cfg.resume if cfg.resume not in ("", "auto") else ""
+    path = Path(ns.ckpt or old or Path(cfg.out) / "last.pt")
+    require(path.is_file(), f"{path}: no checkpoint; train first or pass --out RUN / --ckpt PATH")
+    saved = read_checkpoint(path, Config)["config"]  # one line if empty, cut or foreign
     keep = ("img_size", "w_dim", "mapping_layers", "fmap_base", "fmap_max", "data")
     cfg, out = dataclasses.replace(cfg, **{k: saved[k] for k in keep}), Path(cfg.out)
     G = Generator(cfg).to(device).eval()

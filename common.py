@@ -11,7 +11,9 @@ import math
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import time
 import typing
 import zipfile
@@ -41,11 +43,23 @@ def require(cond, msg):
 
 
 def main_guard(fn, argv=None):
+    if argv is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _ctrl_c_once)  # the command line (tests pass argv)
     try:
         fn(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # outside a training loop (which saves first): nothing to keep
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _ctrl_c_once(signum, frame):
+    """The first Ctrl-C stops the command (a training loop saves first); more presses are ignored,
+    so they cut neither the checkpoint write nor the exit short (Ctrl-\\ still kills)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 # ---- CLI from a config dataclass: one flag per field, help = the field's trailing comment
@@ -85,8 +99,23 @@ def parse_config(cfg_cls, presets, argv=None, doc="", modes=("train",), extra=()
     if ns.preset is None:  # a --data folder named like a preset, else toy for the toy data
         guess, toy = Path(data.rstrip("/")).name, data in ("", "toy") and "toy" in presets
         ns.preset = guess if guess in presets else ("toy" if toy else None)
-    values = {**presets.get(ns.preset, {}), **given}
+    values, ns.given = {**presets.get(ns.preset, {}), **given}, tuple(given)  # given: see resume
     return cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}), ns
+
+
+def check_flags(cfg, positive="", nonneg="", unit=""):
+    """Values that torch would reject deep inside (or divide by): one line naming the flag and
+    its range. Each argument is a space-separated list of field names; tuples: every item."""
+    rules = ((positive, lambda v: v > 0, lambda v: "≥ 1" if isinstance(v, int) else "> 0"),
+             (nonneg, lambda v: v >= 0, lambda v: "≥ 0"), (unit, lambda v: 0 <= v < 1,
+                                                          lambda v: "in [0, 1)"))
+    for names, ok, text in rules:
+        for name in names.split():
+            value = getattr(cfg, name)
+            items = value if isinstance(value, tuple) else (value,)
+            shown, each = " ".join(map(str, items)), "each " if isinstance(value, tuple) else ""
+            require(all(math.isfinite(v) and ok(v) for v in items),
+                    f"--{name.replace('_', '-')} {shown}: {each}must be {text(items[0])}")
 
 
 # ---- Seeding, device, precision
@@ -98,9 +127,14 @@ def seed_everything(seed):
 def pick_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    require(not name.startswith("cuda") or torch.cuda.is_available(),
-            f"--device {name}: no CUDA GPU is visible; use --device cpu (or auto)")
-    return torch.device(name)
+    require(re.fullmatch(r"cpu|cuda(:\d+)?", name),
+            f"--device {name}: use auto, cpu, cuda or cuda:N")
+    device = torch.device(name)
+    n = torch.cuda.device_count() if device.type == "cuda" else 1
+    require(n > (device.index or 0), f"--device {name}: " + (
+        f"only {n} CUDA GPU(s) visible; use cuda:0..{n - 1}" if n else
+        "no CUDA GPU is visible; use --device cpu (or auto)"))
+    return device
 
 
 def autocast(device, amp):
@@ -112,47 +146,158 @@ def autocast(device, amp):
 
 
 # ---- Run folder and checkpoints: one file holds the whole training state
-def prepare_run(out, resume, overwrite):
-    last = Path(out) / "last.pt"
-    last.parent.mkdir(parents=True, exist_ok=True)
-    if resume == "auto":
-        return last if last.exists() else None
-    if resume:
-        require(Path(resume).is_file(), f"--resume {resume}: no such checkpoint file; "
-                "use --resume auto to continue the run in --out, or leave it out to start fresh")
-        return Path(resume)
-    require(not last.exists() or overwrite, f"{last.parent} already holds a run ({last}); pass "
-            "--resume auto to continue it, --overwrite to start over, or another --out")
-    return None
+# Settings of this invocation and machine, not of the run: never taken from a checkpoint.
+LOCAL = ("out", "resume", "overwrite", "device", "bench", "bench_iters")
+
+
+def prepare_run(cfg, given=(), fixed=()):
+    """-> (cfg, checkpoint to resume or None). All checks come before the folder changes: a run
+    in cfg.out is continued (--resume auto, or its own last.pt by path) or, with --overwrite,
+    moved aside; never replaced. given / fixed: see resume_config."""
+    out, resume = Path(cfg.out), cfg.resume
+    last = out / "last.pt"
+    ckpt = Path(resume) if resume not in ("", "auto") else None
+    ckpt = last if resume == "auto" and last.exists() else ckpt
+    require(ckpt is None or ckpt.is_file(), f"--resume {resume}: no such checkpoint file; use "
+            "--resume auto to continue the run in --out, or leave it out to start fresh")
+    own = ckpt is not None and last.exists() and ckpt.resolve() == last.resolve()
+    require(own or not last.exists() or cfg.overwrite, (
+        f"--resume {ckpt} would continue in {out}, which already holds a run ({last}); pass "
+        "--overwrite to move that run aside, --resume auto to continue it instead, or another "
+        "--out") if ckpt else (f"{out} already holds a run ({last}); pass --resume auto to "
+                               "continue it, --overwrite to start over, or another --out"))
+    cfg = resume_config(cfg, ckpt, given, fixed) if ckpt else cfg
+    if cfg.overwrite and not own and any((out / n).exists() for n in ("last.pt", "log.jsonl")):
+        ckpt = _move_aside(out, ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    Path(f"{last}.tmp").unlink(missing_ok=True)  # left by a process killed while saving
+    return cfg, ckpt
+
+
+def _move_aside(out, ckpt):
+    """--overwrite: out -> out.old-N (first free N), so the new run starts in a clean folder
+    (no old log lines, samples or figures) and nothing is deleted. -> where ckpt is now."""
+    here = Path.cwd().resolve()
+    require(not here.is_relative_to(out.resolve()), f"--out {out}: --overwrite would move the "
+            "folder you are working in; pass a run folder such as runs/<name>")
+    n = 1
+    while (aside := out.with_name(f"{out.name}.old-{n}")).exists():
+        n += 1
+    inside = ckpt is not None and ckpt.resolve().is_relative_to(out.resolve())
+    moved = aside / ckpt.resolve().relative_to(out.resolve()) if inside else ckpt
+    out.rename(aside)
+    print(f"--overwrite: moved the previous run {out} to {aside} (delete it once not needed)")
+    return moved
+
+
+def resume_config(cfg, path, given=(), fixed=()):
+    """The config a resumed run trains with. Flags left out keep the checkpoint's values; a given
+    flag that changes one is applied and printed, or refused if in `fixed` (architecture and
+    data: the weights would not fit, or would mean something else). A moved copy of the data
+    (same folder name) is applied. LOCAL settings always come from this invocation."""
+    saved, values = read_checkpoint(path, type(cfg))["config"], {}
+    for k, old in saved.items():
+        old = tuple(old) if isinstance(old, list) else old  # torch.load gives tuples back as lists
+        new, flag = getattr(cfg, k), k.replace("_", "-")
+        if k in LOCAL or old == new:
+            continue
+        if k not in given:
+            values[k] = old
+            continue
+        moved = k.startswith("data") and Path(old or "toy").name == Path(new or "toy").name
+        require(k not in fixed or moved, f"--{flag} {new}: {path} was trained with {k} {old}; a "
+                f"resumed run keeps its architecture and data: leave --{flag} out, or start a new "
+                "run (another --out)")
+        print(f"resume: {k} {old} -> {new} (applied)")
+    return dataclasses.replace(cfg, **values)
 
 
 def strip_prefixes(state_dict):
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
 
 
-def save_checkpoint(path, step, cfg, nets, opts, extra=None):
-    """Atomic: a crash mid-write leaves the previous checkpoint intact, never a half-written one."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}
-    state = {"step": step, "config": dataclasses.asdict(cfg), "rng": rng, "extra": extra or {},
-             "nets": {k: strip_prefixes(m.state_dict()) for k, m in nets.items()},
-             "opts": {k: o.state_dict() for k, o in opts.items()}}
-    torch.save(state, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+def _first_line(e):  # the first sentence of an exception: torch's can run to several lines
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+
+
+def read_checkpoint(path, cfg_cls=None, ours=True, map_location="cpu"):
+    """torch.load with one-line errors naming the file: missing, empty, truncated, not a torch
+    file, or (cfg_cls) another script's checkpoint. ours=False: plain state dicts pass too."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such checkpoint file") from None
+    except Exception as e:  # EOFError, zip errors, unpickling: all mean a broken or foreign file
+        raise UserError(f"{path}: cannot read this checkpoint ({_first_line(e)}); it is empty, "
+                        "truncated or not a torch file") from None
+    mine = isinstance(state, dict) and {"nets", "config"} <= state.keys()
+    fields = {f.name for f in dataclasses.fields(cfg_cls)} if cfg_cls else set()
+    alien = sorted(set(state["config"]) - fields) if mine and cfg_cls else []
+    why = f"its settings include {', '.join(alien[:3])}" if alien else "no training state inside"
+    require(isinstance(state, dict) and (mine or not ours) and not alien, f"{path}: not a "
+            f"checkpoint of this script ({why}); pass a last.pt written by this script")
+    return state
+
+
+@contextlib.contextmanager
+def _sigint_held(deliver=True):
+    """Ctrl-C inside is recorded instead of raised, so a write is never cut short; on leaving,
+    it is delivered once (deliver) or dropped. Only the main thread may set signal handlers."""
+    before = signal.getsignal(signal.SIGINT)
+    if before in (None, signal.SIG_IGN) or threading.current_thread() != threading.main_thread():
+        yield
+        return
+    hits = []
+    signal.signal(signal.SIGINT, lambda *_: hits.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if hits and deliver:
+        signal.raise_signal(signal.SIGINT)
+
+
+def save_checkpoint(path, step, cfg, nets, opts, extra=None, losses=None, interrupted=False):
+    """Never replaces the last good checkpoint with a broken one: finite losses and tensors only,
+    atomic (temp file + os.replace), Ctrl-C held until the file is complete (then delivered;
+    interrupted=True: this save answers a Ctrl-C, so further ones are dropped)."""
+    with _sigint_held(deliver=not interrupted):
+        check_finite(losses or {}, step, path)
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}
+        state = {"step": step, "config": dataclasses.asdict(cfg), "rng": rng,
+                 "extra": extra or {}, "opts": {k: o.state_dict() for k, o in opts.items()},
+                 "nets": {k: strip_prefixes(m.state_dict()) for k, m in nets.items()}}
+        tensors = [(f"{k}.{n}", t) for k, sd in state["nets"].items() for n, t in sd.items()] + [
+            (f"the {k} optimizer's {n}", t) for k, o in state["opts"].items()
+            for s in o["state"].values() for n, t in s.items() if torch.is_tensor(t)]
+        bad = next((n for n, t in tensors if t.is_floating_point() and not t.isfinite().all()),
+                   None)
+        require(bad is None, f"step {step}: {bad} is not finite; stopping without saving. Last "
+                f"good checkpoint: {_last_good(path)} (try a lower lr, or --no-amp)")
+        tmp = Path(f"{path}.tmp")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, nets, opts=None, map_location="cpu", restore_rng=True):
+    """Nets, optimizer state and RNG from `path`. The optimizers keep this run's lr, betas, eps
+    and weight decay (applied on resume, see resume_config); moments and step counts are loaded."""
+    state = read_checkpoint(path, map_location=map_location)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
         for k, m in nets.items():
             m.load_state_dict(strip_prefixes(state["nets"][k]))
         for k, o in (opts or {}).items():
+            keep = [{n: g[n] for n in ("lr", "betas", "eps", "weight_decay") if n in g}
+                    for g in o.param_groups]
             o.load_state_dict(state["opts"][k])
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such checkpoint file") from None
-    except Exception as e:  # unpickling, missing keys, shape mismatch: all mean a wrong file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a checkpoint of this script ({first[:200]})") from None
+            for group, settings in zip(o.param_groups, keep):
+                group.update(settings)
+    except Exception as e:  # missing keys, shape mismatch: another script's or layout's file
+        raise UserError(f"{path}: not a checkpoint of this script ({_first_line(e)})") from None
     if restore_rng:
         version, internal, gauss = state["rng"]["python"]  # setstate wants tuples, not lists
         random.setstate((version, tuple(internal), gauss))
@@ -162,11 +307,18 @@ def load_checkpoint(path, nets, opts=None, map_location="cpu", restore_rng=True)
     return state
 
 
+def _last_good(path):
+    return path if path and Path(path).exists() else "none yet"
+
+
 def check_finite(losses, step, last_ckpt=None):
+    """Stop at a nan/inf loss term: called at every log step (the losses are synced there) and
+    before every save, so a run never trains on, or saves, a broken state."""
     for k, v in losses.items():
-        if not abs(float(v)) < float("inf"):  # nan or ±inf
-            raise UserError(f"step {step}: loss term '{k}' is {float(v)}; stopping. Last good "
-                            f"checkpoint: {last_ckpt or 'none yet'} (try a lower lr, or --no-amp)")
+        if not math.isfinite(float(v)):
+            raise UserError(f"step {step}: loss term '{k}' is {float(v)}; stopping without saving. "
+                            f"Last good checkpoint: {_last_good(last_ckpt)} (try a lower lr, or "
+                            "--no-amp)")
 
 
 # ---- Data: readers for the real on-disk formats (the toy sets use the same formats)

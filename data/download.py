@@ -16,6 +16,7 @@ import sys
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from collections import namedtuple
@@ -256,6 +257,10 @@ def main(argv=None):
                         " for wing: the folder holding both files)")
     parser.add_argument("--force", action="store_true", help="download again even if present")
     ns = parser.parse_args(argv)
+    if ns.url and urllib.parse.urlsplit(ns.url).scheme not in ("http", "https", "ftp", "file"):
+        print(f"error: --url {ns.url}: not a URL; pass http(s)://... or file:///path/to/archive",
+              file=sys.stderr)  # urllib would raise a bare ValueError
+        return 2
     try:
         if ns.name == "weights":
             fetch_weights()

@@ -1,8 +1,10 @@
 """Tests for 01_stargan_v1.py (StarGAN). Small widths and images except for the parameter counts."""
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from common import UserError, load_checkpoint, save_checkpoint
 from conftest import ROOT, load_script
@@ -98,7 +100,7 @@ def test_load_official_round_trip(tmp_path):
         S.load_official(tmp_path / f"200000-{who}.ckpt", net)
         for k, v in net.state_dict().items():
             assert torch.equal(v, state[k]), k
-    with pytest.raises(RuntimeError):  # strict: a D file does not load into G
+    with pytest.raises(UserError, match="200000-D.ckpt: not a checkpoint"):  # strict: D is no G
         S.load_official(tmp_path / "200000-D.ckpt", S.Generator(8, 5, 2))
 
 
@@ -260,3 +262,72 @@ def test_bench_prints_one_line(capsys):
     S.main(TINY + ["--bench", "--bench-iters", "5"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "it/s" in line and "images/s" in line and "TFLOP/s" in line and "n/a" in line
+
+
+# ---------------------------------------------------------------------------- faults
+def break_D_after(calls_before_ctrl_c=None, nan_after=2):
+    """d_step that leaves D non-finite after call `nan_after` and raises Ctrl-C at a call."""
+    real, calls = S.d_step, []
+
+    def broken(G, D, *a, **kw):
+        calls.append(1)
+        if len(calls) == calls_before_ctrl_c:
+            raise KeyboardInterrupt
+        losses = real(G, D, *a, **kw)
+        if len(calls) == nan_after:  # finite losses, but the update broke D (as with lr 1e10)
+            with torch.no_grad():
+                next(D.parameters()).fill_(float("nan"))
+        return losses
+    return broken, calls
+
+
+def test_interrupt_after_nan_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    S.main(TINY + ["--out", str(out), "--total-iters", "3", "--save-every", "3"])
+    good = (out / "last.pt").read_bytes()
+    broken, _ = break_D_after(calls_before_ctrl_c=3)
+    monkeypatch.setattr(S, "d_step", broken)
+    with pytest.raises(UserError, match=r"step 5: [GD]\.main\.0\.weight is not finite; stopping "
+                                        rf"without saving. Last good checkpoint: {out}/last.pt"):
+        S.main(TINY + ["--out", str(out), "--total-iters", "20", "--resume", "auto",
+                       "--log-every", "100", "--save-every", "100"])
+    assert (out / "last.pt").read_bytes() == good
+
+
+def test_nan_stops_the_run_at_the_next_log_step(tmp_path, monkeypatch):
+    broken, calls = break_D_after()
+    monkeypatch.setattr(S, "d_step", broken)
+    with pytest.raises(UserError, match=r"step 3: loss term 'D/\w+' is nan; stopping without"):
+        S.main(TINY + ["--out", str(tmp_path), "--total-iters", "12", "--log-every", "1",
+                       "--save-every", "100", "--sample-every", "100"])
+    assert len(calls) == 3 and not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--batch", "0"], "--batch 0: must be ≥ 1"),
+    (["--batch", "-4"], "--batch -4: must be ≥ 1"),
+    (["--g-lr", "-1"], "--g-lr -1.0: must be > 0"),
+    (["--d-lr", "-1"], "--d-lr -1.0: must be > 0"),
+    (["--device", "tpu"], "--device tpu: use auto, cpu, cuda or cuda:N"),
+    (["--data", "DOMAINS", "--img-size", "16"], "--img-size 16: D halves it 6 times")])
+def test_bad_flags_are_one_line_errors(flags, msg, tmp_path):
+    for split, domain in ((s, d) for s in ("train", "val") for d in ("a", "b")):  # not the toy
+        (tmp_path / split / domain).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / domain / "0.png")
+    with pytest.raises(UserError, match=re.escape(msg)):
+        S.main([str(tmp_path) if f == "DOMAINS" else f for f in flags] + ["--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "another script's", "not ours"])
+def test_sample_with_a_bad_checkpoint_names_the_file(kind, tmp_path):
+    path = tmp_path / "x.pt"
+    cfg = load_script("04_stylegan_mapping").Config() if kind == "another script's" else small()
+    save_checkpoint(path, 1, cfg, {"G": torch.nn.Linear(2, 2)}, {})
+    if kind == "not ours":  # neither our last.pt nor an official *-G.ckpt
+        torch.save({"weight": torch.zeros(2)}, path)
+    cut = {"empty": b"", "truncated": path.read_bytes()[:900]}
+    path.write_bytes(cut.get(kind, path.read_bytes()))
+    for mode in ("sample", "eval"):
+        with pytest.raises(UserError, match=re.escape(str(path)) + ": (cannot read this checkpoint"
+                                            "|not a checkpoint of this script)"):
+            S.main([mode, "--ckpt", str(path), "--src", str(path), "--out", str(tmp_path)])

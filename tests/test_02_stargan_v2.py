@@ -3,6 +3,7 @@ each step updates, EMA, λ_ds schedule, exact resume, official-checkpoint loadin
 import copy
 import dataclasses
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -409,3 +410,82 @@ def test_align_mode_writes_one_png_per_readable_face(tmp_path, capsys):
     with pytest.raises(UserError, match="celeba_lm_mean.npz: missing.*download.py wing"):
         m.main(["align", "--src", str(src), "--out", str(tmp_path / "o2"), "--wing",
                 str(tmp_path / "wing.ckpt")])
+
+
+# ---------------------------------------------------------------------------- faults
+RUN = ["--dim-in", "4", "--max-conv-dim", "8", "--mapping-dim", "16", "--sample-every", "100"]
+
+
+def break_after(calls_before_ctrl_c=None, nan_after=1):
+    """train_step that leaves D non-finite after call `nan_after`; Ctrl-C at another call."""
+    real, calls = m.train_step, []
+
+    def broken(nets, *a, **kw):
+        calls.append(1)
+        if len(calls) == calls_before_ctrl_c:
+            raise KeyboardInterrupt
+        logs = real(nets, *a, **kw)
+        if len(calls) == nan_after:
+            with torch.no_grad():
+                next(nets.D.parameters()).fill_(float("nan"))
+        return logs
+    return broken, calls
+
+
+def test_interrupt_after_nan_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    m.main(RUN + ["--out", str(out), "--total-iters", "2", "--save-every", "2"])
+    good = (out / "last.pt").read_bytes()
+    broken, _ = break_after(calls_before_ctrl_c=3)  # step 4's losses are nan, Ctrl-C in step 5
+    monkeypatch.setattr(m, "train_step", broken)
+    with pytest.raises(UserError, match=r"step 4: loss term 'D/latent_real' is nan; stopping "
+                                        rf"without saving. Last good checkpoint: {out}/last.pt"):
+        m.main(RUN + ["--out", str(out), "--total-iters", "50", "--resume", "auto",
+                      "--log-every", "100", "--save-every", "100"])
+    assert (out / "last.pt").read_bytes() == good
+
+
+def test_nan_stops_the_run_at_the_next_log_step(tmp_path, monkeypatch):
+    broken, calls = break_after()
+    monkeypatch.setattr(m, "train_step", broken)
+    with pytest.raises(UserError, match=r"step 2: loss term 'D/latent_real' is nan; stopping"):
+        m.main(RUN + ["--out", str(tmp_path), "--total-iters", "8", "--log-every", "1",
+                      "--save-every", "100"])
+    assert len(calls) == 2 and not (tmp_path / "last.pt").exists()
+
+
+def test_changed_settings_on_resume_are_applied_or_refused(tmp_path, capsys):
+    out = ["--out", str(tmp_path)]
+    m.main(RUN + out + ["--total-iters", "2", "--save-every", "2", "--lr", "2e-4"])
+    m.main(out + ["--total-iters", "3", "--resume", "auto", "--lr", "1e-3"])  # the rest: as saved
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    lrs = {n: [g["lr"] for g in o["param_groups"]] for n, o in state["opts"].items()}
+    assert state["config"]["lr"] == 1e-3 and state["config"]["dim_in"] == 4
+    assert lrs == {"G": [1e-3], "mapping": [1e-6], "E": [1e-3], "D": [1e-3]}  # used = recorded
+    assert "resume: lr 0.0002 -> 0.001 (applied)" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"--img-size 32: .*last.pt was trained with img_size 16"):
+        m.main(out + ["--total-iters", "4", "--resume", "auto", "--img-size", "32"])
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--batch", "0"], "--batch 0: must be ≥ 1"),
+    (["--lr", "-1"], "--lr -1.0: must be > 0"),
+    (["--f-lr", "-1"], "--f-lr -1.0: must be > 0"),
+    (["--device", "tpu"], "--device tpu: use auto, cpu, cuda or cuda:N"),
+    (["--img-size", "100"], "--img-size 100: must be a power of two ≥ 8")])
+def test_bad_flags_are_one_line_errors(flags, msg, tmp_path):
+    with pytest.raises(UserError, match=re.escape(msg)):
+        m.main(flags + ["--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "another script's"])
+def test_sample_with_a_bad_checkpoint_names_the_file(kind, tmp_path):
+    path = tmp_path / "x.pt"
+    cfg = load_script("04_stylegan_mapping").Config() if kind == "another script's" else tiny_cfg()
+    save_checkpoint(path, 1, cfg, {"G": torch.nn.Linear(2, 2)}, {})
+    cut = {"empty": b"", "truncated": path.read_bytes()[:900]}
+    path.write_bytes(cut.get(kind, path.read_bytes()))
+    for mode in ("sample", "eval"):
+        with pytest.raises(UserError, match=re.escape(str(path)) + ": (cannot read this checkpoint"
+                                            "|not a checkpoint of this script)"):
+            m.main([mode, "--ckpt", str(path), "--src", str(path)])

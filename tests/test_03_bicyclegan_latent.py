@@ -1,5 +1,6 @@
 """Tests for 03_bicyclegan_latent.py (BicycleGAN). CPU only, small widths except the param counts."""
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -192,3 +193,45 @@ def test_short_toy_run(tmp_path):
                       lpips=LPIPS(pretrained=False))
     assert res["n_inputs"] == 3 and res["lpips_diversity"] > 0 and res["l1_rec"] > 0
     assert 0 <= res["shape_kept"] <= 1 and res["color_std_real"] > 0.05  # toy colours vary
+
+
+# ---------------------------------------------------------------------------- faults
+RUN = ["--ngf", "8", "--nef", "8", "--ndf", "8", "--batch", "2", "--sample-every", "100"]
+
+
+def test_nan_stops_the_run_at_the_next_log_step(tmp_path, monkeypatch):
+    real, calls = bg.train_step, []
+
+    def broken(nets, *a, **kw):  # the update of step 1 leaves D non-finite (as with lr 1e10)
+        calls.append(1)
+        losses = real(nets, *a, **kw)
+        with torch.no_grad():
+            next(nets["D"].parameters()).fill_(float("nan"))
+        return losses
+    monkeypatch.setattr(bg, "train_step", broken)
+    with pytest.raises(bg.UserError, match=r"step 2: loss term '\w+' is nan; stopping without"):
+        bg.main(RUN + ["--out", str(tmp_path), "--total-iters", "8", "--log-every", "1",
+                       "--save-every", "100"])
+    assert len(calls) == 2 and not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--lr", "-1"], "--lr -1.0: must be > 0"),
+    (["--device", "tpu"], "--device tpu: use auto, cpu, cuda or cuda:N"),
+    (["--log-every", "0"], "--log-every 0: must be ≥ 1")])
+def test_bad_flags_are_one_line_errors(flags, msg, tmp_path):
+    with pytest.raises(bg.UserError, match=re.escape(msg)):
+        bg.main(flags + ["--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "another script's"])
+def test_sample_with_a_bad_checkpoint_names_the_file(kind, tmp_path):
+    path = tmp_path / "x.pt"
+    cfg = load_script("04_stylegan_mapping").Config() if kind == "another script's" else small_cfg()
+    bg.save_checkpoint(path, 1, cfg, {"G": torch.nn.Linear(2, 2)}, {})
+    cut = {"empty": b"", "truncated": path.read_bytes()[:900]}
+    path.write_bytes(cut.get(kind, path.read_bytes()))
+    for mode in ("sample", "eval"):
+        with pytest.raises(bg.UserError, match=re.escape(str(path)) + ": (cannot read this "
+                                               "checkpoint|not a checkpoint of this script)"):
+            bg.main([mode, "--ckpt", str(path)])

@@ -4,6 +4,7 @@ without running them."""
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -262,7 +263,7 @@ def test_short_toy_run_sample_and_eval(tmp_path, monkeypatch):
     m.main(["--out", str(out), "--total-iters", "3", "--batch", "8", "--log-every", "1"])
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["step"] == 3 and state["config"]["img_size"] == 32  # the toy preset
-    m.main(["sample", "--out", str(out)])
+    m.main(["sample", "--out", str(out), "--ckpt", str(out / "last.pt")])  # as in 01-03
     for name in ("truncation.png", "style_mixing.png", "stochastic_variation.png",
                  "interpolation_z.gif", "interpolation_w.gif"):
         assert (out / name).stat().st_size > 0
@@ -281,3 +282,81 @@ def test_short_toy_run_sample_and_eval(tmp_path, monkeypatch):
     monkeypatch.setattr(m, "LPIPS", offline)  # offline: PPL skipped, the oracle still runs
     scores = m.main(["eval", "--out", str(out), "--oracle-samples", "8"])
     assert "ppl_z_full" not in scores and 0 <= scores["valid_fake"] <= 1
+
+
+# ---------------------------------------------------------------------------- faults
+def test_run_folder_overwrite_and_resume_from_another_run(image_folder, tmp_path, capsys):
+    def run(out, *extra):
+        m.main(["--data", str(image_folder), "--out", str(tmp_path / out), *TINY_FLAGS,
+                "--log-every", "1", "--sample-every", "2", *extra])
+
+    run("a", "--total-iters", "4")
+    run("b", "--total-iters", "2", "--seed", "1")
+    a, b = tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt"
+    before = a.read_bytes()
+    with pytest.raises(common.UserError) as e:  # would replace run a with run b's continuation
+        run("a", "--total-iters", "5", "--resume", str(b))
+    assert f"--resume {b}" in str(e.value) and str(a) in str(e.value) and a.read_bytes() == before
+    assert "--overwrite" in str(e.value)
+    capsys.readouterr()
+    run("a", "--total-iters", "2", "--overwrite")  # a clean folder: the old run moved aside
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and not (tmp_path / "a" / "sample_000004.png").exists()
+    assert (tmp_path / "a.old-1" / "sample_000004.png").exists()
+    assert (tmp_path / "a.old-1" / "last.pt").read_bytes() == before
+    assert f"moved the previous run {tmp_path / 'a'} to {tmp_path / 'a.old-1'}" in \
+        capsys.readouterr().out
+    with pytest.raises(common.UserError, match=r"--img-size 32: .*b/last.pt was trained with "
+                                               r"img_size 16"):
+        run("c", "--total-iters", "3", "--resume", str(b), "--img-size", "32")
+
+
+def test_changed_lr_on_resume_is_applied(image_folder, tmp_path, capsys):
+    flags = ["--data", str(image_folder), "--out", str(tmp_path), *TINY_FLAGS]
+    m.main(flags + ["--total-iters", "1"])
+    m.main(["--out", str(tmp_path), "--resume", "auto", "--total-iters", "2", "--lr", "0.01"])
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert [g["lr"] for g in state["opts"]["G"]["param_groups"]] == [0.01, 0.01 * 0.01]
+    assert [g["lr"] for g in state["opts"]["D"]["param_groups"]] == [0.01]
+    assert state["config"]["lr"] == 0.01 and state["config"]["img_size"] == 16
+    assert "resume: lr 0.001 -> 0.01 (applied)" in capsys.readouterr().out
+
+
+def test_nan_stops_the_run_at_the_next_log_step(image_folder, tmp_path, monkeypatch):
+    real, calls = m.d_step, []
+
+    def broken(G, D, *a, **kw):  # D's update in step 2 leaves it non-finite (as with lr 1e10)
+        calls.append(1)
+        losses = real(G, D, *a, **kw)
+        if len(calls) == 2:
+            with torch.no_grad():
+                next(D.parameters()).fill_(float("nan"))
+        return losses
+    monkeypatch.setattr(m, "d_step", broken)
+    with pytest.raises(common.UserError, match=r"step 2: loss term 'G/\w+' is nan; stopping"):
+        m.main(["--data", str(image_folder), "--out", str(tmp_path), *TINY_FLAGS,
+                "--total-iters", "8", "--log-every", "1"])
+    assert len(calls) == 2 and not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--batch", "0"], "--batch 0: must be ≥ 1"),
+    (["--lr", "-1"], "--lr -1.0: must be > 0"),
+    (["--device", "tpu"], "--device tpu: use auto, cpu, cuda or cuda:N"),
+    (["--betas", "0.5"], "--betas 0.5: Adam needs two values (β1 β2)")])
+def test_bad_flags_are_one_line_errors(flags, msg, tmp_path):
+    with pytest.raises(common.UserError, match=re.escape(msg)):
+        m.main(flags + ["--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "another script's"])
+def test_sample_with_a_bad_checkpoint_names_the_file(kind, tmp_path):
+    path = tmp_path / "x.pt"
+    cfg = load_script("02_stargan_v2").Config() if kind == "another script's" else tiny_cfg()
+    common.save_checkpoint(path, 1, cfg, {"G": torch.nn.Linear(2, 2)}, {})
+    cut = {"empty": b"", "truncated": path.read_bytes()[:900]}
+    path.write_bytes(cut.get(kind, path.read_bytes()))
+    for flags in (["sample", "--ckpt"], ["eval", "--ckpt"], ["sample", "--resume"]):
+        with pytest.raises(common.UserError, match=re.escape(str(path)) + ": (cannot read this "
+                                                   "checkpoint|not a checkpoint of this script)"):
+            m.main(flags + [str(path), "--out", str(tmp_path)])

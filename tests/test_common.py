@@ -1,6 +1,8 @@
 """common.py and data/toy.py: readers, checkpoints, CLI, toy data + oracle, bad input, metrics."""
 import dataclasses
 import random
+import re
+import signal
 import subprocess
 import sys
 
@@ -254,23 +256,208 @@ def test_checkpoint_strips_prefixes_and_is_atomic(tmp_path, monkeypatch):
     assert (tmp_path / "last.pt").read_bytes() == before
 
 
+@dataclasses.dataclass
+class RunCfg:
+    out: str = ""  # run folder
+    resume: str = ""  # "", auto or a checkpoint
+    overwrite: bool = False  # start over
+    data: str = ""  # dataset (refused when changed on resume)
+    img_size: int = 16  # architecture (refused when changed on resume)
+    lr: float = 1e-4  # optimisation (applied when changed on resume)
+    total_iters: int = 10  # optimisation
+
+
+def run_cfg(out, **kw):
+    return RunCfg(out=str(out), **kw)
+
+
+def save_run(out, step=3, **kw):
+    common.save_checkpoint(out / "last.pt", step, run_cfg(out, **kw), {}, {})
+    return out / "last.pt"
+
+
 def test_run_folder_is_never_silently_overwritten(tmp_path):
-    assert common.prepare_run(tmp_path, "", False) is None
-    (tmp_path / "last.pt").write_bytes(b"x")
+    assert common.prepare_run(run_cfg(tmp_path)) == (run_cfg(tmp_path), None)
+    save_run(tmp_path)
     with pytest.raises(UserError, match="--resume auto"):
-        common.prepare_run(tmp_path, "", False)
-    assert common.prepare_run(tmp_path, "auto", False) == tmp_path / "last.pt"
-    assert common.prepare_run(tmp_path, "", True) is None
+        common.prepare_run(run_cfg(tmp_path))
+    assert common.prepare_run(run_cfg(tmp_path, resume="auto"))[1] == tmp_path / "last.pt"
     with pytest.raises(UserError, match="no such checkpoint"):
-        common.prepare_run(tmp_path, str(tmp_path / "nope.pt"), False)
-    with pytest.raises(UserError, match="not a checkpoint"):
-        common.load_checkpoint(tmp_path / "last.pt", {})
+        common.prepare_run(run_cfg(tmp_path, resume=str(tmp_path / "nope.pt")))
+    (tmp_path / "bad.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match="bad.pt: cannot read"):
+        common.load_checkpoint(tmp_path / "bad.pt", {})
 
 
-def test_non_finite_loss_names_step_and_term():
+def test_resume_from_another_file_never_replaces_a_run(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a, b = save_run(tmp_path / "a"), save_run(tmp_path / "b", step=5)
+    before = a.read_bytes()
+    with pytest.raises(UserError) as e:
+        common.prepare_run(run_cfg(tmp_path / "a", resume=str(b)))
+    assert str(b) in str(e.value) and str(a) in str(e.value) and a.read_bytes() == before
+    assert "--overwrite" in str(e.value) and "--resume auto" in str(e.value)
+    # The run's own last.pt named by path is --resume auto; a new folder needs no --overwrite.
+    assert common.prepare_run(run_cfg(tmp_path / "a", resume=str(a)))[1] == a
+    assert common.prepare_run(run_cfg(tmp_path / "c", resume=str(b)))[1] == b
+
+
+def test_overwrite_moves_the_old_run_aside(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "samples").mkdir(parents=True)
+    save_run(out)
+    (out / "log.jsonl").write_text('{"step": 1}\n')
+    (out / "samples" / "000001.png").write_bytes(b"png")
+    assert common.prepare_run(run_cfg(out, overwrite=True)) == (run_cfg(out, overwrite=True), None)
+    assert out.is_dir() and not any(out.iterdir())  # a clean folder: no old log, no old samples
+    old = tmp_path / "run.old-1"
+    assert {p.name for p in old.iterdir()} == {"last.pt", "log.jsonl", "samples"}
+    assert f"moved the previous run {out} to {old}" in capsys.readouterr().out
+    save_run(out)
+    _, ckpt = common.prepare_run(run_cfg(out, overwrite=True, resume=str(out / "last.pt")))
+    assert ckpt == out / "last.pt"  # its own last.pt: a resume, nothing moved
+    backup = out / "backup.pt"
+    backup.write_bytes(ckpt.read_bytes())
+    _, ckpt = common.prepare_run(run_cfg(out, overwrite=True, resume=str(backup)))
+    assert ckpt == tmp_path / "run.old-2" / "backup.pt" and not any(out.iterdir())
+
+
+def test_ctrl_c_during_save_is_held_until_the_file_is_complete(tmp_path, monkeypatch):
+    net, real_save, cfg = torch.nn.Linear(2, 2), torch.save, run_cfg(tmp_path)
+    common.save_checkpoint(tmp_path / "last.pt", 1, cfg, {"G": net}, {})
+
+    def save_with_ctrl_c(obj, f, *a, **k):  # Ctrl-C pressed twice while the file is written
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", save_with_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):  # delivered once the checkpoint is complete
+        common.save_checkpoint(tmp_path / "last.pt", 2, cfg, {"G": net}, {})
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
+    common.save_checkpoint(tmp_path / "last.pt", 3, cfg, {"G": net}, {}, interrupted=True)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no last.pt.tmp left
+    (tmp_path / "last.pt.tmp").write_bytes(b"half")  # left by a killed process
+    common.prepare_run(run_cfg(tmp_path, resume="auto"))
+    assert not (tmp_path / "last.pt.tmp").exists()
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    common.save_checkpoint(tmp_path / "last.pt", 1, Cfg(), {"G": net}, {})
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(UserError, match=r"step 2: loss term 'D/adv' is inf; stopping without "
+                                        rf"saving. Last good checkpoint: {tmp_path / 'last.pt'}"):
+        common.save_checkpoint(tmp_path / "last.pt", 2, Cfg(), {"G": net}, {},
+                               losses={"D/adv": torch.tensor(float("inf"))}, interrupted=True)
+    with torch.no_grad():
+        net.bias[1] = float("nan")  # finite losses, but the update that followed broke a weight
+    with pytest.raises(UserError, match=r"step 3: G\.bias is not finite; stopping without"):
+        common.save_checkpoint(tmp_path / "last.pt", 3, Cfg(), {"G": net}, {},
+                               losses={"D/adv": 0.5})
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_resume_applies_optimisation_settings_and_refuses_architecture(tmp_path, capsys):
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.0, 0.99))
+    net(torch.randn(3, 2)).sum().backward()
+    opt.step()
+    common.save_checkpoint(tmp_path / "last.pt", 3, run_cfg(tmp_path, lr=1e-4, data="/a/afhq"),
+                           {"G": net}, {"G": opt})
+    # Flags left out keep the run's values; a changed optimisation flag is applied and printed.
+    cfg, ckpt = common.prepare_run(run_cfg(tmp_path, resume="auto", lr=1e-3, total_iters=5,
+                                           data="/b/afhq"), given=("lr", "resume"), fixed=FIXED)
+    assert (cfg.lr, cfg.total_iters, cfg.data) == (1e-3, 10, "/a/afhq")
+    assert "resume: lr 0.0001 -> 0.001 (applied)" in capsys.readouterr().out
+    opt2 = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    common.load_checkpoint(ckpt, {"G": net}, {"G": opt2})
+    group = opt2.param_groups[0]  # the moments come from the file, the settings from this run
+    assert (group["lr"], group["betas"]) == (1e-3, (0.5, 0.9))
+    assert opt2.state_dict()["state"][0]["step"] == 1
+    # A dataset copy moved elsewhere (same folder name) is applied; another one is refused.
+    cfg, _ = common.prepare_run(run_cfg(tmp_path, resume="auto", data="/b/afhq"),
+                                given=("data",), fixed=FIXED)
+    assert cfg.data == "/b/afhq"
+    for flag, value in (("img_size", 32), ("data", "/a/celeba")):
+        with pytest.raises(UserError) as e:
+            common.prepare_run(run_cfg(tmp_path, resume="auto", **{flag: value}),
+                               given=(flag,), fixed=FIXED)
+        was = {"img_size": 16, "data": "/a/afhq"}[flag]
+        assert f"--{flag.replace('_', '-')} {value}: " in str(e.value)
+        assert f"was trained with {flag} {was}" in str(e.value) and str(tmp_path) in str(e.value)
+
+
+FIXED = ("data", "img_size")
+
+
+def test_non_finite_loss_names_step_and_term(tmp_path):
     common.check_finite({"D/real": torch.tensor(0.5)}, 3)
-    with pytest.raises(UserError, match=r"step 12: loss term 'G/sty' is nan.*runs/x/last.pt"):
-        common.check_finite({"D/real": 0.1, "G/sty": float("nan")}, 12, "runs/x/last.pt")
+    with pytest.raises(UserError, match=r"step 12: loss term 'G/sty' is nan.*none yet"):
+        common.check_finite({"D/real": 0.1, "G/sty": float("nan")}, 12, tmp_path / "last.pt")
+    (tmp_path / "last.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match=rf"step 12: loss term 'G/sty' is -inf.*{tmp_path}/last.pt"):
+        common.check_finite({"G/sty": float("-inf")}, 12, tmp_path / "last.pt")
+
+
+def test_unreadable_or_foreign_checkpoint_names_the_file(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    common.save_checkpoint(tmp_path / "good.pt", 1, Cfg(), {"G": torch.nn.Linear(2, 2)}, {})
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:500])
+    for name in ("empty.pt", "cut.pt"):
+        with pytest.raises(UserError, match=rf"{name}: cannot read this checkpoint .*truncated"):
+            common.read_checkpoint(tmp_path / name, Cfg)
+    common.save_checkpoint(tmp_path / "other.pt", 1, RunCfg(), {}, {})  # another script's
+    with pytest.raises(UserError, match=r"other.pt: not a checkpoint of this script"):
+        common.read_checkpoint(tmp_path / "other.pt", Cfg)
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(UserError, match=r"plain.pt: not a checkpoint of this script"):
+        common.read_checkpoint(tmp_path / "plain.pt", Cfg)
+    assert set(common.read_checkpoint(tmp_path / "plain.pt", Cfg, ours=False)) == {"weight"}
+    assert common.read_checkpoint(tmp_path / "good.pt", Cfg)["step"] == 1
+
+
+def test_flag_checks_name_the_flag_and_the_range():
+    @dataclasses.dataclass
+    class Flags:
+        batch: int = 8
+        lr: float = 1e-4
+        num_workers: int = 0
+        betas: tuple[float, ...] = (0.0, 0.99)
+
+    def check(**kw):
+        common.check_flags(Flags(**kw), positive="batch lr", nonneg="num_workers", unit="betas")
+    check()
+    for kw, msg in ((dict(batch=0), "--batch 0: must be ≥ 1"),
+                    (dict(lr=-1.0), "--lr -1.0: must be > 0"),
+                    (dict(lr=float("nan")), "--lr nan: must be > 0"),
+                    (dict(num_workers=-2), "--num-workers -2: must be ≥ 0"),
+                    (dict(betas=(0.5, 1.5)), "--betas 0.5 1.5: each must be in [0, 1)")):
+        with pytest.raises(UserError, match=re.escape(msg)):
+            check(**kw)
+    with pytest.raises(UserError, match=r"--device tpu: use auto, cpu, cuda or cuda:N"):
+        common.pick_device("tpu")
+    assert common.pick_device("cpu") == torch.device("cpu")
+
+
+def test_main_guard_turns_ctrl_c_into_one_line(capsys):
+    survived = []
+
+    def main(argv):
+        try:
+            signal.raise_signal(signal.SIGINT)  # the first Ctrl-C stops the command ...
+        except KeyboardInterrupt:
+            signal.raise_signal(signal.SIGINT)  # ... more, e.g. while it saves, are ignored
+            survived.append(argv)
+            raise
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as e:
+            common.main_guard(main)  # no argv: as on the command line
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n" and survived == [None]
 
 
 # ---------------------------------------------------------------------------------------------------

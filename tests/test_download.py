@@ -245,3 +245,10 @@ def test_bad_archive_and_checksum_and_incomplete_folder(tmp_path, capsys, monkey
     rc, _, err = run(["celeba", "--root", str(root), "--url", url], capsys)
     assert rc == 2 and "lacks images, list_attr_celeba.txt" in err
     assert (root / "celeba" / "notes.txt").exists()  # never deleted without --force
+
+
+def test_url_that_is_not_a_url_is_a_one_line_error(tmp_path, capsys):
+    rc, _, err = run(["afhq", "--root", str(tmp_path), "--url", "notaurl"], capsys)
+    assert rc == 2 and err.strip().splitlines() == [
+        "error: --url notaurl: not a URL; pass http(s)://... or file:///path/to/archive"]
+    assert not any(tmp_path.iterdir())  # refused before anything is written
