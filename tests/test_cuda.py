@@ -1,0 +1,135 @@
+"""The GPU check: `python -m pytest -m cuda -q` on a machine with a CUDA GPU (deselected by default,
+skipped without CUDA). Every script at its real size (01 at 128 px, 02/03/04 at 256 px, the papers'
+widths) trains 3 iterations on small synthetic data with bf16 autocast on and off, saves, resumes
+to a 4th iteration and runs `sample`; 02's CelebA-HQ generator runs with FAN masks; the 02 toy
+trains 500 iterations in fp32 and in bf16 from one seed and the loss curves are compared; the
+`--bench` line of every script is printed at the end. Well under 10 minutes on one H100/H200.
+
+Dry run of this file's logic on the CPU, with tiny widths: GPU_CHECK_DEVICE=cpu python -m pytest
+-m cuda -q (what it cannot check there: the CUDA kernels, memory and speed)."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+from conftest import load_script
+from data import toy
+
+DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
+CPU_DRY = DEVICE == "cpu"
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(
+    DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+# script: (flags of the real setting, tiny widths for the CPU dry run)
+REAL = {
+    "01_stargan_v1": (["--img-size", "128", "--batch", "16"],
+                      ["--img-size", "32", "--g-conv-dim", "4", "--d-conv-dim", "4",
+                       "--g-repeat-num", "1", "--d-repeat-num", "4", "--batch", "4"]),
+    "02_stargan_v2": (["--preset", "afhq", "--batch", "8"],
+                      ["--preset", "afhq", "--img-size", "32", "--dim-in", "8",
+                       "--max-conv-dim", "16", "--mapping-dim", "16", "--batch", "2"]),
+    "02_celeba_hq": (["--preset", "celeba_hq", "--num-domains", "3", "--batch", "8"],
+                     ["--preset", "celeba_hq", "--num-domains", "3", "--img-size", "64",
+                      "--dim-in", "8", "--max-conv-dim", "16", "--mapping-dim", "16",
+                      "--batch", "2"]),
+    "03_bicyclegan_latent": (["--preset", "edges2shoes", "--batch", "2"],
+                             ["--preset", "edges2shoes", "--img-size", "64", "--ngf", "8",
+                              "--nef", "8", "--ndf", "8", "--batch", "2"]),
+    "04_stylegan_mapping": (["--preset", "afhq", "--batch", "8"],
+                            ["--preset", "afhq", "--img-size", "16", "--w-dim", "16",
+                             "--fmap-base", "64", "--fmap-max", "16", "--batch", "4"]),
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """256 px scenes (3 domain folders: 02, 03 on photos, 04), 178 px CelebA-layout faces (01),
+    and a random-weight FAN file for the CelebA-HQ generator's masks (the masks' values do not
+    matter here, their dtypes and devices do)."""
+    root = tmp_path_factory.mktemp("gpu_check")
+    toy.write_scenes(root / "scenes", 256, n_train=8, n_val=4, seed=0)
+    toy.write_faces(root / "faces", 178, n=80, seed=0)
+    torch.save({"state_dict": common.FAN().state_dict()}, root / "wing.ckpt")
+    return root
+
+
+def flags_for(name, data):
+    real, tiny = REAL[name]
+    folder = data / ("faces" if name.startswith("01") else "scenes")
+    extra = ["--wing", str(data / "wing.ckpt")] if name == "02_celeba_hq" else []
+    return [*(tiny if CPU_DRY else real), "--data", str(folder), "--device", DEVICE, *extra]
+
+
+def script_of(name):
+    return load_script("02_stargan_v2" if name.startswith("02") else name)
+
+
+def finite_log(out):
+    rows = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert rows, "nothing logged"
+    for row in rows:
+        for k, v in row.items():
+            assert v == v and abs(v) < float("inf"), (k, row)
+    return rows
+
+
+@pytest.mark.parametrize("amp", ["--amp", "--no-amp"])
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_setting_trains_saves_resumes_samples(name, amp, data, tmp_path):
+    mod, out = script_of(name), tmp_path / "run"
+    run = flags_for(name, data) + ["--out", str(out), amp, "--log-every", "1", "--sample-every",
+                                   "3", "--save-every", "3"]
+    mod.main(run + ["--total-iters", "3"])
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
+    mod.main(run + ["--total-iters", "4", "--resume", "auto"])
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["step"] == 4 and [r["step"] for r in finite_log(out)] == [1, 2, 3, 4]
+    for k, net in state["nets"].items():
+        assert all(torch.isfinite(t).all() for t in net.values() if t.is_floating_point()), k
+    before = {p for p in out.rglob("*") if p.is_file()}
+    img = next((data / ("faces/images" if name.startswith("01") else "scenes/val/day")).iterdir())
+    sample = {"01_stargan_v1": ["--src", str(img)], "02_stargan_v2": ["--src", str(img),
+              "--domain", "1"], "02_celeba_hq": ["--src", str(img), "--domain", "1", "--wing",
+              str(data / "wing.ckpt")]}.get(name, [])
+    mod.main(["sample", "--ckpt", str(out / "last.pt"), "--out", str(out), "--device", DEVICE,
+              *sample])
+    written = {p for p in Path(out).rglob("*") if p.is_file()} - before
+    assert any(p.suffix in (".png", ".jpg", ".gif") for p in written), written
+    if name == "02_celeba_hq":
+        assert (out / "sample" / "masks.png").is_file()
+
+
+def test_02_toy_fp32_and_bf16_curves_stay_close(tmp_path):
+    """Criterion: after 500 iterations from the same seed, every logged term is finite and its mean
+    over iterations 301-500 in bf16 is within 20 % (or 0.05 absolute) of the fp32 mean. GAN
+    trajectories diverge step by step under any rounding change; their averages must not."""
+    m = load_script("02_stargan_v2")
+    means = []
+    for amp in ("--no-amp", "--amp"):
+        out = tmp_path / amp.strip("-")
+        m.main(["--out", str(out), amp, "--device", DEVICE, "--total-iters", "500",
+                "--log-every", "10", "--sample-every", "500", "--save-every", "500"])
+        rows = [r for r in finite_log(out) if r["step"] > 300]
+        means.append({k: sum(r[k] for r in rows) / len(rows) for k in rows[0]
+                      if k not in ("step", "time")})
+    fp32, bf16 = means
+    print("02 toy, mean of iterations 301-500, fp32 vs bf16:",
+          {k: (round(fp32[k], 4), round(bf16[k], 4)) for k in fp32})
+    for k in fp32:
+        assert abs(bf16[k] - fp32[k]) <= max(0.2 * abs(fp32[k]), 0.05), (k, fp32[k], bf16[k])
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_bench_line(name, data, capsys):
+    real, tiny = REAL[name]
+    flags = [f for f in (tiny if CPU_DRY else real) if not f.startswith("--data")]
+    extra = ["--wing", str(data / "wing.ckpt")] if name == "02_celeba_hq" else []
+    script_of(name).main(["--bench", "--bench-iters", "3" if CPU_DRY else "20",
+                          "--device", DEVICE, *flags, *extra])
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("bench")][-1]
+    with capsys.disabled():  # shown without -s: these lines are what the check reports
+        print(f"\n{name}: {line}")
+    assert "it/s" in line and (CPU_DRY or "GiB" in line)
