@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_script
+from conftest import load_script, write_unreadable
 
 m = load_script("02_stargan_v2")
 from common import UserError, load_checkpoint, save_checkpoint  # noqa: E402 (after sys.path set-up)
@@ -227,6 +227,16 @@ def test_short_toy_run_writes_samples_and_resumes(tmp_path, capsys):
     with pytest.raises(UserError, match="--domain"):
         m.main(["sample", "--ckpt", str(out / "last.pt"), "--src", str(tmp_path / "grey.png"),
                 "--domain", "7"])
+
+
+def test_unreadable_file_is_named_once(tmp_path, capsys):
+    toy.write_scenes(tmp_path, 16, n_train=3, n_val=0, seed=0)
+    write_unreadable(tmp_path / "train" / "dusk" / "bad.png", "text")
+    root, src, ref = m.domain_sets(tiny_cfg(data=str(tmp_path), img_size=16))
+    for _ in range(3):  # sources and references draw it often; the warning comes once
+        assert [y for _, y in (src[i] for i in range(len(src)))] == src.targets
+        assert [y for *_, y in (ref[i] for i in range(len(ref)))] == ref.targets
+    assert capsys.readouterr().err.count("bad.png") == 1 and src.n_skipped == ref.n_skipped == 1
 
 
 class SkyPainter(torch.nn.Module):

@@ -10,6 +10,7 @@ from PIL import Image
 
 import common
 from common import UserError
+from conftest import write_unreadable
 from data import toy
 
 
@@ -305,6 +306,61 @@ def test_corrupt_image_is_named_and_skipped(tmp_path, capsys):
     assert "bad.png" in capsys.readouterr().err
     with pytest.raises(UserError, match="bad.png"):
         common.load_rgb(tmp_path / "train" / "a" / "bad.png")
+
+
+def _reader_with_bad_files(kind, root):
+    """(reader, names of its unreadable files): each reader over a small set with damaged files."""
+    if kind in ("domains", "images"):
+        toy.write_shapes(root, 16, n_train=3, n_val=0, seed=0)
+        bad = [write_unreadable(root / "train" / d / f"{k}.png", k)
+               for d, k in (("circle", "random"), ("circle", "chunk"), ("square", "empty"))]
+        reader = common.DomainFolder(root) if kind == "domains" else common.ImageFiles(root)
+    elif kind == "celeba":
+        toy.write_faces(root, 24, n=12, seed=0)
+        reader = common.CelebAAttrs(root, ["Male"], "train")
+        bad = [write_unreadable(f, k) for f, k in zip(reader.files[3:5], ("text", "random"))]
+    else:  # aligned pairs
+        (root / "train").mkdir()
+        for i in range(3):
+            Image.new("RGB", (16, 8), (40 * i, 0, 0)).save(root / "train" / f"{i}.png")
+        bad = [write_unreadable(root / "train" / "00.png", "empty")]  # sorts first
+        reader = common.AlignedPairs(root)
+    return reader, [f.name for f in bad]
+
+
+@pytest.mark.parametrize("kind", ["domains", "celeba", "pairs", "images"])
+def test_every_reader_skips_unreadable_files_and_names_each_once(tmp_path, capsys, kind):
+    reader, bad = _reader_with_bad_files(kind, tmp_path)
+    for _ in range(3):  # every file drawn three times: still one warning per damaged file
+        items = [reader[i] for i in range(len(reader))]
+    lines = capsys.readouterr().err.splitlines()
+    assert reader.n_skipped == len(bad) and len(lines) == len(bad), lines
+    for name, line in zip(sorted(bad), sorted(lines, key=lambda ln: ln.split("/")[-1])):
+        assert line.startswith("warning: skipping ") and f"{name}: cannot read" in line, line
+    if kind == "domains":  # a replacement comes from the same domain: labels stay right
+        assert [y for _, y in items] == reader.targets
+
+
+def test_skipped_file_is_named_once_across_workers_and_epochs(tmp_path, capfd):
+    toy.write_shapes(tmp_path, 16, n_train=4, n_val=0, seed=0)
+    write_unreadable(tmp_path / "train" / "circle" / "bad.png", "random")
+    ds = common.DomainFolder(tmp_path)
+    for epoch in range(3):  # 03 and 04 build a loader (new worker processes) every epoch
+        assert len(list(common.make_loader(ds, 13, num_workers=2, seed=epoch))) == 1
+    err = capfd.readouterr().err
+    assert err.count("bad.png") == 1 and ds.n_skipped == 1, err  # the main process counts too
+
+
+def test_unreadable_domain_is_one_line_also_with_workers(tmp_path):
+    toy.write_shapes(tmp_path, 16, n_train=2, n_val=0, seed=0)
+    for f in (tmp_path / "train" / "square").iterdir():
+        write_unreadable(f, "text")
+    ds = common.DomainFolder(tmp_path)
+    with pytest.raises(UserError) as e:
+        next(iter(common.make_loader(ds, len(ds), num_workers=1)))
+    msg = str(e.value)
+    assert "\n" not in msg and "Caught" not in msg, msg  # not DataLoader's wrapped traceback
+    assert msg.startswith(f"{tmp_path / 'train' / 'square'}: none of its 2 images is readable")
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "LA"])
