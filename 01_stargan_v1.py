@@ -210,7 +210,7 @@ def make_sources(cfg):
     """--data (toy: faces), --data2 (mask vector; toy: shapes): CelebA attributes or domains."""
     for data, kind in ((cfg.data, "faces"), (cfg.data2, "shapes"))[:1 + bool(cfg.data2)]:
         root = resolve_data(data, kind, cfg.img_size)
-        multi = (root / "list_attr_celeba.txt").exists()
+        multi = CelebAAttrs.table(root) is not None
         splits = ("train", "val" if (root / "val").is_dir() and not multi else "test")
         sets = [CelebAAttrs(root, list(cfg.attrs), s, image_transform(cfg.img_size, s)) if multi
                 else DomainFolder(root, s, image_transform(cfg.img_size, s)) for s in splits]

@@ -286,24 +286,68 @@ class ReferencePairs(DomainFolder):
         return x_ref, x_ref2, y
 
 
+def read_attr_table(path):
+    """CelebA attributes -> (names, rows [(file name, values as str)]) in file order. Official
+    .txt: line 1 the number of images, line 2 the names, then `file.jpg 1 -1 ...`; Kaggle's .csv:
+    `image_id,name,...` then `file.jpg,1,-1,...`. Strict: a wrong line is named, never shifted."""
+    path, lines = Path(path), Path(path).read_text(encoding="utf-8-sig").splitlines()  # BOM
+    csv, head = path.suffix == ".csv", 0 if path.suffix == ".csv" else 1
+    split = (lambda ln: [t.strip() for t in ln.split(",")]) if csv else str.split
+    fmt = ("line 1 'image_id,' + the attribute names, then one line 'file.jpg,1,-1,...' per image"
+           if csv else "line 1 the number of images, line 2 the attribute names, then one line "
+           "'file.jpg 1 -1 ...' per image (see data/README.md)")
+    require(any(ln.strip() for ln in lines), f"{path}: empty; expected {fmt}")
+    require(csv or lines[0].strip().isdigit(), f"{path} line 1: expected the number of images "
+            f"(e.g. 202599), found '{lines[0][:30]}'; the format is {fmt}")
+    names = split(lines[head]) if len(lines) > head else []
+    file_col = names[:1] in (["image_id"], ["filename"], ["file"], ["image"])  # names its header
+    names, rows = names[file_col:], []
+    for n, line in enumerate(lines[head + 1:], head + 2):
+        if line.strip():
+            row = split(line)
+            hint = f" (if '{names[0]}' heads the file names, call it image_id)" \
+                if len(row) == len(names) and not rows else ""  # the first row: a header issue
+            require(len(row) == len(names) + 1, f"{path} line {n}: {len(row) - 1} values after "
+                    f"the file name, expected {len(names)}, one per name on line {head + 1}{hint}")
+            if not {"1", "-1", "0"}.issuperset(row[1:]):
+                v, a = next((v, a) for v, a in zip(row[1:], names) if v not in ("1", "-1", "0"))
+                raise UserError(f"{path} line {n}: '{v}' under {a}; expected 1 or -1")
+            rows.append((row[0], row[1:]))
+    require(csv or int(lines[0]) == len(rows), f"{path} line 1 says {lines[0].strip()} images "
+            f"but {len(rows)} rows follow; a cut-short download? Fetch it again, or fix the count")
+    return names, rows
+
+
 class CelebAAttrs(_Files):
-    """CelebA: images/ (or img_align_celeba/) + list_attr_celeba.txt; labels of the chosen attrs."""
+    """CelebA: images/ (or img_align_celeba/) + list_attr_celeba.txt (or Kaggle's .csv); labels
+    of the chosen attributes. Rows whose image is not in the folder are dropped, with a warning."""
+    @staticmethod
+    def table(root):
+        files = [Path(root) / f"list_attr_celeba.{ext}" for ext in ("txt", "csv")]
+        return next((f for f in files if f.is_file()), None)
+
     def __init__(self, root, attrs, split="train", transform=None):
-        root, table = Path(root), Path(root) / "list_attr_celeba.txt"
-        images = [root / d for d in ("images", "img_align_celeba") if (root / d).is_dir()]
-        require(images and table.is_file(), f"{root}: expected images/ and list_attr_celeba.txt "
-                "(CelebA layout); get it with `python data/download.py celeba`")
-        lines = table.read_text().split("\n")
-        names = lines[1].split()
+        root, table = Path(root), self.table(root)
+        images = [root / d for d in ("images", "img_align_celeba/img_align_celeba",
+                                     "img_align_celeba") if (root / d).is_dir()]
+        require(images and table, f"{root}: expected images/ and list_attr_celeba.txt (CelebA "
+                "layout); get it with `python data/download.py celeba`")
+        names, rows = read_attr_table(table)
         missing = [a for a in attrs if a not in names]
         require(not missing, f"--attrs: {missing} not in {table}; valid names: {' '.join(names)}")
-        rows = [ln.split() for ln in lines[2:] if ln.strip()]
+        present = set(os.listdir(images[0]))  # one listing, not one stat per row
+        absent = [r[0] for r in rows if r[0] not in present]
+        require(len(absent) < len(rows), f"none of the {len(rows)} files listed in {table} is in "
+                f"{images[0]} (e.g. {rows[0][0]}); put the images there (see data/README.md)")
+        if absent and split == "train":  # once: it is about the file, not the split
+            print(f"warning: {len(absent)} of the {len(rows)} files listed in {table} are not in "
+                  f"{images[0]} (e.g. {absent[0]}); training without them", file=sys.stderr)
         random.Random(1234).shuffle(rows)  # official split: seeded shuffle, first 1999 rows test
         n_test = 1999 if len(rows) >= 20000 else len(rows) // 10  # small (toy) files: a tenth
-        rows = rows[:n_test] if split == "test" else rows[n_test:]
-        cols = [names.index(a) + 1 for a in attrs]
+        rows = [r for r in (rows[:n_test] if split == "test" else rows[n_test:]) if r[0] in present]
+        cols = [names.index(a) for a in attrs]
         super().__init__([images[0] / r[0] for r in rows], folders=[images[0]])
-        self.labels = torch.tensor([[float(r[c] == "1") for c in cols] for r in rows])  # (N, A)
+        self.labels = torch.tensor([[float(r[1][c] == "1") for c in cols] for r in rows])  # (N, A)
         self.attr_names, self.transform = list(attrs), transform or to_tensor_norm()
 
     def _load(self, i):

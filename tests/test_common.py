@@ -83,9 +83,11 @@ def test_celeba_attrs_parsing_and_split(faces):
     assert x.shape == (3, 48, 48) and c.shape == (2,)  # the reader crops a centred square
 
 
-def test_celeba_official_split_is_1999_test_rows(tmp_path):
+def test_celeba_official_split_is_1999_test_rows(tmp_path, monkeypatch):
     (tmp_path / "images").mkdir()
     rows = [f"{i:06d}.jpg " + " ".join(["-1"] * 40) for i in range(1, 20001)]
+    names = [f"{i:06d}.jpg" for i in range(1, 20001)]  # the reader keeps listed files it finds:
+    monkeypatch.setattr(common.os, "listdir", lambda folder: names)  # 20,000 real ones are slow
     (tmp_path / "list_attr_celeba.txt").write_text("20000\n" + " ".join(toy.CELEBA_40) + "\n"
                                                    + "\n".join(rows) + "\n")
     test = common.CelebAAttrs(tmp_path, ["Young"], "test")
@@ -94,6 +96,65 @@ def test_celeba_official_split_is_1999_test_rows(tmp_path):
     random.seed(1234)  # the official code: random.seed(1234); random.shuffle(lines)
     random.shuffle(shuffled)
     assert [f.name for f in test.files] == shuffled[:1999]
+
+
+def _edit_attr_file(faces, tmp_path, edit):
+    """A copy of the toy faces (images linked) whose attribute file is edit(lines)."""
+    (tmp_path / "images").symlink_to(faces / "images")
+    lines = (faces / "list_attr_celeba.txt").read_text().splitlines()
+    name, text = edit(lines)
+    (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+BROKEN_ATTRS = {  # edit of the official lines -> what the error must say
+    "no count line": (lambda ls: ls[1:], r"line 1: expected the number of images \(e\.g\. 2025"),
+    "short row": (lambda ls: ls[:4] + [ls[4].rsplit(" ", 1)[0]] + ls[5:],
+                  r"line 5: 39 values after the file name, expected 40, one per name on line 2$"),
+    "empty": (lambda ls: [], r"list_attr_celeba.txt: empty; expected line 1 the number of images"),
+    "bad value": (lambda ls: ls[:3] + [ls[3].replace(" -1", " 2", 1)] + ls[4:],
+                  r"line 4: '2' under 5_o_Clock_Shadow; expected 1 or -1"),
+    "wrong count": (lambda ls: ["61"] + ls[1:], r"line 1 says 61 images but 60 rows follow"),
+    "name added at the end": (lambda ls: [ls[0], ls[1] + " Smiling_Wide"] + ls[2:],
+                              r"line 3: 40 values after the file name, expected 41"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_ATTRS)
+def test_broken_attribute_file_names_the_line(faces, tmp_path, case):
+    edit, expected = BROKEN_ATTRS[case]
+    root = _edit_attr_file(faces, tmp_path, lambda ls: ("list_attr_celeba.txt",
+                                                        "".join(ln + "\n" for ln in edit(ls))))
+    with pytest.raises(UserError, match=expected) as e:
+        common.CelebAAttrs(root, ["Male"])
+    assert "\n" not in str(e.value) and "valid names" not in str(e.value)
+
+
+@pytest.mark.parametrize("variant", ["image_id column", "kaggle csv"])
+def test_attribute_file_variants_keep_labels_aligned(faces, tmp_path, variant):
+    def edit(lines):
+        if variant == "image_id column":
+            return "list_attr_celeba.txt", "\n".join([lines[0], "image_id " + lines[1], *lines[2:]])
+        rows = [",".join(ln.split()) for ln in lines[2:] if ln]  # Kaggle: no count line, commas
+        header = "\ufeffimage_id," + ",".join(lines[1].split())  # a BOM, as spreadsheets save it
+        return "list_attr_celeba.csv", "\r\n".join([header, *rows])
+    root, attrs = _edit_attr_file(faces, tmp_path, edit), ["Black_Hair", "Male"]
+    for split in ("train", "test"):
+        ref, got = common.CelebAAttrs(faces, attrs, split), common.CelebAAttrs(root, attrs, split)
+        assert [f.name for f in got.files] == [f.name for f in ref.files]
+        assert torch.equal(got.labels, ref.labels) and 0 < ref.labels.mean() < 1
+
+
+def test_attribute_rows_without_an_image_are_dropped(faces, tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "list_attr_celeba.txt").write_text((faces / "list_attr_celeba.txt").read_text())
+    with pytest.raises(UserError, match=r"none of the 60 files listed in .*list_attr_celeba.txt "
+                       r"is in .*images \(e\.g\. 000001\.jpg\)"):
+        common.CelebAAttrs(tmp_path, ["Male"])
+    for f in sorted((faces / "images").iterdir())[2:]:
+        (tmp_path / "images" / f.name).symlink_to(f)
+    n = sum(len(common.CelebAAttrs(tmp_path, ["Male"], split)) for split in ("train", "test"))
+    assert n == 58 and capsys.readouterr().err.count("2 of the 60 files listed") == 1
 
 
 def test_aligned_pairs_split_a_and_b(tmp_path):
