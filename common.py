@@ -252,12 +252,16 @@ class _Files(Dataset):
 class DomainFolder(_Files):
     """root/<split>/<domain>/*.{jpg,jpeg,png}; label = index of the domain in sorted order."""
     def __init__(self, root, split="train", transform=None, skipped=None):
-        folder = Path(root) / split
+        folder, train = Path(root) / split, Path(root) / "train"
         require(folder.is_dir(), f"{folder}: missing; a domain dataset needs "
                 f"{root}/{split}/<domain>/*.jpg (see data/README.md), or use --data toy")
         self.domains = sorted(d.name for d in folder.iterdir() if d.is_dir())
         require(len(self.domains) >= 2, f"{folder}: found {len(self.domains)} domain folder(s) "
                 f"{self.domains}; translation needs at least 2 (one sub-folder per domain)")
+        names = sorted(d.name for d in train.iterdir() if d.is_dir()) \
+            if split != "train" and train.is_dir() else self.domains
+        require(names == self.domains, f"{folder}: domain folders {self.domains} differ from "
+                f"train/'s {names}; {split}/ needs the same ones (a label is the sorted index)")
         self.samples = [(p, y) for y, d in enumerate(self.domains)
                         for p in _images(folder / d, fix="; add some or remove the folder")]
         self.targets = [y for _, y in self.samples]
@@ -396,15 +400,15 @@ class _Loader(DataLoader):
 
 
 def make_loader(dataset, batch_size, shuffle=True, balanced=False, num_workers=0, device=None,
-                seed=0):
-    require(len(dataset) >= batch_size, f"--batch {batch_size}: the dataset has only "
-            f"{len(dataset)} images; lower --batch or add images")
+                seed=0, drop_last=True):
+    require(not drop_last or len(dataset) >= batch_size, f"--batch {batch_size}: the dataset has "
+            f"only {len(dataset)} images; lower --batch or add images")
     g, sampler = torch.Generator().manual_seed(seed), None
     if balanced:  # every domain equally often, whatever its size: each image weighs 1/count
         y = torch.tensor(dataset.targets)
         weights = (1.0 / torch.bincount(y).float())[y]
         sampler, shuffle = WeightedRandomSampler(weights, len(weights), generator=g), False
-    return _Loader(dataset, batch_size, shuffle=shuffle, sampler=sampler, drop_last=True,
+    return _Loader(dataset, batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last,
                    generator=g, num_workers=num_workers, persistent_workers=num_workers > 0,
                    pin_memory=device is not None and torch.device(device).type == "cuda")
 

@@ -2,6 +2,7 @@
 each step updates, EMA, λ_ds schedule, exact resume, official-checkpoint loading, a toy run."""
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,17 @@ def test_short_toy_run_writes_samples_and_resumes(tmp_path, capsys):
     with pytest.raises(UserError, match="--domain"):
         m.main(["sample", "--ckpt", str(out / "last.pt"), "--src", str(tmp_path / "grey.png"),
                 "--domain", "7"])
+
+
+def test_val_domains_must_match_train(tmp_path):
+    toy.write_scenes(tmp_path, 16, n_train=2, n_val=2, seed=0)
+    (tmp_path / "val" / "day").rename(tmp_path / "val" / "sunny")
+    shutil.copytree(tmp_path / "val" / "dusk", tmp_path / "val" / "extra")
+    with pytest.raises(UserError, match=r"val: domain folders \['dusk', 'extra', 'night', "
+                       r"'sunny'\] differ from train/'s \['day', 'dusk', 'night'\]"):
+        m.main(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--img-size", "16",
+                "--dim-in", "4", "--max-conv-dim", "8", "--mapping-dim", "16", "--batch", "2",
+                "--num-workers", "0", "--total-iters", "1"])
 
 
 def test_unreadable_file_is_named_once(tmp_path, capsys):

@@ -424,6 +424,14 @@ def test_unreadable_domain_is_one_line_also_with_workers(tmp_path):
     assert msg.startswith(f"{tmp_path / 'train' / 'square'}: none of its 2 images is readable")
 
 
+def test_val_domains_must_match_train(tmp_path):
+    toy.write_shapes(tmp_path, 16, n_train=1, n_val=1, seed=0)
+    (tmp_path / "val" / "circle").rename(tmp_path / "val" / "oval")
+    with pytest.raises(UserError, match=r"val: domain folders \['oval', 'square', 'triangle'\] "
+                       r"differ from train/'s \['circle', 'square', 'triangle'\]"):
+        common.DomainFolder(tmp_path, "val")
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "LA"])
 def test_any_image_mode_becomes_rgb(tmp_path, mode):
     path = tmp_path / ("x.png" if mode != "CMYK" else "x.jpg")
