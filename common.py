@@ -391,10 +391,13 @@ class _Loader(DataLoader):
     """A DataLoader whose worker errors stay one line: DataLoader re-raises a worker's UserError
     with the worker's whole traceback as the message; keep the original message only."""
     def __iter__(self):
+        it = super().__iter__()
         try:
-            yield from super().__iter__()
+            yield from it
         except UserError as e:
             caught, _, msg = str(e).rpartition("UserError: ")
+            # Stop the workers now: left to the garbage collector, that waits 5 s per worker.
+            getattr(it, "_shutdown_workers", lambda: None)()
             raise UserError(msg.strip() if caught.startswith("Caught UserError") else str(e)) \
                 from None
 

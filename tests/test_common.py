@@ -1,5 +1,6 @@
 """common.py and data/toy.py: readers, checkpoints, CLI, toy data + oracle, bad input, metrics."""
 import dataclasses
+import multiprocessing
 import random
 import subprocess
 import sys
@@ -416,9 +417,10 @@ def test_unreadable_domain_is_one_line_also_with_workers(tmp_path):
     toy.write_shapes(tmp_path, 16, n_train=2, n_val=0, seed=0)
     for f in (tmp_path / "train" / "square").iterdir():
         write_unreadable(f, "text")
-    ds = common.DomainFolder(tmp_path)
+    ds, before = common.DomainFolder(tmp_path), set(multiprocessing.active_children())
     with pytest.raises(UserError) as e:
         next(iter(common.make_loader(ds, len(ds), num_workers=1)))
+    assert set(multiprocessing.active_children()) <= before  # its worker stopped, not left to gc
     msg = str(e.value)
     assert "\n" not in msg and "Caught" not in msg, msg  # not DataLoader's wrapped traceback
     assert msg.startswith(f"{tmp_path / 'train' / 'square'}: none of its 2 images is readable")
