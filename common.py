@@ -347,8 +347,11 @@ class CelebAAttrs(_Files):
             print(f"warning: {len(absent)} of the {len(rows)} files listed in {table} are not in "
                   f"{images[0]} (e.g. {absent[0]}); training without them", file=sys.stderr)
         random.Random(1234).shuffle(rows)  # official split: seeded shuffle, first 1999 rows test
-        n_test = 1999 if len(rows) >= 20000 else len(rows) // 10  # small (toy) files: a tenth
-        rows = [r for r in (rows[:n_test] if split == "test" else rows[n_test:]) if r[0] in present]
+        n_test = 1999 if len(rows) >= 20000 else max(1, len(rows) // 10)  # small files: a tenth
+        rows = rows[:n_test] if split == "test" else rows[n_test:]
+        require(any(r[0] in present for r in rows), f"{table}: none of the {split} split's "
+                f"{len(rows)} rows has its image in {images[0]}; add the images (or rows)")
+        rows = [r for r in rows if r[0] in present]
         cols = [names.index(a) for a in attrs]
         super().__init__([images[0] / r[0] for r in rows], folders=[images[0]])
         self.labels = torch.tensor([[float(r[1][c] == "1") for c in cols] for r in rows])  # (N, A)

@@ -158,6 +158,18 @@ def test_attribute_rows_without_an_image_are_dropped(faces, tmp_path, capsys):
     assert n == 58 and capsys.readouterr().err.count("2 of the 60 files listed") == 1
 
 
+def test_small_attribute_file_keeps_a_test_row_and_names_an_empty_split(faces, tmp_path, capsys):
+    root = _edit_attr_file(faces, tmp_path, lambda ls: ("list_attr_celeba.txt",
+                                                        "\n".join(["5", *ls[1:7]])))
+    test = common.CelebAAttrs(root, ["Male"], "test")  # a tenth of 5 rows would be none
+    assert len(test) == 1 and len(common.CelebAAttrs(root, ["Male"], "train")) == 4
+    (tmp_path / "images").unlink()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / test.files[0].name).symlink_to(faces / "images" / test.files[0].name)
+    with pytest.raises(UserError, match=r"none of the train split's 4 rows has its image in"):
+        common.CelebAAttrs(root, ["Male"], "train")
+
+
 def test_aligned_pairs_split_a_and_b(tmp_path):
     (tmp_path / "train").mkdir()
     img = Image.new("RGB", (64, 32), (255, 0, 0))
