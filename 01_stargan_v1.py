@@ -221,8 +221,8 @@ def make_sources(cfg):
     """--data (toy: faces), --data2 (mask vector; toy: shapes): CelebA attributes or domains."""
     for data, kind in ((cfg.data, "faces"), (cfg.data2, "shapes"))[:1 + bool(cfg.data2)]:
         root = resolve_data(data, kind, cfg.img_size)
-        multi = (root / "list_attr_celeba.txt").exists()
-        splits = ("train", "val" if (root / "val").is_dir() and not multi else "test")
+        multi = CelebAAttrs.table(root) is not None
+        splits = ("train", "test" if multi else "val")  # CelebA: the official split of the rows
         sets = [CelebAAttrs(root, list(cfg.attrs), s, image_transform(cfg.img_size, s)) if multi
                 else DomainFolder(root, s, image_transform(cfg.img_size, s)) for s in splits]
         yield Source(sets[0].attr_names if multi else sets[0].domains, multi, *sets)
@@ -326,7 +326,7 @@ def translation_scores(G, src, sizes, judge, title):
     """Test split: real labels judge reads right; per j: G(x, c_j) read as j; readable (valid)."""
     A, device, n = len(src.names), next(G.parameters()).device, 0
     hits = dict.fromkeys(["real", *src.names, "valid"], 0.0)
-    for x, y in make_loader(src.test, 50, shuffle=False):
+    for x, y in make_loader(src.test, 50, shuffle=False, drop_last=False):
         x, c_org, n = x.to(device), as_label(y, src.multi, A).to(device), n + len(x)
         hits["real"] += (judge(x) == c_org.cpu()).float().mean(1).sum().item()
         for j, c in enumerate(target_labels(c_org, src.names, src.multi)):
@@ -343,7 +343,8 @@ def evaluate(G, D, sources, cfg, ns, device):
     require(judges or ns.train_classifier, "eval needs --train-classifier (trains the ResNet-18)")
     if ns.train_classifier:
         net = torchvision.models.resnet18(num_classes=A).to(device)
-        adam, data = torch.optim.Adam(net.parameters(), 1e-3), infinite(make_loader(src.train, 32))
+        data = infinite(make_loader(src.train, min(32, len(src.train))))
+        adam = torch.optim.Adam(net.parameters(), 1e-3)
         for _ in range(cfg.cls_iters):
             x, y = (t.to(device) for t in next(data))
             adam.zero_grad(set_to_none=True)
@@ -385,7 +386,8 @@ def train(cfg, device, given=()):
     extra = {"names": [s.names for s in sources], "multi": [s.multi for s in sources]}
     streams = [infinite(make_loader(s.train, cfg.batch, num_workers=cfg.num_workers,
                                     device=device, seed=cfg.seed + step)) for s in sources]
-    x_fix, y_fix = next(iter(make_loader(sources[0].test, 8, shuffle=False)))  # fixed debug batch
+    x_fix, y_fix = next(iter(make_loader(sources[0].test, min(8, len(sources[0].test)),
+                                         shuffle=False)))  # fixed debug batch, as official
     x_fix, c_fix = x_fix.to(device), as_label(y_fix, sources[0].multi, sizes[0]).to(device)
     logger, t0, losses = Logger(cfg.out, cfg.total_iters, cfg.log_every), time.time(), {}
     try:

@@ -432,7 +432,7 @@ def domain_sets(cfg):
     n = len(src.domains)
     require(n == cfg.num_domains, f"--data {root}: {n} domain folders {src.domains} but "
             f"--num-domains {cfg.num_domains}; pass --num-domains {n}")
-    return root, src, ReferencePairs(root, "train", tf)
+    return root, src, ReferencePairs(root, "train", tf, skipped=src.skipped)  # named once
 
 
 def stack_split(root, split, img_size, per_domain=None):

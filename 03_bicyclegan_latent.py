@@ -30,10 +30,10 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
 
-from common import (AlignedPairs, ImageFiles, Logger, LPIPS, UserError, autocast, check_finite,
-                    check_flags, load_checkpoint, main_guard, make_loader, parse_config,
-                    pick_device, prepare_run, read_checkpoint, read_shapes, require, resolve_data,
-                    save_checkpoint, save_gif, save_grid, seed_everything, sig3)
+from common import (AlignedPairs, IMAGE_SUFFIXES, ImageFiles, Logger, LPIPS, UserError, autocast,
+                    check_finite, check_flags, load_checkpoint, main_guard, make_loader,
+                    parse_config, pick_device, prepare_run, read_checkpoint, read_shapes, require,
+                    resolve_data, save_checkpoint, save_gif, save_grid, seed_everything, sig3)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -236,20 +236,37 @@ def edge_map(x, thresh=0.25):
     return 1.0 - 2.0 * (mag > thresh).float()  # (B, 1, H, W)
 
 
+def is_aligned(folder):
+    """pix2pix A|B files: the first readable image directly in folder is twice as wide as high."""
+    files = sorted(folder.glob("*")) if folder.is_dir() else []
+    for f in (f for f in files if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()):
+        try:
+            with Image.open(f) as img:  # reads the header only
+                return img.width == 2 * img.height
+        except Exception:  # unreadable: the reader names and skips it
+            continue
+    return False
+
+
 def build_dataset(cfg, split="train"):
     """pix2pix A|B files -> AlignedPairs (A, B); other folders (toy, AFHQ, CelebA) -> B alone."""
     root = resolve_data(cfg.data, "shapes", cfg.img_size)
     folder = root / split if (root / split).is_dir() else root / "train"
-    files = sorted(p for p in folder.glob("*.*") if p.suffix.lower() in (".jpg", ".png"))
-    if files and Image.open(files[0]).width == 2 * Image.open(files[0]).height:  # A|B files
+    paired = is_aligned(folder)
+    if paired:
         def norm(img, nc):  # official: Resize([256, 256], BICUBIC) per half, A grayscale
             img = img.resize((cfg.img_size, cfg.img_size), Image.BICUBIC)
             return T.functional.to_tensor(img.convert("L" if nc == 1 else "RGB")) * 2 - 1
-        return AlignedPairs(root, folder.name, lambda a, b: (norm(a, cfg.input_nc),
+        data = AlignedPairs(root, folder.name, lambda a, b: (norm(a, cfg.input_nc),
                                                              norm(b, cfg.output_nc)))
-    tf = T.Compose([T.Resize(cfg.img_size), T.CenterCrop(cfg.img_size), T.ToTensor(),
-                    T.Normalize([0.5] * 3, [0.5] * 3)])
-    return ImageFiles(folder if folder.is_dir() else root, transform=tf)
+    else:
+        tf = T.Compose([T.Resize(cfg.img_size), T.CenterCrop(cfg.img_size), T.ToTensor(),
+                        T.Normalize([0.5] * 3, [0.5] * 3)])
+        data = ImageFiles(folder if folder.is_dir() else root, transform=tf)
+    if split == "train":  # the choice rests on one file: say which it was
+        print(f"data: {len(data)} A|B pairs in {folder}" if paired else f"data: {len(data)} "
+              f"photos below {data.folders[0]}, A = their edge maps (not 2:1 A|B pairs)")
+    return data
 
 
 def to_pair(batch, cfg, device, flip=None):

@@ -1,10 +1,13 @@
 """Shared test helpers. The numbered scripts start with digits, so they are loaded by path."""
 import importlib.util
+import io
+import random
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so `import common` works from any working directory
@@ -30,3 +33,18 @@ def _few_threads():
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def write_unreadable(path, kind):
+    """The damaged files users have: random bytes, an empty file, text named like an image, and a
+    PNG whose IDAT length is wrong (PIL raises SyntaxError, not OSError, for that one)."""
+    if kind == "chunk":
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, "PNG")
+        data = bytearray(buf.getvalue())
+        data[data.find(b"IDAT") - 1] = 4  # the chunk length: the reader lands inside the data
+    else:
+        data = {"random": random.Random(str(path)).randbytes(300), "empty": b"",
+                "text": b"this is a text file, not an image\n"}[kind]
+    path.write_bytes(bytes(data))
+    return path

@@ -1,13 +1,15 @@
 """Tests for 01_stargan_v1.py (StarGAN). Small widths and images except for the parameter counts."""
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from common import UserError, load_checkpoint, save_checkpoint
-from conftest import ROOT, load_script
+from common import CelebAAttrs, UserError, load_checkpoint, save_checkpoint
+from conftest import ROOT, load_script, write_unreadable
+from data import toy
 
 S = load_script("01_stargan_v1")
 SMALL = dict(img_size=16, g_conv_dim=4, d_conv_dim=4, g_repeat_num=1, d_repeat_num=3, amp=False)
@@ -256,6 +258,33 @@ def test_joint_training_with_mask_vector(tmp_path):
     assert state["nets"]["G"]["main.0.weight"].shape[1] == 3 + 5 + 3 + 2
     assert state["nets"]["D"]["conv2.weight"].shape[0] == 5 + 3
     assert (out / "sample_000005.jpg").exists()
+
+
+def test_unreadable_faces_are_named_once_and_skipped(tmp_path, capsys):
+    root = tmp_path / "faces"
+    toy.write_faces(root, 32, n=20, seed=0)
+    held_out = CelebAAttrs(root, list(S.Config.attrs), "test").files  # 2 files: the fixed batch
+    write_unreadable(held_out[0], "random")
+    for f in CelebAAttrs(root, list(S.Config.attrs), "train").files[:3]:
+        write_unreadable(f, "empty")
+    S.main(TINY + ["--data", str(root), "--out", str(tmp_path / "run"), "--total-iters", "2"])
+    err = capsys.readouterr().err
+    assert err.count(f"skipping {held_out[0]}: cannot read") == 1, err
+    assert (tmp_path / "run" / "sample_000002.jpg").exists()
+
+
+def test_domain_folders_small_val_and_missing_val(tmp_path):
+    root = tmp_path / "two"
+    toy.write_shapes(root, 16, n_train=4, n_val=3, seed=0)
+    for split in ("train", "val"):  # 2 domains: 6 val images, fewer than the 8 of the fixed batch
+        shutil.rmtree(root / split / "triangle")
+    S.main(TINY + ["--data", str(root), "--out", str(tmp_path / "a"), "--total-iters", "1"])
+    assert (tmp_path / "a" / "sample_000001.jpg").exists()
+    with pytest.raises(UserError, match=r"^--batch 9: the dataset has only 8 images"):
+        S.main(TINY + ["--data", str(root), "--out", str(tmp_path / "b"), "--batch", "9"])
+    shutil.rmtree(root / "val")
+    with pytest.raises(UserError, match=rf"^{root / 'val'}: missing; a domain dataset needs"):
+        S.main(TINY + ["--data", str(root), "--out", str(tmp_path / "c"), "--total-iters", "1"])
 
 
 def test_bench_prints_one_line(capsys):

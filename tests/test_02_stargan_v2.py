@@ -4,13 +4,14 @@ import copy
 import dataclasses
 import json
 import re
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import load_script
+from conftest import load_script, write_unreadable
 
 m = load_script("02_stargan_v2")
 import common  # noqa: E402 (after sys.path set-up)
@@ -308,6 +309,27 @@ def test_short_toy_run_writes_samples_and_resumes(tmp_path, capsys):
     with pytest.raises(UserError, match="--domain"):
         m.main(["sample", "--ckpt", str(out / "last.pt"), "--src", str(tmp_path / "grey.png"),
                 "--domain", "7"])
+
+
+def test_val_domains_must_match_train(tmp_path):
+    toy.write_scenes(tmp_path, 16, n_train=2, n_val=2, seed=0)
+    (tmp_path / "val" / "day").rename(tmp_path / "val" / "sunny")
+    shutil.copytree(tmp_path / "val" / "dusk", tmp_path / "val" / "extra")
+    with pytest.raises(UserError, match=r"val: domain folders \['dusk', 'extra', 'night', "
+                       r"'sunny'\] differ from train/'s \['day', 'dusk', 'night'\]"):
+        m.main(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--img-size", "16",
+                "--dim-in", "4", "--max-conv-dim", "8", "--mapping-dim", "16", "--batch", "2",
+                "--num-workers", "0", "--total-iters", "1"])
+
+
+def test_unreadable_file_is_named_once(tmp_path, capsys):
+    toy.write_scenes(tmp_path, 16, n_train=3, n_val=0, seed=0)
+    write_unreadable(tmp_path / "train" / "dusk" / "bad.png", "text")
+    root, src, ref = m.domain_sets(tiny_cfg(data=str(tmp_path), img_size=16))
+    for _ in range(3):  # sources and references draw it often; the warning comes once
+        assert [y for _, y in (src[i] for i in range(len(src)))] == src.targets
+        assert [y for *_, y in (ref[i] for i in range(len(ref)))] == ref.targets
+    assert capsys.readouterr().err.count("bad.png") == 1 and src.n_skipped == ref.n_skipped == 1
 
 
 class SkyPainter(torch.nn.Module):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_script
+from conftest import load_script, write_unreadable
 
 bg = load_script("03_bicyclegan_latent")
 SMALL = dict(ngf=8, nef=8, ndf=8, img_size=64, batch=2, num_workers=0, amp=False)
@@ -145,6 +145,38 @@ def test_aligned_reader(tmp_path):
     assert B[2].min().item() == pytest.approx(1.0) and B[:2].max().item() == pytest.approx(-1.0)
     a, b = bg.to_pair([A[None], B[None]], cfg, torch.device("cpu"))
     assert torch.equal(a, A[None]) and torch.equal(b, B[None])  # A comes from the file, not edges
+
+
+def write_pairs(folder, n, suffix=".png"):
+    folder.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", (128, 64), (255, 0, 0))
+    img.paste(Image.new("RGB", (64, 64), (0, 0, 255)), (64, 0))  # A = red | B = blue
+    for i in range(n):
+        img.save(folder / f"{i + 1}{suffix}", format="JPEG" if "j" in suffix.lower() else "PNG")
+
+
+@pytest.mark.parametrize("suffix", [".jpeg", ".PNG", ".JPG"])
+def test_pairs_with_any_image_suffix_are_pairs(tmp_path, suffix):
+    write_pairs(tmp_path / "train", 2, suffix)
+    ds = bg.build_dataset(small_cfg(data=str(tmp_path)), "train")
+    assert isinstance(ds, bg.AlignedPairs) and len(ds) == 2
+    A, B = ds[0]
+    assert A.shape == (1, 64, 64) and B[2].mean() > 0.9  # B is the blue right half
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_unreadable_first_file_is_skipped(tmp_path, capsys, paired):
+    if paired:
+        write_pairs(tmp_path / "train", 3)
+    else:  # plain photos: A is their edge map
+        (tmp_path / "train").mkdir()
+        for i in range(3):
+            Image.new("RGB", (64, 64), (90 * i, 0, 0)).save(tmp_path / "train" / f"{i + 1}.png")
+    write_unreadable(tmp_path / "train" / "0.png", "random")  # sorts first
+    ds = bg.build_dataset(small_cfg(data=str(tmp_path)), "train")
+    assert isinstance(ds, bg.AlignedPairs) == paired and len(ds) == 4
+    assert all(torch.isfinite(t).all() for i in range(4) for t in (ds[i] if paired else [ds[i]]))
+    assert capsys.readouterr().err.count("0.png: cannot read") == 1 and ds.n_skipped == 1
 
 
 def read_log(path):

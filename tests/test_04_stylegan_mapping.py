@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_script
+from conftest import load_script, write_unreadable
 from PIL import Image
 
 import common
@@ -250,6 +250,23 @@ def test_train_resume_is_exact_and_bad_input(image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         common.main_guard(m.main, ["--data", str(image_folder), "--img-size", "48"])
     assert e.value.code == 2 and "--img-size" in capsys.readouterr().err
+
+
+def test_unreadable_images_with_workers(image_folder, tmp_path, capfd):
+    torch.set_num_threads(1)  # 2 OpenMP threads + 2 workers on 2 shared cores: 20x slower
+    write_unreadable(image_folder / "sub" / "7.png", "random")  # 8 files: each epoch draws all
+    flags = ["--data", str(image_folder), *TINY_FLAGS[:-1], "2", "--log-every", "100",
+             "--save-every", "100", "--sample-every", "100"]
+    m.main(flags + ["--out", str(tmp_path / "a"), "--total-iters", "6"])  # 3 epochs, 3 loaders
+    assert capfd.readouterr().err.count("7.png: cannot read") == 1
+    for f in (image_folder / "sub").iterdir():
+        write_unreadable(f, "empty")
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(m.main, flags + ["--out", str(tmp_path / "b"), "--total-iters", "2"])
+    err = capfd.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and "Caught" not in err, err
+    assert err.splitlines()[-1] == f"error: {image_folder}: none of its 8 images is readable " \
+        f"(e.g. {image_folder / 'sub' / '0.png'}); replace them or remove the folder"
 
 
 def test_bench_prints_one_line(capsys):

@@ -1,5 +1,6 @@
 """common.py and data/toy.py: readers, checkpoints, CLI, toy data + oracle, bad input, metrics."""
 import dataclasses
+import multiprocessing
 import random
 import re
 import signal
@@ -12,6 +13,7 @@ from PIL import Image
 
 import common
 from common import UserError
+from conftest import write_unreadable
 from data import toy
 
 
@@ -84,9 +86,11 @@ def test_celeba_attrs_parsing_and_split(faces):
     assert x.shape == (3, 48, 48) and c.shape == (2,)  # the reader crops a centred square
 
 
-def test_celeba_official_split_is_1999_test_rows(tmp_path):
+def test_celeba_official_split_is_1999_test_rows(tmp_path, monkeypatch):
     (tmp_path / "images").mkdir()
     rows = [f"{i:06d}.jpg " + " ".join(["-1"] * 40) for i in range(1, 20001)]
+    names = [f"{i:06d}.jpg" for i in range(1, 20001)]  # the reader keeps listed files it finds:
+    monkeypatch.setattr(common.os, "listdir", lambda folder: names)  # 20,000 real ones are slow
     (tmp_path / "list_attr_celeba.txt").write_text("20000\n" + " ".join(toy.CELEBA_40) + "\n"
                                                    + "\n".join(rows) + "\n")
     test = common.CelebAAttrs(tmp_path, ["Young"], "test")
@@ -95,6 +99,77 @@ def test_celeba_official_split_is_1999_test_rows(tmp_path):
     random.seed(1234)  # the official code: random.seed(1234); random.shuffle(lines)
     random.shuffle(shuffled)
     assert [f.name for f in test.files] == shuffled[:1999]
+
+
+def _edit_attr_file(faces, tmp_path, edit):
+    """A copy of the toy faces (images linked) whose attribute file is edit(lines)."""
+    (tmp_path / "images").symlink_to(faces / "images")
+    lines = (faces / "list_attr_celeba.txt").read_text().splitlines()
+    name, text = edit(lines)
+    (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+BROKEN_ATTRS = {  # edit of the official lines -> what the error must say
+    "no count line": (lambda ls: ls[1:], r"line 1: expected the number of images \(e\.g\. 2025"),
+    "short row": (lambda ls: ls[:4] + [ls[4].rsplit(" ", 1)[0]] + ls[5:],
+                  r"line 5: 39 values after the file name, expected 40, one per name on line 2$"),
+    "empty": (lambda ls: [], r"list_attr_celeba.txt: empty; expected line 1 the number of images"),
+    "bad value": (lambda ls: ls[:3] + [ls[3].replace(" -1", " 2", 1)] + ls[4:],
+                  r"line 4: '2' under 5_o_Clock_Shadow; expected 1 or -1"),
+    "wrong count": (lambda ls: ["61"] + ls[1:], r"line 1 says 61 images but 60 rows follow"),
+    "name added at the end": (lambda ls: [ls[0], ls[1] + " Smiling_Wide"] + ls[2:],
+                              r"line 3: 40 values after the file name, expected 41"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_ATTRS)
+def test_broken_attribute_file_names_the_line(faces, tmp_path, case):
+    edit, expected = BROKEN_ATTRS[case]
+    root = _edit_attr_file(faces, tmp_path, lambda ls: ("list_attr_celeba.txt",
+                                                        "".join(ln + "\n" for ln in edit(ls))))
+    with pytest.raises(UserError, match=expected) as e:
+        common.CelebAAttrs(root, ["Male"])
+    assert "\n" not in str(e.value) and "valid names" not in str(e.value)
+
+
+@pytest.mark.parametrize("variant", ["image_id column", "kaggle csv"])
+def test_attribute_file_variants_keep_labels_aligned(faces, tmp_path, variant):
+    def edit(lines):
+        if variant == "image_id column":
+            return "list_attr_celeba.txt", "\n".join([lines[0], "image_id " + lines[1], *lines[2:]])
+        rows = [",".join(ln.split()) for ln in lines[2:] if ln]  # Kaggle: no count line, commas
+        header = "\ufeffimage_id," + ",".join(lines[1].split())  # a BOM, as spreadsheets save it
+        return "list_attr_celeba.csv", "\r\n".join([header, *rows])
+    root, attrs = _edit_attr_file(faces, tmp_path, edit), ["Black_Hair", "Male"]
+    for split in ("train", "test"):
+        ref, got = common.CelebAAttrs(faces, attrs, split), common.CelebAAttrs(root, attrs, split)
+        assert [f.name for f in got.files] == [f.name for f in ref.files]
+        assert torch.equal(got.labels, ref.labels) and 0 < ref.labels.mean() < 1
+
+
+def test_attribute_rows_without_an_image_are_dropped(faces, tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "list_attr_celeba.txt").write_text((faces / "list_attr_celeba.txt").read_text())
+    with pytest.raises(UserError, match=r"none of the 60 files listed in .*list_attr_celeba.txt "
+                       r"is in .*images \(e\.g\. 000001\.jpg\)"):
+        common.CelebAAttrs(tmp_path, ["Male"])
+    for f in sorted((faces / "images").iterdir())[2:]:
+        (tmp_path / "images" / f.name).symlink_to(f)
+    n = sum(len(common.CelebAAttrs(tmp_path, ["Male"], split)) for split in ("train", "test"))
+    assert n == 58 and capsys.readouterr().err.count("2 of the 60 files listed") == 1
+
+
+def test_small_attribute_file_keeps_a_test_row_and_names_an_empty_split(faces, tmp_path, capsys):
+    root = _edit_attr_file(faces, tmp_path, lambda ls: ("list_attr_celeba.txt",
+                                                        "\n".join(["5", *ls[1:7]])))
+    test = common.CelebAAttrs(root, ["Male"], "test")  # a tenth of 5 rows would be none
+    assert len(test) == 1 and len(common.CelebAAttrs(root, ["Male"], "train")) == 4
+    (tmp_path / "images").unlink()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / test.files[0].name).symlink_to(faces / "images" / test.files[0].name)
+    with pytest.raises(UserError, match=r"none of the train split's 4 rows has its image in"):
+        common.CelebAAttrs(root, ["Male"], "train")
 
 
 def test_aligned_pairs_split_a_and_b(tmp_path):
@@ -492,6 +567,70 @@ def test_corrupt_image_is_named_and_skipped(tmp_path, capsys):
     assert "bad.png" in capsys.readouterr().err
     with pytest.raises(UserError, match="bad.png"):
         common.load_rgb(tmp_path / "train" / "a" / "bad.png")
+
+
+def _reader_with_bad_files(kind, root):
+    """(reader, names of its unreadable files): each reader over a small set with damaged files."""
+    if kind in ("domains", "images"):
+        toy.write_shapes(root, 16, n_train=3, n_val=0, seed=0)
+        bad = [write_unreadable(root / "train" / d / f"{k}.png", k)
+               for d, k in (("circle", "random"), ("circle", "chunk"), ("square", "empty"))]
+        reader = common.DomainFolder(root) if kind == "domains" else common.ImageFiles(root)
+    elif kind == "celeba":
+        toy.write_faces(root, 24, n=12, seed=0)
+        reader = common.CelebAAttrs(root, ["Male"], "train")
+        bad = [write_unreadable(f, k) for f, k in zip(reader.files[3:5], ("text", "random"))]
+    else:  # aligned pairs
+        (root / "train").mkdir()
+        for i in range(3):
+            Image.new("RGB", (16, 8), (40 * i, 0, 0)).save(root / "train" / f"{i}.png")
+        bad = [write_unreadable(root / "train" / "00.png", "empty")]  # sorts first
+        reader = common.AlignedPairs(root)
+    return reader, [f.name for f in bad]
+
+
+@pytest.mark.parametrize("kind", ["domains", "celeba", "pairs", "images"])
+def test_every_reader_skips_unreadable_files_and_names_each_once(tmp_path, capsys, kind):
+    reader, bad = _reader_with_bad_files(kind, tmp_path)
+    for _ in range(3):  # every file drawn three times: still one warning per damaged file
+        items = [reader[i] for i in range(len(reader))]
+    lines = capsys.readouterr().err.splitlines()
+    assert reader.n_skipped == len(bad) and len(lines) == len(bad), lines
+    for name, line in zip(sorted(bad), sorted(lines, key=lambda ln: ln.split("/")[-1])):
+        assert line.startswith("warning: skipping ") and f"{name}: cannot read" in line, line
+    if kind == "domains":  # a replacement comes from the same domain: labels stay right
+        assert [y for _, y in items] == reader.targets
+
+
+def test_skipped_file_is_named_once_across_workers_and_epochs(tmp_path, capfd):
+    toy.write_shapes(tmp_path, 16, n_train=4, n_val=0, seed=0)
+    write_unreadable(tmp_path / "train" / "circle" / "bad.png", "random")
+    ds = common.DomainFolder(tmp_path)
+    for epoch in range(3):  # 03 and 04 build a loader (new worker processes) every epoch
+        assert len(list(common.make_loader(ds, 13, num_workers=2, seed=epoch))) == 1
+    err = capfd.readouterr().err
+    assert err.count("bad.png") == 1 and ds.n_skipped == 1, err  # the main process counts too
+
+
+def test_unreadable_domain_is_one_line_also_with_workers(tmp_path):
+    toy.write_shapes(tmp_path, 16, n_train=2, n_val=0, seed=0)
+    for f in (tmp_path / "train" / "square").iterdir():
+        write_unreadable(f, "text")
+    ds, before = common.DomainFolder(tmp_path), set(multiprocessing.active_children())
+    with pytest.raises(UserError) as e:
+        next(iter(common.make_loader(ds, len(ds), num_workers=1)))
+    assert set(multiprocessing.active_children()) <= before  # its worker stopped, not left to gc
+    msg = str(e.value)
+    assert "\n" not in msg and "Caught" not in msg, msg  # not DataLoader's wrapped traceback
+    assert msg.startswith(f"{tmp_path / 'train' / 'square'}: none of its 2 images is readable")
+
+
+def test_val_domains_must_match_train(tmp_path):
+    toy.write_shapes(tmp_path, 16, n_train=1, n_val=1, seed=0)
+    (tmp_path / "val" / "circle").rename(tmp_path / "val" / "oval")
+    with pytest.raises(UserError, match=r"val: domain folders \['oval', 'square', 'triangle'\] "
+                       r"differ from train/'s \['circle', 'square', 'triangle'\]"):
+        common.DomainFolder(tmp_path, "val")
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "LA"])
