@@ -314,6 +314,11 @@ def face_net(cfg, device, random_ok=False):
     return load_fan(cfg.wing, device)
 
 
+def masks_of(fan, x):
+    """FAN face masks of x for G's high-pass skips, or None when G has none (w_hpf = 0)."""
+    return fan.masks(x) if fan is not None else None
+
+
 def load_official(path, nets):
     """Official {'generator': sd, ...} into {"G": net, ...}, entry by entry by name and shape. Both
     release generations load: 2020 files have no 'hpf.filter' (a constant, kept from ours; it became
@@ -413,8 +418,7 @@ def g_loss(nets, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_refs=None,
         x_fake2 = nets.G(x_real, s_trg2, masks)
     loss_ds = ds_loss(x_fake, x_fake2)
     s_org = nets.E(x_real, y_org)  # ŝ, style of the source in its own domain
-    masks_fake = fan.masks(x_fake) if fan is not None else None  # no gradient through masks
-    loss_cyc = cycle_loss(nets.G(x_fake, s_org, masks_fake), x_real)
+    loss_cyc = cycle_loss(nets.G(x_fake, s_org, masks_of(fan, x_fake)), x_real)  # no_grad masks
     loss = g_total(loss_adv, loss_sty, loss_ds, loss_cyc, cfg, lambda_ds)
     return loss, dict(adv=loss_adv, sty=loss_sty, ds=loss_ds, cyc=loss_cyc)
 
@@ -484,7 +488,7 @@ def train_step(nets, ema, optims, batch, step, cfg, fan=None):
     """One official iteration (SPEC §2.3). Returns detached loss tensors (no host sync).
     fan: the frozen FAN when w_hpf > 0; its masks of x_real serve all four steps (official)."""
     x_real, y_org, x_ref, x_ref2, y_trg = batch  # y_trg: reference domain, also for latent steps
-    masks = fan.masks(x_real) if fan is not None else None  # 2 × (B, 1, 256, 256)
+    masks = masks_of(fan, x_real)  # None, or 2 × (B, 1, 256, 256)
     z_trgs = torch.randn(2, x_real.shape[0], cfg.latent_dim, device=x_real.device)  # z_trg, z_trg2
     lambda_ds = lambda_ds_at(step, cfg)
     logs = {"G/lambda_ds": torch.tensor(lambda_ds)}
@@ -512,11 +516,6 @@ def build_optims(nets, cfg):
 # ----------------------------------------------------------------------------
 # 6. Sampling
 # ----------------------------------------------------------------------------
-def masks_of(fan, x):
-    """FAN face masks of x for G's high-pass skips, or None when G has none (w_hpf = 0)."""
-    return fan.masks(x) if fan is not None else None
-
-
 @torch.no_grad()
 def translate_all(G, x_src, styles, fan=None, chunk=64):
     """G(x_src, styles) in chunks (memory), clamped: x_src (N, 3, H, W), styles (N, S)."""
