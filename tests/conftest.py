@@ -30,3 +30,25 @@ def _few_threads():
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def summary_files(text):
+    """The files a run's end-of-run summary (common.print_summary) names: the rows between its
+    '== ' header and the 'oracle' / 'next' rows; a name without '/' lies in the folder of the path
+    before it. Paths are taken relative to the working directory, as printed."""
+    block = text[text.rindex("\n== ") if "\n== " in text else text.index("== "):].splitlines()[1:]
+    files, folder = {}, None
+    for line in block:
+        label = line[:12].strip() or label
+        if label in ("oracle", "next"):
+            break
+        for token in line[12:].split():
+            path = Path(token) if "/" in token else folder / token
+            files.setdefault(label, []).append(path)
+            folder = path.parent
+    return files
+
+
+def console_lines(text):
+    """The training-progress lines a run printed (common.Logger)."""
+    return [ln for ln in text.splitlines() if ln.startswith("step ") and " it/s | ETA " in ln]
