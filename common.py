@@ -580,9 +580,9 @@ class Logger:
 
 def read_log(path):
     """log.jsonl -> {step: {term: value}}, the last line of a step winning (a resumed run may log
-    a step twice); a line cut short by a killed process is skipped."""
-    rows = {}
-    for text in Path(path).read_text().splitlines():
+    a step twice); a line cut short by a killed process is skipped; no file yet: {}."""
+    rows, path = {}, Path(path)
+    for text in (path.read_text() if path.exists() else "").splitlines():
         with contextlib.suppress(ValueError, KeyError):
             row = json.loads(text)
             step = int(row.pop("step"))
