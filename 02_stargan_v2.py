@@ -595,16 +595,17 @@ def oracle_scores(ema, root, cfg, device, step, fan=None):
     scores["color_err_ref"] = (f_out_ref["color"] - f_ref["color"]).abs().mean(1)[
         f_out_ref["valid"]].mean().item()
     scores["diversity_color"] = (f_lat["color"] - f_lat2["color"]).abs().mean().item()
-    print(f"oracle @ {step}: {oracle_line(scores)}", flush=True)
+    print(f"oracle @ {step}: " + "\n    ".join(oracle_lines(scores)), flush=True)
     return scores
 
 
-def oracle_line(s):
-    """The oracle's scores in one line (latent / reference styles)."""
+def oracle_lines(s):
+    """The oracle's scores in two lines of under 100 columns (latent / reference styles)."""
     pair = lambda k: f"{s[f'{k}_latent']:.2f}/{s[f'{k}_ref']:.2f}"  # noqa: E731
-    return (f"sky reached {pair('acc')}, object kept in place {pair('pos_kept')}, shape kept "
-            f"{pair('shape_kept')} (chance 0.35) | colour error vs ref {s['color_err_ref']:.2f}, "
-            f"colour diversity {s['diversity_color']:.2f}")
+    return [f"latent/ref: sky reached {pair('acc')}, object kept in place {pair('pos_kept')}, "
+            f"shape kept {pair('shape_kept')} (chance 0.35)",
+            f"colour error vs the reference {s['color_err_ref']:.2f}, colour diversity over z "
+            f"{s['diversity_color']:.2f}"]
 
 
 def read_images(path, img_size, flag):
@@ -766,8 +767,8 @@ def train(cfg, given=()):
     fixed = [t.to(device) for t in (x[src], y[src], x[~src], y[~src])]
     logger = Logger(out, cfg.total_iters, cfg.log_every, console_terms(cfg), start=step)
     t0, losses, scores = time.time(), {}, None
-    print(f"{sum(p.numel() for p in nets.G.parameters()):,} G params | data {root} | "
-          f"{len(src_set)} images, domains {src_set.domains} | device {device} | from step {step}"
+    print(f"{sum(p.numel() for p in nets.G.parameters()):,} G params | data {short_path(root)} "
+          f"| {len(src_set)} images, domains {src_set.domains} | device {device} | from step {step}"
           + (f" | face masks from {cfg.wing}" if fan is not None else ""))
     try:
         while step < cfg.total_iters:
@@ -797,7 +798,7 @@ def train(cfg, given=()):
             "cycle", "reference", "latent_psi1.0", "latent_psi0.7", "latent_psi0.5", "masks")]),
         ("loss curves", [out / "samples" / "losses.png"]),
         ("checkpoint", [last, out / "log.jsonl"])],
-        oracle_line(scores) if scores else "", [
+        oracle_lines(scores) if scores else "", [
         (f"python {me} sample --out {out} --src {src} --domain 1", "4 styles of domain 1"),
         (f"python {me} eval --out {out}", "FID, LPIPS" + (" and the oracle" if toy else "")),
         (f"python {me} --out {out} --resume auto --total-iters {2 * cfg.total_iters}",
