@@ -716,13 +716,12 @@ def print_summary(script, step, start, seconds, files, oracle=(), commands=(), s
         row("oracle" if i == 0 else "", text)
     width = max((len(c) for c, _ in commands), default=0)
     aligned = all(12 + width + 4 + len(why) <= 120 for _, why in commands)
-    for i, (command, why) in enumerate(commands):  # the why after the command, else above it
-        label = "next" if i == 0 else ""
+    for i, (command, why) in enumerate(commands):  # the why after the command, else above it;
+        label = f"{'next' if i == 0 else '':<12}"  # a command is never wrapped: it is copied
         if aligned or not why:
-            row(label, f"{command:<{width}}  # {why}" if why else command)
+            lines.append(label + (f"{command:<{width}}  # {why}" if why else command))
         else:
-            row(label, f"# {why}")
-            row("", command)
+            lines += [f"{label}# {why}", " " * 12 + command]
     text = "\n".join(lines)
     print(text, flush=True)
     return text

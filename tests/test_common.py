@@ -632,6 +632,9 @@ def test_summary_names_only_existing_files(tmp_path, capsys, monkeypatch):
     assert lines[3:5] == ["oracle      valid 90%", "            mixing 0.8"]
     assert lines[5].startswith("next        python 01_x.py sample --out runs/x  # figures")
     assert all(len(ln) <= 120 for ln in lines)
+    long = "python 01_x.py --out " + "d" * 120 + " --resume auto"  # a command is never wrapped
+    text = common.print_summary("01_x.py", 1, 0, 1, [], "", [(long, "train on")])
+    assert text.splitlines()[1:] == ["next        # train on", " " * 12 + long]
 
 
 def test_small_grids_are_enlarged_and_labelled(tmp_path):
