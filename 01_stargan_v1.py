@@ -32,8 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import (CelebAAttrs, DomainFolder, FACE_ATTRS, ImageFiles, Logger, UserError, autocast,
                     check_finite, check_flags, infinite, load_checkpoint, load_rgb, main_guard,
                     make_loader, parse_config, pick_device, prepare_run, read_checkpoint,
-                    read_faces, require, resolve_data, save_checkpoint, save_grid, seed_everything,
-                    sig3, to_tensor_norm)
+                    print_summary, read_faces, require, resolve_data, save_checkpoint, save_grid,
+                    seed_everything, short_path, sig3, to_tensor_norm)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -333,7 +333,9 @@ def translation_scores(G, src, sizes, judge, title):
             pred = judge(G(x, mask_label(c, 0, sizes)).float())  # (B, A); -1: unreadable
             hits[src.names[j]] += (pred[:, j] == c[:, j].cpu()).sum().item()
             hits["valid"] += (pred >= 0).all(1).sum().item() / A
-    print(f"{title}: " + " | ".join(f"{k} {100 * v / n:.1f}%" for k, v in hits.items()))
+    line = " | ".join(f"{k} {100 * v / n:.1f}%" for k, v in hits.items())
+    print(f"{title}: {line}")
+    return line
 
 
 def evaluate(G, D, sources, cfg, ns, device):
@@ -375,6 +377,14 @@ def sample_own(G, D, sources, cfg, ns, device):
 # ----------------------------------------------------------------------------
 # 7. Train
 # ----------------------------------------------------------------------------
+def console_terms(cfg):
+    """What the console line shows (log.jsonl has every term, of both datasets): the totals
+    L_D (Eq. (7): −L_adv + λ_cls L_cls^r, and λ_gp GP) and L_G (Eq. (6)), GP, both L_cls, L_rec."""
+    return {"D": lambda v: v["D/adv"] + cfg.lambda_gp * v["D/gp"] + cfg.lambda_cls * v["D/cls"],
+            "G": lambda v: v["G/adv"] + cfg.lambda_cls * v["G/cls"] + cfg.lambda_rec * v["G/rec"],
+            "gp": "D/gp", "clsD": "D/cls", "clsG": "G/cls", "rec": "G/rec"}
+
+
 def train(cfg, device, given=()):
     """n_critic D steps per G step (§4); with two datasets each iteration visits both (§3.2)."""
     cfg, ckpt = prepare_run(cfg, given, FIXED)  # a resumed run: flags left out keep saved values
@@ -382,14 +392,15 @@ def train(cfg, device, given=()):
     sources = list(make_sources(cfg))
     G, D, opt_g, opt_d = build(cfg, sizes := [len(s.names) for s in sources], device)
     nets, opts, last = {"G": G, "D": D}, {"G": opt_g, "D": opt_d}, Path(cfg.out) / "last.pt"
-    step = load_checkpoint(ckpt, nets, opts)["step"] if ckpt else 0
+    step = start = load_checkpoint(ckpt, nets, opts)["step"] if ckpt else 0
     extra = {"names": [s.names for s in sources], "multi": [s.multi for s in sources]}
     streams = [infinite(make_loader(s.train, cfg.batch, num_workers=cfg.num_workers,
                                     device=device, seed=cfg.seed + step)) for s in sources]
     x_fix, y_fix = next(iter(make_loader(sources[0].test, min(8, len(sources[0].test)),
                                          shuffle=False)))  # fixed debug batch, as official
     x_fix, c_fix = x_fix.to(device), as_label(y_fix, sources[0].multi, sizes[0]).to(device)
-    logger, t0, losses = Logger(cfg.out, cfg.total_iters, cfg.log_every), time.time(), {}
+    logger = Logger(cfg.out, cfg.total_iters, cfg.log_every, console_terms(cfg), start=step)
+    t0, losses, stopped = time.time(), {}, False
     try:
         while step < cfg.total_iters:
             for optim, lr0 in ((opt_g, cfg.g_lr), (opt_d, cfg.d_lr)):  # one param group each
@@ -409,13 +420,23 @@ def train(cfg, device, given=()):
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
             if step % cfg.sample_every == 0 or step == cfg.total_iters:
                 save_translations(G, x_fix, c_fix, sources, last.parent / f"sample_{step:06d}.jpg")
+                logger.plot(last.parent / "losses.png")  # beside the samples
             if step % cfg.save_every == 0 or step == cfg.total_iters:
                 save_checkpoint(last, step, cfg, nets, opts, extra, losses)
     except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
         save_checkpoint(last, step, cfg, nets, opts, extra, losses, interrupted=True)
-    print(f"step {step}: {time.time() - t0:.0f} s; saved {last} (--resume auto goes on)")
-    if judge := oracle_judge(cfg, sources[0]):
-        translation_scores(G, sources[0], sizes, judge, "oracle")
+        stopped = True
+    judge = None if stopped else oracle_judge(cfg, sources[0])  # after Ctrl-C: out at once
+    line = translation_scores(G, sources[0], sizes, judge, "oracle") if judge else ""
+    me, out, src = Path(__file__).name, last.parent, short_path(sources[0].test.files[0])
+    print_summary(me, step, start, time.time() - t0, [
+        ("samples", sorted(out.glob("sample_*.jpg"))[-1:]), ("loss curves", [out / "losses.png"]),
+        ("checkpoint", [last, out / "log.jsonl"])], line and f"target label read in: {line}", [
+        (f"python {me} sample --out {out} --src {src}", "one image to every target"),
+        (f"python {me} eval --out {out}" + ("" if judge else " --train-classifier"),
+         "the oracle's scores" if judge else "scores by a ResNet-18 trained on the real images"),
+        (f"python {me} --out {out} --resume auto --total-iters {2 * cfg.total_iters}",
+         "train on")], stopped)
 
 
 def bench(cfg, device):

@@ -47,9 +47,9 @@ from torchvision.utils import make_grid
 from common import (DomainFolder, FAN, ImageFiles, InceptionPool, Logger, LPIPS, ReferencePairs,
                     UserError, align_faces, autocast, check_finite, check_flags, frechet_distance,
                     infinite, load_checkpoint, load_fan, load_rgb, main_guard, make_loader,
-                    parse_config, pick_device, prepare_run, read_checkpoint, read_npz, read_scenes,
-                    require, resolve_data, save_checkpoint, save_gif, save_grid, seed_everything,
-                    sig3, strip_prefixes, to_tensor_norm)
+                    parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
+                    read_npz, read_scenes, require, resolve_data, save_checkpoint, save_gif,
+                    save_grid, seed_everything, short_path, sig3, strip_prefixes, to_tensor_norm)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -594,8 +594,17 @@ def oracle_scores(ema, root, cfg, device, step, fan=None):
     scores["color_err_ref"] = (f_out_ref["color"] - f_ref["color"]).abs().mean(1)[
         f_out_ref["valid"]].mean().item()
     scores["diversity_color"] = (f_lat["color"] - f_lat2["color"]).abs().mean().item()
-    print(f"oracle @ {step}: " + " | ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
+    print(f"oracle @ {step}: " + "\n    ".join(oracle_lines(scores)), flush=True)
     return scores
+
+
+def oracle_lines(s):
+    """The oracle's scores in two lines of under 100 columns (latent / reference styles)."""
+    pair = lambda k: f"{s[f'{k}_latent']:.2f}/{s[f'{k}_ref']:.2f}"  # noqa: E731
+    return [f"latent/ref: sky reached {pair('acc')}, object kept in place {pair('pos_kept')}, "
+            f"shape kept {pair('shape_kept')} (chance 0.35)",
+            f"colour error vs the reference {s['color_err_ref']:.2f}, colour diversity over z "
+            f"{s['diversity_color']:.2f}"]
 
 
 def read_images(path, img_size, flag):
@@ -721,6 +730,20 @@ def evaluate(cfg, ns):
 # ----------------------------------------------------------------------------
 # 7. Train
 # ----------------------------------------------------------------------------
+def console_terms(cfg):
+    """What the console line shows (log.jsonl has all 16 terms): L_D = L_real + L_fake + λ_reg R1
+    and L_G (Eq. (5)), then L_sty, L_ds, L_cyc and R1, each the mean of the latent and the
+    reference step."""
+    both = lambda f: lambda v: (f(v, "latent") + f(v, "ref")) / 2  # noqa: E731
+    term = lambda net, k: both(lambda v, m: v[f"{net}/{m}_{k}"])  # noqa: E731
+    return {"D": both(lambda v, m: v[f"D/{m}_real"] + v[f"D/{m}_fake"]
+                      + cfg.lambda_reg * v[f"D/{m}_reg"]),
+            "G": both(lambda v, m: g_total(*(v[f"G/{m}_{k}"] for k in ("adv", "sty", "ds", "cyc")),
+                                           cfg, v["G/lambda_ds"])),
+            "sty": term("G", "sty"), "ds": term("G", "ds"), "cyc": term("G", "cyc"),
+            "R1": term("D", "reg")}
+
+
 def train(cfg, given=()):
     device = pick_device(cfg.device)
     # Fail early; a resumed run: flags left out keep the saved values (common.resume_config)
@@ -734,16 +757,17 @@ def train(cfg, given=()):
     out, last, toy = Path(cfg.out), Path(cfg.out) / "last.pt", cfg.data in ("", "toy")
     root, src_set, ref_set = domain_sets(cfg)
     all_nets = {**vars(nets), **{k + "_ema": v for k, v in vars(ema).items()}}
-    step = load_checkpoint(resume, all_nets, optims)["step"] if resume else 0
+    step = start = load_checkpoint(resume, all_nets, optims)["step"] if resume else 0
     src_it, ref_it = (infinite(make_loader(d, cfg.batch, balanced=True, device=device,
                                            num_workers=cfg.num_workers, seed=cfg.seed + step))
                       for d in (src_set, ref_set))  # a resumed run reseeds them from the step
     x, y = stack_split(root, "val", cfg.img_size, per_domain=4)  # fixed: samples compare over steps
     src = torch.arange(len(y)) % 4 < 2  # per domain: 2 sources, then 2 references
     fixed = [t.to(device) for t in (x[src], y[src], x[~src], y[~src])]
-    logger, t0, losses = Logger(out, cfg.total_iters, cfg.log_every), time.time(), {}
-    print(f"{sum(p.numel() for p in nets.G.parameters()):,} G params | data {root} | "
-          f"{len(src_set)} images, domains {src_set.domains} | device {device} | from step {step}"
+    logger = Logger(out, cfg.total_iters, cfg.log_every, console_terms(cfg), start=step)
+    t0, losses, scores = time.time(), {}, None
+    print(f"{sum(p.numel() for p in nets.G.parameters()):,} G params | data {short_path(root)} "
+          f"| {len(src_set)} images, domains {src_set.domains} | device {device} | from step {step}"
           + (f" | face masks from {cfg.wing}" if fan is not None else ""))
     try:
         while step < cfg.total_iters:
@@ -756,16 +780,29 @@ def train(cfg, given=()):
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
             if step % cfg.sample_every == 0 or step == cfg.total_iters:
                 write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg, fan)
+                logger.plot(out / "samples" / "losses.png")  # beside the samples
                 if toy and step < cfg.total_iters:
                     oracle_scores(ema, root, cfg, device, step, fan)
             if step % cfg.save_every == 0 or step == cfg.total_iters:
                 save_checkpoint(last, step, cfg, all_nets, optims, losses=losses)
     except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
         save_checkpoint(last, step, cfg, all_nets, optims, losses=losses, interrupted=True)
-        print(f"\ninterrupted: saved {last} at step {step}; resume with --resume auto")
-        return None
-    print(f"done: {step} steps in {time.time() - t0:.0f} s; samples in {out / 'samples'}")
-    return oracle_scores(ema, root, cfg, device, step, fan) if toy else None
+        print()  # after the ^C
+    else:  # after Ctrl-C the user wants out at once: no oracle
+        scores = oracle_scores(ema, root, cfg, device, step, fan) if toy else None
+    me, samples = Path(__file__).name, sorted((out / "samples").glob("*_cycle.png"))[-1:]
+    src = short_path(DomainFolder(root, "val").files[0])  # domain 0's first val image
+    print_summary(me, step, start, time.time() - t0, [
+        ("samples", [p.with_name(p.name.replace("cycle", k)) for p in samples for k in (
+            "cycle", "reference", "latent_psi1.0", "latent_psi0.7", "latent_psi0.5", "masks")]),
+        ("loss curves", [out / "samples" / "losses.png"]),
+        ("checkpoint", [last, out / "log.jsonl"])],
+        oracle_lines(scores) if scores else "", [
+        (f"python {me} sample --out {out} --src {src} --domain 1", "4 styles of domain 1"),
+        (f"python {me} eval --out {out}", "FID, LPIPS" + (" and the oracle" if toy else "")),
+        (f"python {me} --out {out} --resume auto --total-iters {2 * cfg.total_iters}",
+         "train on")], step < cfg.total_iters)
+    return scores
 
 
 def bench(nets, ema, optims, cfg, device, fan=None):

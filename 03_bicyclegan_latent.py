@@ -32,8 +32,9 @@ from torchvision import transforms as T
 
 from common import (AlignedPairs, IMAGE_SUFFIXES, ImageFiles, Logger, LPIPS, UserError, autocast,
                     check_finite, check_flags, load_checkpoint, main_guard, make_loader,
-                    parse_config, pick_device, prepare_run, read_checkpoint, read_shapes, require,
-                    resolve_data, save_checkpoint, save_gif, save_grid, seed_everything, sig3)
+                    parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
+                    read_shapes, require, resolve_data, save_checkpoint, save_gif, save_grid,
+                    seed_everything, sig3)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -408,6 +409,14 @@ def z_interp_gif(G, A, nz, path, n_keys=5, per_segment=4, seed=0):
 # ----------------------------------------------------------------------------
 # 7. Train
 # ----------------------------------------------------------------------------
+# The console line (log.jsonl has every term, lr too): the sum G and E minimise (Eq. (9), weighted
+# as in ge_losses), the two Ds, then λ L1 (B̂ vs B), λ_KL KL and λ_latent L1 (ẑ vs z).
+CONSOLE = {"GE": lambda v: v["G_GAN"] + v["G_GAN2"] + v["G_L1"] + v["kl"] + v["z_L1"],
+           "D": "D", "D2": "D2", "L1": "G_L1", "KL": "kl", "zL1": "z_L1"}
+PANELS = {"G and E (Eq. 9, weighted)": ["G_GAN", "G_GAN2", "G_L1", "kl", "z_L1"],
+          "D (cVAE-GAN), D2 (cLR-GAN)": ["D", "D2"], "learning rate": ["lr"]}
+
+
 def train(cfg, given=()):
     device = pick_device(cfg.device)
     require(cfg.batch >= 2 and cfg.batch % 2 == 0, f"--batch {cfg.batch}: use an even number >= 2")
@@ -416,11 +425,12 @@ def train(cfg, given=()):
     out, last = Path(cfg.out), Path(cfg.out) / "last.pt"
     nets = build_nets(cfg, device)
     opts = build_opts(nets, cfg, device)
-    step = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
+    step = start = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
     stream = batch_stream(build_dataset(cfg, "train"), cfg, device, step)
     A_fix, B_fix = fixed_inputs(cfg, device)
     z_fix = torch.randn(5, cfg.nz, generator=torch.Generator().manual_seed(1)).to(device)
-    logger, losses = Logger(out, cfg.total_iters, cfg.log_every), {}
+    logger = Logger(out, cfg.total_iters, cfg.log_every, CONSOLE, PANELS, start=step)
+    losses, t0, stopped = {}, time.time(), False
     try:
         while step < cfg.total_iters:
             for group in (g for o in opts.values() for g in o.param_groups):
@@ -433,11 +443,27 @@ def train(cfg, given=()):
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
             if step % cfg.sample_every == 0 or step == cfg.total_iters:
                 sample_grid(nets, A_fix, B_fix, z_fix, out / "samples" / f"{step:07d}.png")
+                logger.plot(out / "samples" / "losses.png")  # beside the samples
             if step % cfg.save_every == 0 or step == cfg.total_iters:
                 save_checkpoint(last, step, cfg, nets, opts, losses=losses)
     except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
         save_checkpoint(last, step, cfg, nets, opts, losses=losses, interrupted=True)
-        print(f"\ninterrupted: saved {last} at step {step}; continue with --resume auto")
+        print()  # a new line after the ^C
+        stopped = True
+    line = ""
+    if cfg.data in ("", "toy") and not stopped:  # after Ctrl-C the user wants out at once
+        A, B = fixed_inputs(cfg, device, 100)
+        line = oracle_line(oracle_scores(random_outputs(nets["G"], A, cfg.nz, 20), B))
+        nets["G"].train()
+    me = Path(__file__).name
+    print_summary(me, step, start, time.time() - t0, [
+        ("samples", sorted((out / "samples").glob("0*.png"))[-1:]),
+        ("loss curves", [out / "samples" / "losses.png"]),
+        ("checkpoint", [last, out / "log.jsonl"])], line, [
+        (f"python {me} sample --out {out}", "a grid of random z and a z GIF"),
+        (f"python {me} eval --out {out}", "LPIPS diversity, L1" + (", the oracle" if line else "")),
+        (f"python {me} --out {out} --resume auto --total-iters {2 * cfg.total_iters}",
+         "train on")], stopped)
     return nets
 
 
@@ -484,21 +510,41 @@ def evaluate(cfg, ckpt, n_inputs=100, n_z=20, lpips=None):
         lpips = lpips or LPIPS("alex").to(device)
     except UserError as e:
         print(f"LPIPS diversity skipped: {e}")
-    x = torch.stack([G(a.expand(n_z, -1, -1, -1), torch.randn(n_z, cfg.nz, device=device))
-                     for a in A]).float()  # (N, n_z, 3, H, W)
+    x = random_outputs(G, A, cfg.nz, n_z)  # (N, n_z, 3, H, W)
     res = dict(n_inputs=len(A), l1_rec=l1_loss(G(A, E(B)[0]), B).item())
     if lpips:
         res["lpips_diversity"] = torch.cat([lpips(xi[:-1], xi[1:]) for xi in x]).mean().item()
-    if cfg.data in ("", "toy"):  # outputs should keep the input's shape and position; colour ~ z
-        truth, r = read_shapes(B), read_shapes(x.flatten(0, 1))
-        t = {k: v.repeat_interleave(n_z, 0) for k, v in truth.items()}
-        d_pos = ((r["cx"] - t["cx"]).abs() + (r["cy"] - t["cy"]).abs()) / 2  # (N * n_z,)
-        res.update(valid=r["valid"].float().mean().item(), pos_err=d_pos.mean().item(),
-                   shape_kept=(r["domain"] == t["domain"]).float().mean().item(),
-                   color_std_over_z=r["color"].view(len(A), n_z, 3).std(1).mean().item(),
-                   color_std_real=truth["color"].std(0).mean().item())
+    if cfg.data in ("", "toy"):
+        res.update(oracle_scores(x, B))
     print(" | ".join(f"{k} {v:.4g}" for k, v in res.items()))
     return res
+
+
+@torch.no_grad()
+def random_outputs(G, A, nz, n_z):
+    """G(A, z) for n_z random z per input (eval mode): (N, n_z, 3, H, W) float."""
+    return torch.stack([G.eval()(a.expand(n_z, -1, -1, -1), torch.randn(n_z, nz, device=A.device))
+                        for a in A]).float()
+
+
+def oracle_scores(x, B):
+    """Toy: the outputs x (N, n_z, 3, H, W) should keep their target B's shape and position
+    while z picks the colour (data/toy.read_shapes reads both)."""
+    N, n_z = x.shape[:2]
+    truth, r = read_shapes(B), read_shapes(x.flatten(0, 1))
+    t = {k: v.repeat_interleave(n_z, 0) for k, v in truth.items()}
+    d_pos = ((r["cx"] - t["cx"]).abs() + (r["cy"] - t["cy"]).abs()) / 2  # (N * n_z,)
+    return dict(valid=r["valid"].float().mean().item(), pos_err=d_pos.mean().item(),
+                shape_kept=(r["domain"] == t["domain"]).float().mean().item(),
+                color_std_over_z=r["color"].view(N, n_z, 3).std(1).mean().item(),
+                color_std_real=truth["color"].std(0).mean().item())
+
+
+def oracle_line(s):
+    """The summary's oracle line (the header's 'Measured' reads the same numbers)."""
+    return (f"valid {s['valid']:.1%} | shape kept {s['shape_kept']:.2f}, position error "
+            f"{s['pos_err']:.3f} of the side | colour std over z {s['color_std_over_z']:.3f} "
+            f"(real images {s['color_std_real']:.3f})")
 
 # ----------------------------------------------------------------------------
 # 8. Entry point

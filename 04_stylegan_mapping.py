@@ -3,14 +3,18 @@ CVPR 2019, arXiv:1812.04948v3). Read beside §2 (mapping f, AdaIN Eq. (1), noise
 stochastic variation), §4.1 (PPL, Eqs. (2)-(3)), App. B (truncation), App. C (training).
 Symbols: f → mapping; A → AdaIN.affine, y = (y_s, y_b); B → StyleLayer.noise_scale; g → synthesis;
 w̄ → w_avg; ψ → psi; γ → r1_gamma. Shapes: B batch, Z = W latent size, L = 2·log2(R) − 2 layers.
-  python 04_stylegan_mapping.py [--resume auto]   # toy shapes, 32 px, CPU minutes; exact resume
+  python 04_stylegan_mapping.py [--resume auto]   # toy shapes, 32 px, 6 CPU minutes, figures
   python 04_stylegan_mapping.py --data data/afhq  # 256 px into runs/04_afhq (CelebA: 128 px)
   python 04_stylegan_mapping.py sample --out runs/04_toy [--ckpt F]  # Figs. 3, 4, 8 + z/w GIFs
   python 04_stylegan_mapping.py eval --out runs/04_toy    # PPL in Z and W + toy oracle
   python 04_stylegan_mapping.py --bench           # one line: it/s, TFLOP/s
-Measured (shared 2-core CPU): toy run 11.7 min wall, 660 s CPU; the oracle reads 25-36 % of
-generated images as a valid shape (reals 100 %): 600 steps only start StyleGAN. Params: f 2,101,248;
-at 1024 px G 26,212,019 (official 26,219,627 less 7,608 in to-RGBs only growing uses), D 23,077,137.
+Measured, toy run (1500 steps, 2-core CPU, OMP_NUM_THREADS=1, load 1.0-1.7): 5 min 50 s + 4 s
+for figures and oracle. Oracle: 98 % of samples read as a valid shape (reals 100 %); B's coarse
+styles bring B's position in 98 % of mixes (chance 6 %), B's fine styles B's colour in 97 %
+(chance 7 %); truncation ψ 1 -> 0 shrinks colour std 0.20 -> 0; noise keeps shape and place in
+99 %. Not learnt yet: shape, 99.8 % of samples read as circles (diversity 0.05, reals 0.67), so
+the mixing's shape score (0.95) is chance. Figures, summary: runs/04_toy/. Params: f 2,101,248;
+1024 px G 26,212,019 (official 26,219,627 less 7,608 in to-RGBs only growing uses), D 23,077,137.
 Deviation: no progressive growing (ProGAN, StyleGAN start at 4×4 and fade in one resolution at a
 time, as GANs then diverged at 1024 px from scratch); at 32-256 px R1 keeps a fixed-size StyleGAN
 stable (StyleGAN2 dropped growing too), and growing would double the code."""
@@ -30,8 +34,9 @@ from torchvision.utils import make_grid
 
 from common import (ImageFiles, Logger, LPIPS, SHAPES, UserError, autocast, check_finite,
                     check_flags, load_checkpoint, main_guard, make_loader, parse_config,
-                    pick_device, prepare_run, read_checkpoint, read_shapes, require, resolve_data,
-                    save_checkpoint, save_gif, save_grid, seed_everything, sig3, to_tensor_norm)
+                    pick_device, prepare_run, print_summary, read_checkpoint, read_shapes, require,
+                    resolve_data, save_checkpoint, save_gif, save_grid, seed_everything, sig3,
+                    to_tensor_norm)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -72,10 +77,15 @@ class Config:
     bench_iters: int = 20  # timed iterations for --bench
 
 
-PRESETS = {  # Deviation (toy): small widths so the default run takes CPU minutes
-    "toy": dict(img_size=32, w_dim=64, fmap_base=256, fmap_max=64, total_iters=600, log_every=50,
-                sample_every=200, save_every=200, num_workers=0, ppl_samples=2000, ppl_crop=False,
-                ema_kimg=2.0, oracle_samples=500, out="runs/04_toy"),
+# Deviation (toy): widths 64-16, w 64-d and a 2 k-image EMA half-life so the default run takes
+# CPU minutes; λ = 2e-3, twice App. C's: at 1e-3 the oracle read 56 % / 51 % of samples as a
+# valid shape after 900 / 1200 steps, at 2e-3 95 % / 97 % (1500: 99.7 %). R1 with γ 0.1 (the
+# StyleGAN2-ADA rule gives 0.006 at 32 px) was worse: 51 % at 900 steps, noisy blobs.
+# f (8 layers, λ' = 0.01 λ), AdaIN, noise, mixing (p 0.9), R1 (γ 10), truncation: as the paper.
+PRESETS = {
+    "toy": dict(img_size=32, w_dim=64, fmap_base=256, fmap_max=64, lr=2e-3, total_iters=1500,
+                log_every=50, sample_every=500, save_every=500, num_workers=0, ppl_samples=2000,
+                ppl_crop=False, ema_kimg=2.0, oracle_samples=500, out="runs/04_toy"),
     "afhq": dict(img_size=256, ppl_crop=False, out="runs/04_afhq"),
     "celeba": dict(img_size=128, out="runs/04_celeba"),
 }
@@ -376,33 +386,56 @@ def interpolate(G, z0, z1, t, space):
     return G.mapping(a * angle.cos() + ortho * angle.sin())
 
 
+def style_bands(L):
+    """Layer ranges [lo, hi) of the coarse, middle and fine styles. §3.1: coarse 4²-8² px (layers
+    0-3), middle 16²-32² (4-7), fine 64²-1024² (8+). Deviation (toy): a 32 px g has no fine layers
+    by that count, so below 64 px (L < 10) fine = the last resolution, middle = the one before,
+    coarse = the rest (32 px: 4-8 / 16 / 32 px; 16 px: 4 / 8 / 16 px)."""
+    if L >= 10:
+        return (0, 4), (4, 8), (8, L)
+    return (0, max(2, L - 4)), (max(2, L - 4), L - 2), (L - 2, L)
+
+
+def with_band(ws_a, ws_b, band):
+    """ws_a with the layers in band = (lo, hi) taken from ws_b (Fig. 3's rows)."""
+    return style_mix(ws_a, style_mix(ws_b, ws_a, band[1]), band[0])
+
+
 @torch.no_grad()
 def figures(G, cfg, out, device):
     """Fig. 8 truncation (columns ψ, official cutoff), Fig. 3 style mixing, Fig. 4 stochastic
-    variation + per-pixel std, GIFs of slerp in Z vs lerp in W. Noise fixed except in Fig. 4."""
-    gen, L, R = torch.Generator().manual_seed(cfg.seed), G.synthesis.num_layers, cfg.img_size
+    variation + per-pixel std, GIFs of slerp in Z vs lerp in W. Noise fixed except in Fig. 4.
+    Returns the paths written."""
+    gen, R = torch.Generator().manual_seed(cfg.seed), cfg.img_size
     randn = lambda n: torch.randn(n, cfg.w_dim, generator=gen).to(device)  # noqa: E731
     noise, z, psis = G.synthesis.make_noise(1, device), randn(6), (1.0, 0.7, 0.5, 0.0, -0.5)
     x = torch.stack([G(z, psi, cfg.trunc_cutoff, noise) for psi in psis], 1)  # (6, 5, 3, R, R)
-    save_grid(x.flatten(0, 1), out / "truncation.png", len(psis))
-    # Fig. 3 (official rows, untruncated): top row = sources A; rows copy the coarse (4-8 px) ×3,
-    # middle (16-32 px) ×2 or fine (64+ px) ×1 styles of their source B (left) into every A
+    paths = [out / n for n in ("truncation.png", "style_mixing.png", "stochastic_variation.png",
+                               "interpolation_z.gif", "interpolation_w.gif")]
+    save_grid(x.flatten(0, 1), paths[0], len(psis), cols=[f"psi {psi}" for psi in psis])
+    # Fig. 3 (official rows, untruncated): top row = sources A; rows copy the coarse ×3, middle ×2
+    # or fine ×1 styles of their source B (left) into every A (empty bands are left out)
     ws_a, ws_b = G.styles(randn(5)), G.styles(randn(6))
+    bands = dict(zip(("coarse", "middle", "fine"), style_bands(G.synthesis.num_layers)))
+    picks = [n for n in ["coarse"] * 3 + ["middle"] * 2 + ["fine"] if bands[n][0] < bands[n][1]]
     rows = [torch.full((1, 3, R, R), -1.0, device=device), G.synthesis(ws_a, noise)]
-    for j, (lo, hi) in enumerate(r for r in [(0, 4)] * 3 + [(4, 8)] * 2 + [(8, L)] if r[0] < L):
-        ws = style_mix(ws_a, style_mix(ws_b[j:j + 1], ws_a, hi), lo)  # B's styles at [lo, hi)
+    for j, name in enumerate(picks):
+        ws = with_band(ws_a, ws_b[j:j + 1], bands[name])  # (5, L, W): B's styles in [lo, hi)
         rows += [G.synthesis(ws_b[j:j + 1], noise), G.synthesis(ws, noise)]
-    save_grid(torch.cat(rows), out / "style_mixing.png", 6)
+    px = lambda lo, hi: "-".join(dict.fromkeys(f"{4 << i // 2}" for i in (lo, hi - 1)))  # noqa
+    save_grid(torch.cat(rows), paths[1], 6,
+              rows=["sources A"] + [f"B's {n} ({px(*bands[n])} px)" for n in picks])
     ws = G.styles(z[:3])  # Fig. 4: one w each, 100 noise draws -> x (100, 3, 3, R, R)
     x = torch.stack([G.synthesis(ws) for _ in range(100)])
     std = x.std(0).mean(1, keepdim=True)  # (3, 1, R, R)
     std = (std / std.amax((2, 3), keepdim=True).clamp(min=1e-8) * 2 - 1).expand(-1, 3, -1, -1)
-    save_grid(torch.cat([x[:4].transpose(0, 1), std[:, None]], 1).flatten(0, 1),
-              out / "stochastic_variation.png", 5)
+    save_grid(torch.cat([x[:4].transpose(0, 1), std[:, None]], 1).flatten(0, 1), paths[2], 5,
+              cols=["noise 1", "noise 2", "noise 3", "noise 4", "pixel std"])
     z0, z1, ts = randn(4), randn(4), torch.linspace(0, 1, 24)
-    for space in ("z", "w"):  # the same endpoints; §4.1 expects W to be the smoother one
+    for space, path in zip("zw", paths[3:]):  # the same endpoints; §4.1: W should be smoother
         xs = [G.synthesis(interpolate(G, z0, z1, t, space), noise).cpu() for t in ts]
-        save_gif([make_grid(x, 4, pad_value=-1) for x in xs], out / f"interpolation_{space}.gif")
+        save_gif([make_grid(x, 4, pad_value=-1) for x in xs], path)
+    return paths
 
 
 @torch.no_grad()
@@ -444,17 +477,121 @@ def oracle_scores(G, cfg, device):
             **{f"{k}_fake_real": v for k, *v in zip(names, *[s.tolist() for s in stats])}}
 
 
+def read_styles(G, ws, noise=None):
+    """The oracle's reading (toy.read_shapes) of g(ws) in chunks of 100; noise None: fresh."""
+    return read_shapes(torch.cat([G.synthesis(w, noise).float().cpu() for w in ws.split(100)]))
+
+
+def same(a, b, *factors, tol=0.05):
+    """(n,) True where both images are valid and each factor matches: 'shape' exactly, 'pos' (cx,
+    cy) within tol of the side on average, 'color' within 2·tol on average over RGB in [0, 1]."""
+    ok = a["valid"] & b["valid"]
+    for f in factors:
+        ok &= (a["domain"] == b["domain"] if f == "shape" else
+               ((a["cx"] - b["cx"]).abs() + (a["cy"] - b["cy"]).abs()) / 2 < tol if f == "pos"
+               else (a["color"] - b["color"]).abs().mean(1) < 2 * tol)
+    return ok
+
+
+@torch.no_grad()
+def mixing_scores(G, cfg, device, n=300):
+    """Not in paper (toy): Fig. 3 read by the oracle. B's coarse styles in A should bring B's
+    shape and position, B's fine styles B's colour. Share of n pairs where each holds (unreadable
+    = does not); chance: the same match against an unrelated image (the next pair's B)."""
+    z_a, z_b = torch.randn(2, n, cfg.w_dim, generator=torch.Generator().manual_seed(
+        cfg.seed + 1)).to(device)
+    noise, (coarse, _, fine) = G.synthesis.make_noise(1, device), style_bands(
+        G.synthesis.num_layers)
+    ws_a, ws_b = G.styles(z_a), G.styles(z_b)
+    b = read_styles(G, ws_b, noise)
+    b_other = {k: v.roll(1, 0) for k, v in b.items()}
+    x_coarse = read_styles(G, with_band(ws_a, ws_b, coarse), noise)
+    x_fine = read_styles(G, with_band(ws_a, ws_b, fine), noise)
+    scores = {}
+    for name, mixed, factor in (("coarse_shape", x_coarse, "shape"),
+                                ("coarse_pos", x_coarse, "pos"), ("fine_color", x_fine, "color")):
+        scores[f"mix_{name}"] = same(mixed, b, factor).float().mean().item()
+        scores[f"mix_{name}_chance"] = same(mixed, b_other, factor).float().mean().item()
+    return scores
+
+
+@torch.no_grad()
+def truncation_scores(G, cfg, device, n=300, psis=(1.0, 0.7, 0.5, 0.3, 0.0)):
+    """Not in paper (toy): Fig. 8 read by the oracle. Colour std and shape diversity (1 − Σ
+    share²) of the valid samples per ψ, and whether each falls as ψ goes 1 -> 0: never up by
+    more than 0.02 (the sampling noise at n = 300), and at ψ = 0 at most half of it at ψ = 1."""
+    z = torch.randn(n, cfg.w_dim, generator=torch.Generator().manual_seed(cfg.seed + 2))
+    noise, scores = G.synthesis.make_noise(1, device), {}
+    for psi in psis:  # one noise for all ψ: only w moves
+        r = read_styles(G, G.styles(z.to(device), psi, cfg.trunc_cutoff), noise)
+        v = r["valid"]
+        share = torch.bincount(r["domain"][v], minlength=len(SHAPES)) / max(v.sum().item(), 1)
+        scores[f"trunc_color_std_{psi}"] = r["color"][v].std(0).mean().item() if v.sum() > 1 else 0
+        scores[f"trunc_shape_div_{psi}"] = 1 - share.pow(2).sum().item() if v.any() else 0.0
+    for kind in ("color_std", "shape_div"):
+        seq = [scores[f"trunc_{kind}_{psi}"] for psi in psis]
+        scores[f"trunc_{kind}_falls"] = float(seq[-1] <= seq[0] / 2 and all(
+            later <= before + 0.02 for before, later in zip(seq, seq[1:])))
+    return scores
+
+
+@torch.no_grad()
+def noise_scores(G, cfg, device, n=40, draws=8):
+    """Not in paper (toy): Fig. 4 read by the oracle. Images that differ only in noise keep shape
+    and position (share of draws read as the first, over ws whose first read is valid) while
+    their pixels still vary (noise_pixel_std: per-pixel std over the draws, mean, [-1, 1])."""
+    z = torch.randn(n, cfg.w_dim, generator=torch.Generator().manual_seed(cfg.seed + 3))
+    ws = G.styles(z.to(device))
+    x = torch.stack([G.synthesis(ws).float().cpu() for _ in range(draws)])  # (draws, n, 3, R, R)
+    r = [read_shapes(xd) for xd in x]
+    kept = torch.stack([same(r[0], rd, "shape", "pos") for rd in r[1:]])  # (draws − 1, n)
+    base = r[0]["valid"]
+    return {"noise_shape_kept": kept[:, base].float().mean().item() if base.any() else 0.0,
+            "noise_pixel_std": x.std(0).mean().item()}
+
+
+def figure_scores(G, cfg, device):
+    """What Figs. 3, 8 and 4 claim, as numbers (see the three functions above)."""
+    return (mixing_scores(G, cfg, device) | truncation_scores(G, cfg, device)
+            | noise_scores(G, cfg, device))
+
+
+def oracle_lines(s):
+    """The summary's oracle lines: what the samples and each figure show, in numbers."""
+    psis, falls = (1.0, 0.7, 0.5, 0.3, 0.0), lambda k: "falls" if s[k] else "does NOT fall"
+    seq = lambda kind: " ".join(f"{s[f'trunc_{kind}_{p}']:.2f}" for p in psis)  # noqa: E731
+    mix = lambda k: f"{s[f'mix_{k}']:.2f} (chance {s[f'mix_{k}_chance']:.2f})"  # noqa: E731
+    real_div = 1 - sum(s[f"{k}_fake_real"][1] ** 2 for k in SHAPES)  # as trunc_shape_div
+    return [f"samples: {s['valid_fake']:.0%} read as a valid shape (real images "
+            f"{s['valid_real']:.0%})",
+            f"mixing: B's coarse styles bring B's shape {mix('coarse_shape')}, position "
+            f"{mix('coarse_pos')}",
+            f"        B's fine styles bring B's colour {mix('fine_color')}",
+            f"truncation ψ 1 -> 0: colour std {seq('color_std')} "
+            f"({falls('trunc_color_std_falls')})",
+            f"                     shape diversity {seq('shape_div')} "
+            f"({falls('trunc_shape_div_falls')}; real images {real_div:.2f})",
+            f"noise only: shape and position kept {s['noise_shape_kept']:.2f}, pixel std "
+            f"{s['noise_pixel_std']:.3f} ([-1, 1] units)"]
+
 # ----------------------------------------------------------------------------
 # 7. Train
 # ----------------------------------------------------------------------------
+def console_terms(cfg):
+    """What the console line shows (log.jsonl has every term): L_D = logistic + γ/2·R1, its two
+    parts, and L_G (the non-saturating loss, G's only term)."""
+    return {"D": lambda v: v["D/adv"] + cfg.r1_gamma / 2 * v["D/r1"], "D_adv": "D/adv",
+            "R1": "D/r1", "G": "G/adv"}
+
+
 def train(cfg, device, given=()):
     (cfg, ckpt), out = prepare_run(cfg, given, FIXED), Path(cfg.out)  # resumed: see FIXED
     G, D, G_ema, opt_G, opt_D = build(cfg, device)
     nets, opts = {"G": G, "D": D, "G_ema": G_ema}, {"G": opt_G, "D": opt_D}
-    step = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
+    step = start = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
     batches = real_batches(make_dataset(cfg), cfg, device, step)
-    logger, last, losses = Logger(out, cfg.total_iters, cfg.log_every), out / "last.pt", {}
-    t0 = time.time()
+    logger = Logger(out, cfg.total_iters, cfg.log_every, console_terms(cfg), start=step)
+    last, losses, t0, stopped = out / "last.pt", {}, time.time(), False
     z_fixed = torch.randn(16, cfg.w_dim, generator=torch.Generator().manual_seed(cfg.seed))
     try:
         while step < cfg.total_iters:
@@ -465,14 +602,36 @@ def train(cfg, device, given=()):
             if step % cfg.log_every == 0:
                 logger.log(step, losses)
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
-            if step % cfg.sample_every == 0:
+            if step % cfg.sample_every == 0 or step == cfg.total_iters:
                 save_grid(G_ema(z_fixed.to(device)), out / f"sample_{step:06d}.png", 4)
+                logger.plot(out / "losses.png")  # beside the samples, redrawn from log.jsonl
             if step % cfg.save_every == 0 or step == cfg.total_iters:
                 save_checkpoint(last, step, cfg, nets, opts, losses=losses)
     except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
         save_checkpoint(last, step, cfg, nets, opts, losses=losses, interrupted=True)
-    print(f"step {step}: {time.time() - t0:.0f} s; saved {last} (--resume auto goes on)")
+        stopped = True
+    finish(G_ema.eval(), cfg, device, out, (start, step, time.time() - t0), stopped)
     return nets
+
+
+def finish(G_ema, cfg, device, out, run, stopped=False):
+    """The end of a run: the paper's figures from G_ema and the toy oracle's reading of them
+    (skipped after Ctrl-C: the user wants out), then the summary. run = (start, step, seconds)."""
+    figs, line, toy, t0 = [], "", cfg.data in ("", "toy"), time.time()
+    if not stopped:
+        figs = figures(G_ema, cfg, out, device)
+        if toy:
+            scores = oracle_scores(G_ema, cfg, device) | figure_scores(G_ema, cfg, device)
+            (out / "oracle.json").write_text(json.dumps(scores, indent=1))
+            line = oracle_lines(scores)
+    me, samples = Path(__file__).name, sorted(out.glob("sample_*.png"))[-1:]
+    print_summary(me, run[1], run[0], run[2], [
+        ("samples", samples), ("loss curves", [out / "losses.png"]), ("figures", figs),
+        ("checkpoint", [out / "last.pt", out / "log.jsonl", out / "oracle.json"])], line, [
+        (f"python {me} sample --out {out}", "the figures again"),
+        (f"python {me} eval --out {out}", "PPL" + (" + the oracle" if toy else "")),
+        (f"python {me} --out {out} --resume auto --total-iters {2 * cfg.total_iters}",
+         "train on")], stopped, (time.time() - t0, "figures and oracle"))
 
 
 def bench(cfg, device):
@@ -532,7 +691,7 @@ def main(argv=None):
     except UserError as e:
         print(f"PPL skipped: {e}")
     if cfg.data in ("", "toy"):
-        scores |= oracle_scores(G, cfg, device)
+        scores |= oracle_scores(G, cfg, device) | figure_scores(G, cfg, device)
     (out / "eval.json").write_text(json.dumps(scores, indent=1))
     print(json.dumps(scores))
     return scores

@@ -13,6 +13,7 @@ import random
 import re
 import signal
 import sys
+import textwrap
 import threading
 import time
 import typing
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torchvision
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
@@ -582,44 +583,241 @@ def infinite(loader):
         yield from loader
 
 
-# ---- Output: grids, GIFs, console and JSONL logging
+# ---- Output: grids, GIFs, console and JSONL logging, loss curves, the end-of-run summary
 def sig3(x):
     """x with 3 significant digits and no exponent (bench lines): 0.0123, 4.56, 78.9, 2160."""
     return f"{x:.{max(0, 2 - math.floor(math.log10(abs(x))))}f}" if x else "0"
 
 
-def save_grid(images, path, nrow):
+def zoom_for(side):
+    """Nearest-neighbour factor that brings an image side under 64 px to at least 64 px (8 px ×8,
+    16 px ×4, 32 px ×2): a viewer then shows the toy's pixels, not a blur or a stamp."""
+    return max(1, -(-64 // side))
+
+
+def save_grid(images, path, nrow, rows=(), cols=()):
+    """images (N, 3, H, W) in [-1, 1] -> a PNG/JPEG grid, nrow per row; rows / cols: labels
+    written left of each row / above each column (e.g. which styles a row takes, ψ)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     images = images.detach().float().cpu()
-    if images.shape[-1] < 32:  # tiny toy images: 4x nearest-neighbour, so a viewer shows pixels
-        images = torch.nn.functional.interpolate(images, scale_factor=4, mode="nearest")
-    torchvision.utils.save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1),
-                                 padding=1)
+    if (k := zoom_for(images.shape[-1])) > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=k, mode="nearest")
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=1, normalize=True,
+                                       value_range=(-1, 1))
+    img = v2.functional.to_pil_image(grid.mul(255).add(0.5).clamp(0, 255).byte())
+    if rows or cols:
+        font, side = _font(12), images.shape[-1] + 1  # a cell and its padding
+        left = max((int(font.getlength(t)) + 8 for t in rows), default=0)
+        framed = Image.new("RGB", (img.width + left, img.height + 18 * bool(cols)), "white")
+        framed.paste(img, (left, 18 * bool(cols)))
+        draw = ImageDraw.Draw(framed)
+        for i, text in enumerate(rows):
+            draw.text((left - 4, 18 * bool(cols) + side * i + side // 2), text, "black", font, "rm")
+        for j, text in enumerate(cols):
+            draw.text((left + side * j + side // 2, 9), text, "black", font, "mm")
+        img = framed
+    img.save(path)
 
 
 def save_gif(frames, path, duration_ms=100):
-    """frames: list of (3, H, W) in [-1, 1] -> an animated GIF that loops forever."""
+    """frames: list of (3, H, W) in [-1, 1] -> an animated GIF that loops forever (frames under
+    64 px high are enlarged as save_grid does)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     u8 = [((f.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte() for f in frames]
+    k = zoom_for(u8[0].shape[1])
+    u8 = [u.repeat_interleave(k, 1).repeat_interleave(k, 2) for u in u8]
     pil = [v2.functional.to_pil_image(u).convert("P", palette=Image.Palette.ADAPTIVE) for u in u8]
     pil[0].save(path, save_all=True, append_images=pil[1:], duration=duration_ms, loop=0)
 
 
+def clock(seconds):
+    """h:mm:ss with unbounded hours (a 400k-step run's ETA runs to days)."""
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 class Logger:
-    """Console line every `every` steps plus one JSON line per logged step in out/log.jsonl."""
-    def __init__(self, out, total, every):
-        self.path, self.total, self.every, self.step0 = Path(out) / "log.jsonl", total, every, None
+    """Every `every` steps: one console line of at most 120 columns (step, it/s, ETA and the
+    `show` terms: {label: key, or a function of the logged values}; default every term, while
+    they fit) and every term as one JSON line in out/log.jsonl, which plot() draws. The clock
+    starts here, at step `start` (where this process trains from), so the first line has a rate."""
+    WIDTH = 120
+
+    def __init__(self, out, total, every, show=None, panels=None, start=0):
+        self.path, self.total, self.every, self.show = Path(out) / "log.jsonl", total, every, show
+        self.panels, self.step0, self.t0 = panels, start, time.time()
+
+    def line(self, step, vals):
+        rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
+        eta = clock((self.total - step) / rate) if rate > 0 else "-"
+        line = f"step {step}/{self.total} | {sig3(rate)} it/s | ETA {eta} |"
+        for label, key in (self.show or {k: k for k in vals}).items():
+            try:
+                term = f" {label} {key(vals) if callable(key) else vals[key]:.3g}"
+            except KeyError:  # not logged at this step (e.g. G steps every n_critic D steps)
+                continue
+            if len(line) + len(term) > self.WIDTH:  # log.jsonl has every term
+                break
+            line += term
+        return line
 
     def log(self, step, losses):
-        if self.step0 is None:  # the first call starts the clock (call it at the first step)
-            self.step0, self.t0 = step, time.time()
         vals = {k: float(v) for k, v in losses.items()}  # the only host sync of a training step
-        rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
-        eta = time.strftime("%H:%M:%S", time.gmtime((self.total - step) / rate)) if rate else "-"
-        terms = " ".join(f"{k} {v:.4g}" for k, v in vals.items())
-        print(f"step {step}/{self.total} | {rate:.2f} it/s | ETA {eta} | {terms}", flush=True)
+        print(self.line(step, vals), flush=True)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "time": round(time.time(), 3), **vals}) + "\n")
+
+    def plot(self, path):
+        return plot_log(self.path, path, self.panels)
+
+
+def read_log(path):
+    """log.jsonl -> {step: {term: value}}, the last line of a step winning (a resumed run may log
+    a step twice); a line cut short by a killed process is skipped; no file yet: {}."""
+    rows, path = {}, Path(path)
+    for text in (path.read_text() if path.exists() else "").splitlines():
+        with contextlib.suppress(ValueError, KeyError):
+            row = json.loads(text)
+            step = int(row.pop("step"))
+            rows[step] = {k: v for k, v in row.items() if k != "time"}
+    return dict(sorted(rows.items()))
+
+
+_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (23, 190, 207), (188, 189, 34), (127, 127, 127)]
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size)  # Pillow ≥ 10.1 with FreeType: a scalable font
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def plot_log(log_path, png_path, panels=None, width=720):
+    """The logged curves as a PNG (Pillow only): one panel per network (panels {title: keys};
+    default: the key's prefix, 'D/adv' -> D), one strip per term on its own y range (that of the
+    last 90 % of the points, so a spike in the first steps does not flatten the rest), labelled
+    with its range and last value; a dotted line marks 0 when it is in range. Returns png_path."""
+    rows = read_log(log_path)
+    steps, keys = list(rows), list(dict.fromkeys(k for r in rows.values() for k in r))
+    if panels is None:
+        panels = {}
+        for k in keys:
+            panels.setdefault(k.split("/")[0] if "/" in k else "other", []).append(k)
+    panels = {t: [k for k in ks if k in keys] for t, ks in panels.items()}
+    panels = {t: ks for t, ks in panels.items() if ks}
+    strip, head, foot, left, right = 46, 24, 20, 230, 12
+    height = 30 + sum(head + strip * len(ks) + foot for ks in panels.values())
+    img = Image.new("RGB", (width, height), "white")
+    draw, big, small = ImageDraw.Draw(img), _font(15), _font(12)
+    x0, x1 = left, width - right
+    span = f"steps {steps[0]}-{steps[-1]}, {len(steps)} points" if steps else "nothing logged yet"
+    draw.text((8, 6), f"{Path(log_path).parent.name}: losses ({span})", "black", big)
+    y, color = 30, iter(_COLORS * 10)
+    for title, ks in panels.items():
+        draw.text((8, y + 4), title, "black", big)
+        y += head
+        for k in ks:
+            pts = [(s, r[k]) for s, r in rows.items() if k in r and math.isfinite(r[k])]
+            c = next(color)
+            _strip(draw, pts, k, c, (x0, y + 4, x1, y + strip - 6), steps, small)
+            y += strip
+        for frac, anchor in ((0, "la"), (0.5, "ma"), (1, "ra")):  # the step axis of this panel
+            if steps:
+                s = steps[0] + frac * (steps[-1] - steps[0])
+                draw.text((x0 + frac * (x1 - x0), y - 4), f"{s:.0f}", (90, 90, 90), small, anchor)
+        y += foot
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(png_path)
+    return png_path
+
+
+def _strip(draw, pts, name, color, box, steps, font):
+    """One term: name and last value at the left, its range beside the box, the curve inside
+    (wider than the box: per pixel column, the min-max span in a light tint and the mean)."""
+    bx0, by0, bx1, by1 = box
+    draw.rectangle(box, outline=(200, 200, 200))
+    draw.text((8, by0), name, color, font)
+    if not pts:
+        return draw.text((8, by0 + 16), "no finite value", (150, 150, 150), font)
+    vals = [v for _, v in pts[len(pts) // 10:]]
+    lo, hi = min(vals), max(vals)
+    if hi - lo < 1e-9:  # a constant term: a flat line in the middle
+        lo, hi = lo - abs(lo) * 0.05 - 1e-6, hi + abs(hi) * 0.05 + 1e-6
+    draw.text((8, by0 + 16), f"last {pts[-1][1]:.4g}", (60, 60, 60), font)
+    draw.text((bx0 - 6, by0 - 2), f"{hi:.3g}", (90, 90, 90), font, "ra")
+    draw.text((bx0 - 6, by1 + 2), f"{lo:.3g}", (90, 90, 90), font, "rd")
+    s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+    px = lambda s: bx0 + (s - s0) / (s1 - s0) * (bx1 - bx0)  # noqa: E731
+    py = lambda v: by1 - (min(max(v, lo), hi) - lo) / (hi - lo) * (by1 - by0)  # noqa: E731
+    if lo < 0 < hi:
+        for x in range(bx0, bx1, 6):
+            draw.line([(x, py(0)), (x + 2, py(0))], (150, 150, 150))
+    cols = {}
+    for s, v in pts:
+        cols.setdefault(round(px(s)), []).append(v)
+    tint = tuple(int(c + (255 - c) * 0.65) for c in color)
+    for x, vs in cols.items():
+        if len(vs) > 1:
+            draw.line([(x, py(min(vs))), (x, py(max(vs)))], tint)
+    line = [(x, py(sum(vs) / len(vs))) for x, vs in sorted(cols.items())]
+    draw.line(line, color, 2) if len(line) > 1 else draw.ellipse(
+        [line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], color)
+
+
+def short_path(path):
+    """path relative to the working directory when it lies below it (commands to copy)."""
+    path = Path(path)
+    with contextlib.suppress(ValueError):
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    return str(path)
+
+
+def duration(seconds):
+    """42 s, 9 min 41 s, 3 h 05 min."""
+    s = round(seconds)
+    return (f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s" if s < 3600 else
+            f"{s // 3600} h {s // 60 % 60:02d} min")
+
+
+def print_summary(script, step, start, seconds, files, oracle=(), commands=(), stopped=False,
+                  after=(0, "")):
+    """The last lines of every training run, one form for all scripts: steps and wall time, the
+    outputs ([(label, [paths])]; a path in the folder of the one before it is shown by its name;
+    missing ones are left out), the toy oracle's lines, the next commands [(command, why)].
+    after = (seconds, what): time spent after the last step (figures, the oracle). -> the text"""
+    done = "stopped by Ctrl-C at" if stopped else "done:"
+    since = f", resumed from step {start}" if start else ""
+    more = f"; {what} {duration(s)}" if (s := after[0]) >= 1 and (what := after[1]) else ""
+    lines = [f"== {script} {done} step {step}: {step - start} steps in {duration(seconds)}{since}"
+             f"{more}"]
+
+    def row(label, text):
+        lines.extend(textwrap.wrap(text, 120, initial_indent=f"{label:<12}",
+                                   subsequent_indent=" " * 12, break_on_hyphens=False,
+                                   break_long_words=False))
+
+    for label, paths in files:
+        names, folder = [], None
+        for p in (Path(p) for p in paths if Path(p).exists()):
+            names.append(p.name if p.parent == folder else short_path(p))
+            folder = p.parent
+        if names:
+            row(label, " ".join(names))
+    for i, text in enumerate([oracle] if isinstance(oracle, str) else oracle):
+        row("oracle" if i == 0 else "", text)
+    width = max((len(c) for c, _ in commands), default=0)
+    aligned = all(12 + width + 4 + len(why) <= 120 for _, why in commands)
+    for i, (command, why) in enumerate(commands):  # the why after the command, else above it;
+        label = f"{'next' if i == 0 else '':<12}"  # a command is never wrapped: it is copied
+        if aligned or not why:
+            lines.append(label + (f"{command:<{width}}  # {why}" if why else command))
+        else:
+            lines += [f"{label}# {why}", " " * 12 + command]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
 
 
 # ---- Metric backbones (FID: torchvision Inception-v3; LPIPS v0.1 on AlexNet or VGG16)

@@ -11,6 +11,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so `import common` works from any working directory
+import common  # noqa: E402
+
 _cache = {}
 
 
@@ -48,3 +50,37 @@ def write_unreadable(path, kind):
                 "text": b"this is a text file, not an image\n"}[kind]
     path.write_bytes(bytes(data))
     return path
+
+
+def summary_files(text):
+    """The files a run's end-of-run summary (common.print_summary) names: the rows between its
+    '== ' header and the 'oracle' / 'next' rows; a name without '/' lies in the folder of the path
+    before it. Paths are taken relative to the working directory, as printed."""
+    start = text.rindex("\n== ") + 1 if "\n== " in text else text.index("== ")
+    block = text[start:].splitlines()[1:]
+    files, folder = {}, None
+    for line in block:
+        label = line[:12].strip() or label
+        if label in ("oracle", "next"):
+            break
+        for token in line[12:].split():
+            path = Path(token) if "/" in token else folder / token
+            files.setdefault(label, []).append(path)
+            folder = path.parent
+    return files
+
+
+def console_lines(text):
+    """The training-progress lines a run printed (common.Logger)."""
+    return [ln for ln in text.splitlines() if ln.startswith("step ") and " it/s | ETA " in ln]
+
+
+def widest_console_line(show, keys, total):
+    """A script's console line at its widest: every logged term -0.0123 (7 characters with 3
+    significant digits), half of `total` steps done at 0.0123 it/s (an ETA of thousands of hours).
+    Asserts that it fits 120 columns with every chosen term; returns it."""
+    logger = common.Logger(ROOT, total, 1, show)
+    logger.t0 -= total // 2 / 0.0123
+    line = logger.line(total // 2, dict.fromkeys(keys, -0.0123))
+    assert len(line) <= 120 and all(f" {label} -0." in line for label in show), line
+    return line

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from common import CelebAAttrs, UserError, load_checkpoint, save_checkpoint
-from conftest import ROOT, load_script, write_unreadable
+from conftest import (ROOT, console_lines, load_script, summary_files, widest_console_line,
+                      write_unreadable)
 from data import toy
 
 S = load_script("01_stargan_v1")
@@ -234,7 +235,14 @@ def test_short_toy_run_samples_resume_sample_eval(tmp_path, capsys):
     g_steps = {float(s["step"]) for s in state["opts"]["G"]["state"].values()}
     d_steps = {float(s["step"]) for s in state["opts"]["D"]["state"].values()}
     assert g_steps == {1.0} and d_steps == {5.0}  # n_critic = 5: one G update per 5 D updates
-    assert "oracle:" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "oracle:" in text and "0.00 it/s" not in text
+    assert console_lines(text) and all(len(ln) <= 120 for ln in console_lines(text))
+    files = summary_files(text)  # the summary names what the run wrote
+    assert [p.name for p in files["samples"]] == ["sample_000005.jpg"]
+    assert [p.name for p in files["checkpoint"]] == ["last.pt", "log.jsonl"]
+    assert all(p.is_file() for ps in files.values() for p in ps) and "loss curves" in files
+    assert "target label read in: real" in text and f"eval --out {out}" in text
     with pytest.raises(UserError, match="--resume auto"):  # never silently overwritten
         S.main(TINY + ["--out", str(out), "--total-iters", "5"])
     S.main(TINY + ["--out", str(out), "--total-iters", "10", "--resume", "auto"])
@@ -360,3 +368,9 @@ def test_sample_with_a_bad_checkpoint_names_the_file(kind, tmp_path):
         with pytest.raises(UserError, match=re.escape(str(path)) + ": (cannot read this checkpoint"
                                             "|not a checkpoint of this script)"):
             S.main([mode, "--ckpt", str(path), "--src", str(path), "--out", str(tmp_path)])
+
+
+def test_console_line_fits_120_columns():
+    keys = ["D/adv", "D/gp", "D/cls", "G/adv", "G/cls", "G/rec"]
+    line = widest_console_line(S.console_terms(S.Config()), keys, S.Config().total_iters)
+    assert " G -0.148 " in line  # L_G = adv + λ_cls cls + λ_rec rec = -0.0123 · (1 + 1 + 10)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_script, write_unreadable
+from conftest import (console_lines, load_script, summary_files, widest_console_line,
+                      write_unreadable)
 
 m = load_script("02_stargan_v2")
 import common  # noqa: E402 (after sys.path set-up)
@@ -287,6 +288,19 @@ def test_short_toy_run_writes_samples_and_resumes(tmp_path, capsys):
     scores = m.main(flags)
     assert set(scores) >= {"acc_latent", "acc_ref", "shape_kept_ref", "pos_err_latent",
                            "color_err_ref"}
+    text = capsys.readouterr().out
+    assert len(console_lines(text)) == 4 and all(len(ln) <= 120 for ln in console_lines(text))
+    files = summary_files(text)  # the summary names what the run wrote
+    assert [p.name for p in files["samples"]] == [
+        "000004_cycle.png", "000004_reference.png", "000004_latent_psi1.0.png",
+        "000004_latent_psi0.7.png", "000004_latent_psi0.5.png"]
+    assert [p.name for p in files["loss curves"]] == ["losses.png"]
+    assert all(p.is_file() for ps in files.values() for p in ps)
+    assert f"sky reached {scores['acc_latent']:.2f}/{scores['acc_ref']:.2f}" in text
+    prose = [ln for ln in text.splitlines() if "G params" not in ln and "python " not in ln]
+    assert all(len(ln) <= 120 for ln in prose), text  # commands are never wrapped (copied)
+    src = text.split(" sample --out ")[1].split()[2]  # a val image of domain 0, then --domain 1
+    assert Path(src).is_file() and Path(src).parent.name == "day"
     names = {p.name for p in (out / "samples").iterdir()}
     assert {"000004_cycle.png", "000004_latent_psi0.5.png", "000004_latent_psi1.0.png",
             "000004_reference.png"} <= names
@@ -511,3 +525,13 @@ def test_sample_with_a_bad_checkpoint_names_the_file(kind, tmp_path):
         with pytest.raises(UserError, match=re.escape(str(path)) + ": (cannot read this checkpoint"
                                             "|not a checkpoint of this script)"):
             m.main([mode, "--ckpt", str(path), "--src", str(path)])
+
+
+def test_console_line_fits_120_columns():
+    cfg = m.Config()
+    keys = [f"D/{s}_{k}" for s in ("latent", "ref") for k in ("real", "fake", "reg")] + [
+        f"G/{s}_{k}" for s in ("latent", "ref") for k in ("adv", "sty", "ds", "cyc")]
+    line = widest_console_line(m.console_terms(cfg), keys + ["G/lambda_ds"], cfg.total_iters)
+    # L_G = adv + λ_sty sty − λ_ds ds + λ_cyc cyc, with λ_ds the logged value (-0.0123 here)
+    g = -0.0123 * (1 + cfg.lambda_sty + cfg.lambda_cyc) - (-0.0123) * (-0.0123)
+    assert f" G {g:.3g} " in line

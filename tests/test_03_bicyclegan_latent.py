@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_script, write_unreadable
+from conftest import (console_lines, load_script, summary_files, widest_console_line,
+                      write_unreadable)
 
 bg = load_script("03_bicyclegan_latent")
 SMALL = dict(ngf=8, nef=8, ndf=8, img_size=64, batch=2, num_workers=0, amp=False)
@@ -207,11 +208,18 @@ def test_resume_gives_identical_next_losses(tmp_path, monkeypatch):
         bg.main(argv + ["--out", str(tmp_path / "cut")])
 
 
-def test_short_toy_run(tmp_path):
+def test_short_toy_run(tmp_path, capsys):
     out = tmp_path / "toy"
     argv = ["--ngf", "8", "--nef", "8", "--ndf", "8", "--batch", "4", "--total-iters", "12",
             "--log-every", "4", "--out", str(out)]
     bg.main(argv)
+    text = capsys.readouterr().out
+    assert len(console_lines(text)) == 3 and all(len(ln) <= 120 for ln in console_lines(text))
+    files = summary_files(text)  # the summary names what the run wrote
+    assert [p.name for p in files["samples"]] == ["0000012.png"]
+    assert [p.name for p in files["loss curves"]] == ["losses.png"]
+    assert all(p.is_file() for ps in files.values() for p in ps)
+    assert "oracle      valid " in text and "colour std over z" in text
     log = read_log(out / "log.jsonl")
     assert all(torch.isfinite(torch.tensor(list(d.values()))).all() for d in log.values())
     assert log[12]["D"] < log[4]["D"] and log[12]["D2"] < log[4]["D2"]  # both Ds learn
@@ -267,3 +275,9 @@ def test_sample_with_a_bad_checkpoint_names_the_file(kind, tmp_path):
         with pytest.raises(bg.UserError, match=re.escape(str(path)) + ": (cannot read this "
                                                "checkpoint|not a checkpoint of this script)"):
             bg.main([mode, "--ckpt", str(path)])
+
+
+def test_console_line_fits_120_columns():
+    keys = ["G_GAN", "G_GAN2", "G_L1", "kl", "z_L1", "D", "D2", "lr"]
+    line = widest_console_line(bg.CONSOLE, keys, bg.Config().total_iters)
+    assert " GE -0.0615 " in line  # the five weighted terms G and E minimise

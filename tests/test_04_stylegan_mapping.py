@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_script, write_unreadable
+from conftest import (console_lines, load_script, summary_files, widest_console_line,
+                      write_unreadable)
 from PIL import Image
 
 import common
@@ -275,11 +276,27 @@ def test_bench_prints_one_line(capsys):
     assert "\n" not in line and "it/s" in line and "n/a" in line and "TFLOP/s" in line
 
 
-def test_short_toy_run_sample_and_eval(tmp_path, monkeypatch):
+def test_short_toy_run_sample_and_eval(tmp_path, monkeypatch, capsys):
     out = tmp_path / "toy"
     m.main(["--out", str(out), "--total-iters", "3", "--batch", "8", "--log-every", "1"])
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["step"] == 3 and state["config"]["img_size"] == 32  # the toy preset
+    text = capsys.readouterr().out
+    lines = console_lines(text)
+    assert len(lines) == 3 and all(len(ln) <= 120 for ln in lines) and "0.00 it/s" not in text
+    files = summary_files(text)  # the summary names what the run wrote, and only that
+    assert [p.name for p in files["samples"]] == ["sample_000003.png"]
+    assert [p.name for p in files["figures"]] == ["truncation.png", "style_mixing.png",
+                                                  "stochastic_variation.png",
+                                                  "interpolation_z.gif", "interpolation_w.gif"]
+    assert {p.name for p in files["checkpoint"]} == {"last.pt", "log.jsonl", "oracle.json"}
+    assert all(p.stat().st_size > 0 for ps in files.values() for p in ps)
+    assert f"sample --out {out}" in text and "--resume auto --total-iters 6" in text
+    oracle = json.loads((out / "oracle.json").read_text())
+    assert {"valid_fake", "mix_coarse_pos", "trunc_color_std_falls", "noise_shape_kept"} <= \
+        oracle.keys() and f"{oracle['valid_fake']:.0%} read as a valid shape" in text
+    with Image.open(files["loss curves"][0]) as img:
+        assert img.format == "PNG"
     m.main(["sample", "--out", str(out), "--ckpt", str(out / "last.pt")])  # as in 01-03
     for name in ("truncation.png", "style_mixing.png", "stochastic_variation.png",
                  "interpolation_z.gif", "interpolation_w.gif"):
@@ -377,3 +394,90 @@ def test_sample_with_a_bad_checkpoint_names_the_file(kind, tmp_path):
         with pytest.raises(common.UserError, match=re.escape(str(path)) + ": (cannot read this "
                                                    "checkpoint|not a checkpoint of this script)"):
             m.main(flags + [str(path), "--out", str(tmp_path)])
+
+
+# ---------------------------------------------------------------------------- the oracle's figures
+class Painter(torch.nn.Module):
+    """A hand-made g for 32 px: draws one toy shape whose shape and position come from the w of
+    layer `shape_at`, its colour from the w of layer `color_at`; noise adds a faint texture
+    (noise_amp), or with noise_shape it picks the shape instead. Layers as the real g's (L = 8)."""
+    def __init__(self, shape_at=0, color_at=7, noise_amp=0.1, noise_shape=False, ignore_w=False):
+        super().__init__()
+        self.num_layers, self.shape_at, self.color_at = 8, shape_at, color_at
+        self.noise_amp, self.noise_shape, self.ignore_w = noise_amp, noise_shape, ignore_w
+        self.w_mean, self.w_std = 0.0, 1.0  # set by painted(): the factors read standardised w
+
+    def make_noise(self, batch, device):
+        return m.Synthesis.make_noise(self, batch, device)
+
+    def forward(self, ws, noise=None):
+        B, R = ws.shape[0], 32
+        n = torch.randn(B, 1, R, R) if noise is None else noise[-1].expand(B, 1, R, R)
+        w_s, w_c = ((ws[:, i] - self.w_mean) / self.w_std for i in (self.shape_at, self.color_at))
+        if self.ignore_w:  # a g that draws its own random factors: truncation cannot act
+            w_s, w_c = torch.randn_like(w_s), torch.randn_like(w_c)
+        shape = (n[:, 0, 0, :3].mean(1) > 0).long() * 2 if self.noise_shape else w_s[:, :3].argmax(1)
+        cx, cy = (0.3 + 0.4 * torch.sigmoid(2 * w_s[:, 3 + i])[:, None, None] for i in (0, 1))
+        color = 0.35 + 0.6 * torch.sigmoid(2 * w_c[:, 5:8])  # (B, 3), ≥ 0.2 above the grey
+        ys, xs = ((torch.arange(R) + 0.5) / R).view(1, R, 1), ((torch.arange(R) + 0.5) / R).view(1, 1, R)
+        half = 0.2
+        d = torch.stack([((xs - cx) ** 2 + (ys - cy) ** 2).sqrt() - half,  # circle, square, triangle
+                         torch.maximum((xs - cx).abs(), (ys - cy).abs()) - half,
+                         torch.maximum(ys - (cy + half), (xs - cx).abs() - (ys - cy + half) / 2)], 1)
+        mask = (d.gather(1, shape.view(B, 1, 1, 1).expand(B, 1, R, R)) < 0).float()  # (B, 1, R, R)
+        texture = 1 + self.noise_amp * n.clamp(-1, 1)
+        img = 0.12 * (1 - mask) + color.view(B, 3, 1, 1) * texture * mask
+        return img.clamp(0, 1) * 2 - 1
+
+
+def painted(**kw):
+    """A real f (random weights) in front of a Painter; w̄ = the mean of f(z) over many z."""
+    cfg = tiny_cfg(img_size=32)
+    torch.manual_seed(0)
+    G = m.Generator(cfg)
+    G.synthesis = Painter(**kw)
+    w = G.mapping(torch.randn(4096, cfg.w_dim)).detach()
+    G.w_avg.copy_(w.mean(0))
+    G.synthesis.w_mean, G.synthesis.w_std = w.mean(0), w.std(0)
+    return G, cfg
+
+
+def test_oracle_reads_style_mixing_and_can_fail():
+    G, cfg = painted()  # coarse styles (layer 0) draw shape and position, fine (layer 7) colour
+    good = m.mixing_scores(G, cfg, "cpu", n=200)
+    assert good["mix_coarse_shape"] > 0.95 and good["mix_coarse_shape_chance"] < 0.5
+    assert good["mix_coarse_pos"] > 0.95 and good["mix_coarse_pos_chance"] < 0.2
+    assert good["mix_fine_color"] > 0.95 and good["mix_fine_color_chance"] < 0.3
+    G, cfg = painted(color_at=0)  # ignores the fine styles: colour comes with the coarse ones
+    coarse_only = m.mixing_scores(G, cfg, "cpu", n=200)
+    assert coarse_only["mix_coarse_pos"] > 0.95  # still right where it should be
+    assert coarse_only["mix_fine_color"] <= coarse_only["mix_fine_color_chance"] + 0.05
+    G, cfg = painted(shape_at=7, color_at=7)  # everything in the fine styles
+    fine_only = m.mixing_scores(G, cfg, "cpu", n=200)
+    assert fine_only["mix_coarse_pos"] <= fine_only["mix_coarse_pos_chance"] + 0.05
+    assert m.style_bands(8) == ((0, 4), (4, 6), (6, 8)) and m.style_bands(18)[2] == (8, 18)
+
+
+def test_oracle_reads_truncation_and_can_fail():
+    G, cfg = painted()
+    s = m.truncation_scores(G, cfg, "cpu", n=200)
+    assert s["trunc_color_std_falls"] == 1 and s["trunc_shape_div_falls"] == 1
+    assert s["trunc_color_std_0.0"] < 0.01 < 0.1 < s["trunc_color_std_1.0"]  # ψ = 0: w̄ only
+    G, cfg = painted(ignore_w=True)  # draws its own factors: truncation toward w̄ changes nothing
+    s = m.truncation_scores(G, cfg, "cpu", n=200)
+    assert s["trunc_color_std_falls"] == 0 and s["trunc_shape_div_falls"] == 0
+
+
+def test_oracle_reads_noise_and_can_fail():
+    G, cfg = painted()  # noise: a faint texture only
+    s = m.noise_scores(G, cfg, "cpu")
+    assert s["noise_shape_kept"] == 1 and s["noise_pixel_std"] > 0.005
+    G, cfg = painted(noise_amp=0)  # ignores the noise: nothing varies
+    assert m.noise_scores(G, cfg, "cpu")["noise_pixel_std"] == 0
+    G, cfg = painted(noise_shape=True)  # noise picks the shape
+    assert m.noise_scores(G, cfg, "cpu")["noise_shape_kept"] < 0.7
+
+
+def test_console_line_fits_120_columns():
+    line = widest_console_line(m.console_terms(m.Config()), ["D/adv", "D/r1", "G/adv"], 400_000)
+    assert " D -0.0738 " in line  # L_D = adv + γ/2 · R1 = -0.0123 + 5 · -0.0123

@@ -1,11 +1,13 @@
 """common.py and data/toy.py: readers, checkpoints, CLI, toy data + oracle, bad input, metrics."""
 import dataclasses
+import json
 import multiprocessing
 import random
 import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -692,3 +694,98 @@ def test_inception_features_and_fid_grows_with_shift():
     f = net(x)
     assert f.shape == (6, 2048) and (f >= 0).all()  # after ReLU + average pooling
     assert torch.allclose(net(x), f)  # eval mode: deterministic
+
+
+# ---------------------------------------------------------------------------- output
+def test_console_line_fits_and_its_first_line_has_a_rate(tmp_path, monkeypatch, capsys):
+    now = [1000.0]
+    monkeypatch.setattr(common.time, "time", lambda: now[0])
+    show = {"D": lambda v: v["D/adv"] + 10 * v["D/gp"], "gp": "D/gp", "G": "G/adv", "x": "G/x"}
+    logger = common.Logger(tmp_path, 2000, 50, show, start=0)
+    now[0] = 1010.0
+    logger.log(50, {"D/adv": torch.tensor(0.5), "D/gp": 0.01, "G/adv": 1.25, "extra": 7.0})
+    first = capsys.readouterr().out.strip()
+    # 50 steps in 10 s from the start: 5 it/s, 1950 steps to go = 390 s; G/x absent: left out
+    assert first == "step 50/2000 | 5.00 it/s | ETA 0:06:30 | D 0.6 gp 0.01 G 1.25"
+    logger = common.Logger(tmp_path, 2000, 50)  # default: every term while they fit
+    now[0] = 1040.0
+    logger.log(100, {f"term{i}": float(i) for i in range(40)})  # the rest: only in the log
+    line = capsys.readouterr().out.strip()
+    assert len(line) <= 120 and "term0 0" in line and "term39" not in line
+    assert line.startswith("step 100/2000 | 3.33 it/s | ETA 0:09:30 |")  # 100 steps in 30 s
+    logged = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert logged[0]["extra"] == 7.0 and logged[1]["term39"] == 39.0  # every term is logged
+    logger = common.Logger(tmp_path, 400_000, 100, start=1000)  # resumed: the rate counts from
+    now[0] = 2040.0  # the step it resumed at
+    assert logger.line(3000, {}) == "step 3000/400000 | 2.00 it/s | ETA 55:08:20 |"
+
+
+def test_loss_plot_is_a_png_that_follows_the_log(tmp_path):
+    logger = common.Logger(tmp_path, 100, 10)
+    for step in range(10, 60, 10):
+        logger.log(step, {"D/adv": 1 / step, "D/r1": 0.01, "G/adv": step / 10})
+    png = tmp_path / "losses.png"
+    logger.plot(png)
+    with Image.open(png) as img:
+        img.verify()
+    with Image.open(png) as img:
+        size, first = img.size, img.convert("RGB").tobytes()
+        assert img.format == "PNG" and size[0] >= 600
+        # curves are drawn: the plot is not mostly white and has the panels' colours
+        colours = img.convert("RGB").getcolors(size[0] * size[1])
+        assert len(colours) > 20 and max(colours)[0] < 0.95 * size[0] * size[1]
+    logger.log(60, {"D/adv": 5.0, "D/r1": 0.01, "G/adv": 0.1})
+    logger.plot(png)
+    with Image.open(png) as img:
+        assert img.size == size and img.convert("RGB").tobytes() != first  # new point, new curve
+    logger.log(70, {"D/adv": 5.0, "D/r1": 0.01, "G/adv": 0.1, "E/sty": 0.3})  # a third network
+    logger.plot(png)
+    with Image.open(png) as img:
+        assert img.width == size[0] and img.height > size[1]  # one more panel
+    cut = tmp_path / "log.jsonl"
+    cut.write_text(cut.read_text() + '{"step": 80, "D/a')  # a line cut by a kill is skipped
+    assert list(common.read_log(cut)) == [10, 20, 30, 40, 50, 60, 70]
+    common.plot_log(cut, png, panels={"both": ["D/adv", "G/adv"]})
+    with Image.open(png) as img:
+        assert img.height < size[1]  # one panel of two strips
+
+
+def test_summary_names_only_existing_files(tmp_path, capsys, monkeypatch):
+    from conftest import summary_files
+    monkeypatch.chdir(tmp_path)
+    run = Path("runs/x")
+    run.mkdir(parents=True)
+    for name in ("last.pt", "log.jsonl", "a.png", "b.png"):
+        (run / name).write_bytes(b"x")
+    text = common.print_summary("01_x.py", 600, 200, 125.4, [
+        ("samples", [run / "a.png", run / "missing.png", run / "b.png"]),
+        ("checkpoint", [run / "last.pt", run / "log.jsonl"]), ("nothing", [run / "no.png"])],
+        ["valid 90%", "mixing 0.8"], [("python 01_x.py sample --out runs/x", "figures"),
+                                      ("python 01_x.py eval --out runs/x", "")])
+    assert capsys.readouterr().out.strip() == text
+    lines = text.splitlines()
+    assert lines[0] == "== 01_x.py done: step 600: 400 steps in 2 min 05 s, resumed from step 200"
+    assert lines[1] == "samples     runs/x/a.png b.png" and "nothing" not in text
+    assert summary_files(text) == {"samples": [run / "a.png", run / "b.png"],
+                                   "checkpoint": [run / "last.pt", run / "log.jsonl"]}
+    assert lines[3:5] == ["oracle      valid 90%", "            mixing 0.8"]
+    assert lines[5].startswith("next        python 01_x.py sample --out runs/x  # figures")
+    assert all(len(ln) <= 120 for ln in lines)
+    long = "python 01_x.py --out " + "d" * 120 + " --resume auto"  # a command is never wrapped
+    text = common.print_summary("01_x.py", 1, 0, 1, [], "", [(long, "train on")])
+    assert text.splitlines()[1:] == ["next        # train on", " " * 12 + long]
+
+
+def test_small_grids_are_enlarged_and_labelled(tmp_path):
+    for side, zoom in ((8, 8), (16, 4), (32, 2), (64, 1)):
+        common.save_grid(torch.zeros(6, 3, side, side), tmp_path / "g.png", 3)
+        with Image.open(tmp_path / "g.png") as img:
+            assert img.size == (3 * side * zoom + 4, 2 * side * zoom + 3)  # 1 px padding
+    common.save_grid(torch.zeros(6, 3, 32, 32), tmp_path / "g.png", 3, rows=["a", "bb"],
+                     cols=["x", "y", "z"])
+    with Image.open(tmp_path / "g.png") as img:
+        assert img.width > 3 * 64 + 4 and img.height == 2 * 64 + 3 + 18
+    frames = [torch.zeros(3, 16, 40), torch.ones(3, 16, 40)]
+    common.save_gif(frames, tmp_path / "a.gif")
+    with Image.open(tmp_path / "a.gif") as gif:
+        assert gif.size == (160, 64) and gif.n_frames == 2
