@@ -7,8 +7,8 @@ Shapes: B batch, K domains, S style_dim, Z latent_dim, C channels, H = W = img_s
 Run:     python 02_stargan_v2.py               # toy scenes 16×16, 1500 steps, CPU; oracle scores
          python 02_stargan_v2.py --data data/afhq        # preset afhq (3 domains, λ_ds 2, w_hpf 0)
          python 02_stargan_v2.py --data data/celeba_hq   # preset celeba_hq (λ_ds 1, w_hpf 1)
-Smoke:   python 02_stargan_v2.py --total-iters 20 --out runs/smoke --overwrite
-Resume:  python 02_stargan_v2.py --out runs/stargan_v2_toy --resume auto
+Smoke:   python 02_stargan_v2.py --total-iters 20 --out runs/smoke  (and --resume auto: goes on)
+GPUs:    torchrun --nproc_per_node 8 02_stargan_v2.py --data data/afhq --batch 1  # batch per GPU
 Bench:   python 02_stargan_v2.py --bench [--preset afhq]   # one line: it/s, img/s, memory, TFLOP/s
 Sample:  python 02_stargan_v2.py sample --ckpt runs/stargan_v2_toy/last.pt --src a.png --ref refs/
          --domain 1   |  ... sample --preset afhq --official-ckpt 100000_nets_ema.ckpt --src ...
@@ -45,11 +45,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
 from common import (DomainFolder, FAN, ImageFiles, InceptionPool, Logger, LPIPS, ReferencePairs,
-                    UserError, align_faces, autocast, check_finite, check_flags, frechet_distance,
-                    infinite, load_checkpoint, load_fan, load_rgb, main_guard, make_loader,
+                    UserError, align_faces, autocast, average_gradients, check_finite, check_flags,
+                    check_same_weights, frechet_distance, init_distributed, is_main,
+                    load_checkpoint, load_fan, load_rgb, main_guard, mean_over_ranks, next_batch,
                     parse_config, pick_device, prepare_run, read_checkpoint, read_npz, read_scenes,
                     require, resolve_data, save_checkpoint, save_gif, save_grid, seed_everything,
-                    sig3, strip_prefixes, to_tensor_norm)
+                    shard_draw, sig3, step_loader, strip_prefixes, to_tensor_norm, world_size)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -87,7 +88,7 @@ class Config:
     beta2: float = 0.99              # Adam β2
     weight_decay: float = 1e-4       # Adam's coupled L2 (not AdamW), as official
     ema_beta: float = 0.999          # EMA decay of G, F, E
-    batch: int = 8                   # batch size
+    batch: int = 8                   # batch per process; global batch = N processes × batch
     total_iters: int = 100000        # training iterations
     randcrop_prob: float = 0.5       # p of RandomResizedCrop(scale 0.8-1, ratio 0.9-1.1)
     num_workers: int = 4             # data loader workers
@@ -451,6 +452,7 @@ def apply_grads(loss, terms, optims, names):
     for o in optims.values():
         o.zero_grad(set_to_none=True)
     loss.backward(inputs=[p for n in names for g in optims[n].param_groups for p in g["params"]])
+    average_gradients(*(optims[n] for n in names))  # torchrun: the global batch's gradient
     for n in names:
         optims[n].step()
     return {k: v.detach() for k, v in terms.items()}
@@ -485,7 +487,9 @@ def train_step(nets, ema, optims, batch, step, cfg, fan=None):
     fan: the frozen FAN when w_hpf > 0; its masks of x_real serve all four steps (official)."""
     x_real, y_org, x_ref, x_ref2, y_trg = batch  # y_trg: reference domain, also for latent steps
     masks = fan.masks(x_real) if fan is not None else None  # 2 × (B, 1, 256, 256)
-    z_trgs = torch.randn(2, x_real.shape[0], cfg.latent_dim, device=x_real.device)  # z_trg, z_trg2
+    # z_trg, z_trg2 (2, B, Z): under torchrun this process's rows of the global batch's draw
+    z_trgs = shard_draw(lambda n: torch.randn(2, n, cfg.latent_dim, device=x_real.device),
+                        x_real.shape[0], dim=1)
     lambda_ds = lambda_ds_at(step, cfg)
     logs = {"G/lambda_ds": torch.tensor(lambda_ds)}
     # 1. D step, latent style  2. D step, reference style
@@ -723,7 +727,7 @@ def evaluate(cfg, ns):
 # 7. Train
 # ----------------------------------------------------------------------------
 def train(cfg, given=()):
-    device = pick_device(cfg.device)
+    device = init_distributed(cfg.device)  # under torchrun: this process's GPU (or the CPU)
     # Fail early; a resumed run: flags left out keep the saved values (common.resume_config)
     cfg, resume = (cfg, None) if cfg.bench else prepare_run(cfg, given, FIXED)
     seed_everything(cfg.seed)
@@ -736,26 +740,32 @@ def train(cfg, given=()):
     root, src_set, ref_set = domain_sets(cfg)
     all_nets = {**vars(nets), **{k + "_ema": v for k, v in vars(ema).items()}}
     step = load_checkpoint(resume, all_nets, optims)["step"] if resume else 0
-    src_it, ref_it = (infinite(make_loader(d, cfg.batch, balanced=True, device=device,
-                                           num_workers=cfg.num_workers, seed=cfg.seed + step))
-                      for d in (src_set, ref_set))  # a resumed run reseeds them from the step
+    check_same_weights(all_nets)  # torchrun: one run, every process from the same weights
+    # Sources and references: two independent class-balanced streams, a pure function of (seed,
+    # step, rank): a resumed run reads what it would have read; each process reads its rows.
+    batches = zip(*(step_loader(d, cfg.batch, cfg.seed, step, balanced=True, device=device,
+                                num_workers=cfg.num_workers, name=name)
+                    for d, name in ((src_set, "src"), (ref_set, "ref"))))
     x, y = stack_split(root, "val", cfg.img_size, per_domain=4)  # fixed: samples compare over steps
     src = torch.arange(len(y)) % 4 < 2  # per domain: 2 sources, then 2 references
     fixed = [t.to(device) for t in (x[src], y[src], x[~src], y[~src])]
     logger, t0, losses = Logger(out, cfg.total_iters, cfg.log_every), time.time(), {}
     print(f"{sum(p.numel() for p in nets.G.parameters()):,} G params | data {root} | "
           f"{len(src_set)} images, domains {src_set.domains} | device {device} | from step {step}"
+          + (f" | {world_size()} processes × batch {cfg.batch}" if world_size() > 1 else "")
           + (f" | face masks from {cfg.wing}" if fan is not None else ""))
     try:
         while step < cfg.total_iters:
             # Not converted to channels_last: NHWC weights make cuDNN's convs run NHWC anyway.
-            batch = [t.to(device, non_blocking=True) for t in (*next(src_it), *next(ref_it))]
+            src, ref = next_batch(batches)  # torchrun: a data error or Ctrl-C stops all here
+            batch = [t.to(device, non_blocking=True) for t in (*src, *ref)]
             losses = train_step(nets, ema, optims, batch, step, cfg, fan)
             step += 1
             if step % cfg.log_every == 0:
+                losses = mean_over_ranks(losses)  # torchrun: logged and checked on every process
                 logger.log(step, losses)
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
-            if step % cfg.sample_every == 0 or step == cfg.total_iters:
+            if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
                 write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg, fan)
                 if toy and step < cfg.total_iters:
                     oracle_scores(ema, root, cfg, device, step, fan)
@@ -766,7 +776,7 @@ def train(cfg, given=()):
         print(f"\ninterrupted: saved {last} at step {step}; resume with --resume auto")
         return None
     print(f"done: {step} steps in {time.time() - t0:.0f} s; samples in {out / 'samples'}")
-    return oracle_scores(ema, root, cfg, device, step, fan) if toy else None
+    return oracle_scores(ema, root, cfg, device, step, fan) if toy and is_main() else None
 
 
 def bench(nets, ema, optims, cfg, device, fan=None):
@@ -784,10 +794,11 @@ def bench(nets, ema, optims, cfg, device, fan=None):
     for step in range(cfg.bench_iters):
         losses = train_step(nets, ema, optims, batch, step, cfg, fan)
     sync()
-    its = cfg.bench_iters / (time.perf_counter() - t0)
+    its, N = cfg.bench_iters / (time.perf_counter() - t0), world_size()  # torchrun: global
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"
-    print(f"bench {device} img {H} batch {B}: {sig3(its)} it/s | {sig3(its * B)} images/s | "
-          f"peak mem {mem} | {sig3(counter.get_total_flops() * its / 1e12)} TFLOP/s")
+    print(f"bench {device} img {H} batch {B}{f' × {N} processes' if N > 1 else ''}: {sig3(its)} "
+          f"it/s | {sig3(its * B * N)} images/s | peak mem {mem} | "
+          f"{sig3(counter.get_total_flops() * its * N / 1e12)} TFLOP/s")
     return losses
 
 
