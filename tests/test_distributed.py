@@ -9,6 +9,7 @@
 - Faults: a global batch larger than the data, a world size the data cannot shard, a data error or
   Ctrl-C on one rank: every rank stops at once, with one message."""
 import contextlib
+import datetime
 import io
 import itertools
 import json
@@ -151,6 +152,7 @@ def _worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
+    common.TIMEOUT = datetime.timedelta(seconds=60)  # a bug here fails the test, never hangs it
     common.init_distributed("cpu")
     for name, (iteration, n, _) in ITERATIONS.items():
         b = n // WORLD
