@@ -1,6 +1,7 @@
-"""Plumbing shared by the numbered scripts: CLI, seeding, devices, checkpoints, dataset readers,
-toy data, grids, logging, metric backbones. Nothing a paper names lives here (networks, losses,
-EMA, truncation, R1 ... stay in the scripts). The toy data generator and its oracle: data/toy.py."""
+"""Plumbing shared by the numbered scripts: CLI, seeding, devices, several processes (torchrun),
+checkpoints, dataset readers and samplers, toy data, grids, logging, metric backbones. Nothing a
+paper names lives here (networks, losses, EMA, truncation, R1 ... stay in the scripts). The toy
+data generator and its oracle: data/toy.py."""
 import argparse
 import ast
 import contextlib
