@@ -4,6 +4,7 @@ Symbols: x → x_real, c → c_trg, c' → c_org, G(x, c) → x_fake, G(G(x, c),
 D_cls → D's two outputs, m → mask vector. Shapes: B batch, H = W size, A labels, R repeat_num.
   python 01_stargan_v1.py --out runs/toy [--resume auto]   # toy faces (CPU); resume is exact
   python 01_stargan_v1.py --data data/celeba --out runs/celeba          # the paper's CelebA 128 px
+  torchrun --nproc_per_node 8 01_stargan_v1.py --data data/celeba --batch 2   # 8 GPUs × 2 = 16
   python 01_stargan_v1.py --data toy --data2 toy --out runs/joint       # mask vector: faces+shapes
   python 01_stargan_v1.py sample --out runs/toy --src face.jpg [--attrs-set Blond_Hair=1,Male=0]
   python 01_stargan_v1.py sample --ckpt stargan_v1_celeba_128/200000-G.ckpt --src pics/  # official
@@ -30,10 +31,12 @@ import torchvision.transforms as T
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import (CelebAAttrs, DomainFolder, FACE_ATTRS, ImageFiles, Logger, UserError, autocast,
-                    check_finite, check_flags, infinite, load_checkpoint, load_rgb, main_guard,
-                    make_loader, parse_config, pick_device, prepare_run, read_checkpoint,
-                    print_summary, read_faces, require, resolve_data, save_checkpoint, save_grid,
-                    seed_everything, short_path, sig3, to_tensor_norm)
+                    average_gradients, check_finite, check_flags, check_same_weights, gather_batch,
+                    infinite, init_distributed, is_main, load_checkpoint, load_rgb, main_guard,
+                    make_loader, mean_over_ranks, next_batch, parse_config, pick_device,
+                    prepare_run, print_summary, read_checkpoint, read_faces, require, resolve_data,
+                    save_checkpoint, save_grid, seed_everything, shard_draw, short_path, sig3,
+                    step_loader, to_tensor_norm, world_size)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -52,7 +55,7 @@ class Config:
     lambda_rec: float = 10.0  # λ_rec, Eq. (6)
     lambda_gp: float = 10.0  # λ_gp, Eq. (8)
     n_critic: int = 5  # D updates per G update (§4)
-    batch: int = 16  # batch size (§4)
+    batch: int = 16  # batch per process (§4: 16); global batch = N processes × batch
     g_lr: float = 1e-4  # Adam lr of G (§4)
     d_lr: float = 1e-4  # Adam lr of D (§4)
     beta1: float = 0.5  # Adam β1 (§4)
@@ -167,7 +170,8 @@ def adv_loss_g(src_fake):
 
 def gradient_penalty(D, x_real, x_fake):
     """Eq. (8): E[(‖∇_x̂ D_src(x̂)‖₂ − 1)²], x̂ uniformly on lines between real and fake samples."""
-    alpha = torch.rand(x_real.size(0), 1, 1, 1, device=x_real.device)  # (B, 1, 1, 1)
+    # (B, 1, 1, 1); under torchrun this process's rows of the global batch's draw
+    alpha = shard_draw(lambda n: torch.rand(n, 1, 1, 1, device=x_real.device), x_real.size(0))
     # x_fake is bf16 under autocast, x_real fp32: lerp (no autocast rule) needs one dtype
     x_hat = torch.lerp(x_fake.detach().to(x_real.dtype), x_real, alpha).requires_grad_(True)
     src = D(x_hat.view_as(x_hat))[0]  # a non-leaf input: FlopCounterMode (--bench) needs it
@@ -248,6 +252,7 @@ def d_step(G, D, opt_d, x_real, c_org, c_trg, cfg, k=0, sizes=(), multi=True):
     loss = loss_adv + cfg.lambda_gp * loss_gp + cfg.lambda_cls * loss_cls  # −L_adv + λ_cls L_cls^r
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
+    average_gradients(opt_d)  # torchrun: the global batch's gradient
     opt_d.step()
     return {"D/adv": loss_adv.detach(), "D/gp": loss_gp.detach(), "D/cls": loss_cls.detach()}
 
@@ -265,9 +270,22 @@ def g_step(G, D, opt_g, x_real, c_org, c_trg, cfg, k=0, sizes=(), multi=True):
     loss = loss_adv + cfg.lambda_cls * loss_cls + cfg.lambda_rec * loss_rec
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
+    average_gradients(opt_g)  # torchrun: the global batch's gradient
     opt_g.step()
     D.requires_grad_(True)
     return {"G/adv": loss_adv.detach(), "G/cls": loss_cls.detach(), "G/rec": loss_rec.detach()}
+
+
+def train_step(G, D, opt_g, opt_d, x_real, c_org, step, cfg, k=0, sizes=(), multi=True):
+    """One iteration on dataset k: a D step, and a G step every n_critic iterations (§4). The
+    targets are the batch's labels shuffled (official); under torchrun the global batch's."""
+    c_all = gather_batch(c_org)  # (N·B, A); one process: c_org itself
+    c_trg = shard_draw(lambda n: c_all[torch.randperm(n, device=c_org.device)], len(c_org))
+    batch = (x_real, c_org, c_trg, cfg, k, sizes, multi)
+    losses = d_step(G, D, opt_d, *batch)
+    if (step + 1) % cfg.n_critic == 0:
+        losses |= g_step(G, D, opt_g, *batch)
+    return losses
 
 
 def build(cfg, sizes, device):
@@ -393,9 +411,11 @@ def train(cfg, device, given=()):
     G, D, opt_g, opt_d = build(cfg, sizes := [len(s.names) for s in sources], device)
     nets, opts, last = {"G": G, "D": D}, {"G": opt_g, "D": opt_d}, Path(cfg.out) / "last.pt"
     step = start = load_checkpoint(ckpt, nets, opts)["step"] if ckpt else 0
+    check_same_weights(nets)  # torchrun: one run, every process from the same weights
     extra = {"names": [s.names for s in sources], "multi": [s.multi for s in sources]}
-    streams = [infinite(make_loader(s.train, cfg.batch, num_workers=cfg.num_workers,
-                                    device=device, seed=cfg.seed + step)) for s in sources]
+    # One batch per dataset and step, a pure function of (seed, step, rank): resume is exact
+    streams = zip(*(step_loader(s.train, cfg.batch, cfg.seed, step, num_workers=cfg.num_workers,
+                                device=device, name=str(k)) for k, s in enumerate(sources)))
     x_fix, y_fix = next(iter(make_loader(sources[0].test, min(8, len(sources[0].test)),
                                          shuffle=False)))  # fixed debug batch, as official
     x_fix, c_fix = x_fix.to(device), as_label(y_fix, sources[0].multi, sizes[0]).to(device)
@@ -406,19 +426,18 @@ def train(cfg, device, given=()):
             for optim, lr0 in ((opt_g, cfg.g_lr), (opt_d, cfg.d_lr)):  # one param group each
                 optim.param_groups[0]["lr"] = lr_at(step, lr0, cfg)
             losses = {}
-            for k, (s, stream) in enumerate(zip(sources, streams)):  # alternate datasets, §3.2
-                x_real, y = (t.to(device) for t in next(stream))
-                c_org = as_label(y, s.multi, sizes[k])
-                c_trg = c_org[torch.randperm(len(c_org), device=device)]  # official: shuffled
-                batch, tag = (x_real, c_org, c_trg, cfg, k, sizes, s.multi), str(k + 1)[:k]
-                losses.update({n + tag: v for n, v in d_step(G, D, opt_d, *batch).items()})
-                if (step + 1) % cfg.n_critic == 0:
-                    losses.update({n + tag: v for n, v in g_step(G, D, opt_g, *batch).items()})
+            batches = next_batch(streams)  # torchrun: a data error or Ctrl-C stops all here
+            for k, (s, batch) in enumerate(zip(sources, batches)):  # alternate datasets, §3.2
+                x_real, y = (t.to(device) for t in batch)
+                terms = train_step(G, D, opt_g, opt_d, x_real, as_label(y, s.multi, sizes[k]),
+                                   step, cfg, k, sizes, s.multi)
+                losses.update({n + str(k + 1)[:k]: v for n, v in terms.items()})
             step += 1
             if step % cfg.log_every == 0:
+                losses = mean_over_ranks(losses)  # torchrun: logged and checked on every process
                 logger.log(step, losses)
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
-            if step % cfg.sample_every == 0 or step == cfg.total_iters:
+            if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
                 save_translations(G, x_fix, c_fix, sources, last.parent / f"sample_{step:06d}.jpg")
                 logger.plot(last.parent / "losses.png")  # beside the samples
             if step % cfg.save_every == 0 or step == cfg.total_iters:
@@ -426,6 +445,8 @@ def train(cfg, device, given=()):
     except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
         save_checkpoint(last, step, cfg, nets, opts, extra, losses, interrupted=True)
         stopped = True
+    if not is_main():  # torchrun: rank 0 reports for the whole run
+        return
     judge = None if stopped else oracle_judge(cfg, sources[0])  # after Ctrl-C: out at once
     line = translation_scores(G, sources[0], sizes, judge, "oracle") if judge else ""
     me, out, src = Path(__file__).name, last.parent, short_path(sources[0].test.files[0])
@@ -453,11 +474,12 @@ def bench(cfg, device):
                 d_step(G, D, opt_d, *batch)
                 if (i + 1) % cfg.n_critic == 0:
                     g_step(G, D, opt_g, *batch)
-    its = cfg.bench_iters / ((sync(), time.perf_counter())[1] - t0)
+    its, N = cfg.bench_iters / ((sync(), time.perf_counter())[1] - t0), world_size()  # global
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
-    print(f"bench {device.type} {cfg.img_size}px batch {cfg.batch}: {sig3(its)} it/s | "
-          f"{sig3(its * cfg.batch)} images/s | peak memory {mem} | "
-          f"{sig3(counter.get_total_flops() / cfg.n_critic * its / 1e12)} TFLOP/s")
+    print(f"bench {device.type} {cfg.img_size}px batch {cfg.batch}"
+          f"{f' × {N} processes' if N > 1 else ''}: {sig3(its)} it/s | "
+          f"{sig3(its * cfg.batch * N)} images/s | peak memory {mem} | "
+          f"{sig3(counter.get_total_flops() / cfg.n_critic * its * N / 1e12)} TFLOP/s")
 
 
 # ----------------------------------------------------------------------------
@@ -471,9 +493,10 @@ def main(argv=None):
     cfg, ns = parse_config(Config, PRESETS, argv, __doc__, ("train", "sample", "eval"), extra)
     check_flags(cfg, positive="batch g_lr d_lr n_critic total_iters decay_iters log_every "
                 "sample_every save_every", nonneg="num_workers", unit="beta1 beta2")
-    device = pick_device(cfg.device)
-    if cfg.bench or ns.mode == "train":
+    if cfg.bench or ns.mode == "train":  # under torchrun: this process's GPU (or the CPU)
+        device = init_distributed(cfg.device)
         return bench(cfg, device) if cfg.bench else train(cfg, device, ns.given)
+    device = pick_device(cfg.device)
     path = Path(ns.ckpt or Path(cfg.out) / "last.pt")  # ours (config inside) or an official G
     require(path.is_file(), f"checkpoint {path} not found: train first, or pass --ckpt FILE")
     state = read_checkpoint(path, Config, ours=False)

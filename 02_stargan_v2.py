@@ -7,19 +7,19 @@ Shapes: B batch, K domains, S style_dim, Z latent_dim, C channels, H = W = img_s
 Run:     python 02_stargan_v2.py               # toy scenes 16×16, 1500 steps, CPU; oracle scores
          python 02_stargan_v2.py --data data/afhq        # preset afhq (3 domains, λ_ds 2, w_hpf 0)
          python 02_stargan_v2.py --data data/celeba_hq   # preset celeba_hq (λ_ds 1, w_hpf 1)
-Smoke:   python 02_stargan_v2.py --total-iters 20 --out runs/smoke --overwrite
-Resume:  python 02_stargan_v2.py --out runs/stargan_v2_toy --resume auto
+Smoke:   python 02_stargan_v2.py --total-iters 20 --out runs/smoke  (and --resume auto: goes on)
+GPUs:    torchrun --nproc_per_node 8 02_stargan_v2.py --data data/afhq --batch 1  # batch per GPU
 Bench:   python 02_stargan_v2.py --bench [--preset afhq]   # one line: it/s, img/s, memory, TFLOP/s
 Sample:  python 02_stargan_v2.py sample --ckpt runs/stargan_v2_toy/last.pt --src a.png --ref refs/
          --domain 1   |  ... sample --preset afhq --official-ckpt 100000_nets_ema.ckpt --src ...
 Eval:    python 02_stargan_v2.py eval --ckpt runs/stargan_v2_toy/last.pt [--random-weights]
 Align:   python 02_stargan_v2.py align --src my_faces/ --out aligned/   # faces like CelebA-HQ
-Measured (toy scenes 16×16, 2-core CPU, idle): 1500 steps in 524 s (8 min 51 s with the oracle).
-Oracle at step 1500: domain (sky) accuracy 0.99 latent / 0.99 ref (target 0.9). Content only
-partly kept: the object is read at the source's place in 48 % / 48 % of translations (error
-< 0.05 of the side; chance error 0.14) but comes out a rounded blob (shape kept 0.28 / 0.34,
-chance 0.35); colour error vs ref 0.16. The 32 px toy (widths 8-64, 748 s) reached 0.99 / 0.82
-with position kept 0.22 / 0.22. No GPU figures: no GPU was lent so far.
+Measured (toy scenes 16×16, 2-core CPU, 1 thread, busy): 1500 steps in 280 s (287 s with the
+oracle). Oracle at step 1500: domain (sky) accuracy 1.00 latent / 1.00 ref (target 0.9); the
+object is read at the source's place in 82 % / 87 % of translations (error < 0.05 of the side;
+chance error 0.14) but comes out a rounded blob (shape kept 0.29 / 0.30, chance 0.35); colour
+error vs ref 0.086. (While every reference was its source image, a sampler bug: position kept
+0.48 / 0.48, colour error 0.16.) No GPU figures: no GPU was lent so far.
 Official quirks (SPEC §5) and what we do:
 - Deviation: EMA copies start as copies of the He-initialised nets (official: default init, as it
   deep-copies before init): irrelevant after 100k steps, but it would spoil short runs.
@@ -45,11 +45,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
 from common import (DomainFolder, FAN, ImageFiles, InceptionPool, Logger, LPIPS, ReferencePairs,
-                    UserError, align_faces, autocast, check_finite, check_flags, frechet_distance,
-                    infinite, load_checkpoint, load_fan, load_rgb, main_guard, make_loader,
-                    parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
-                    read_npz, read_scenes, require, resolve_data, save_checkpoint, save_gif,
-                    save_grid, seed_everything, short_path, sig3, strip_prefixes, to_tensor_norm)
+                    UserError, align_faces, autocast, average_gradients, check_finite, check_flags,
+                    check_same_weights, frechet_distance, infinite, init_distributed, is_main,
+                    load_checkpoint, load_fan, load_rgb, main_guard, make_loader, mean_over_ranks,
+                    next_batch, parse_config, pick_device, prepare_run, print_summary,
+                    read_checkpoint, read_npz, read_scenes, require, resolve_data, save_checkpoint,
+                    save_gif, save_grid, seed_everything, shard_draw, short_path, sig3,
+                    step_loader, strip_prefixes, to_tensor_norm, world_size)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -87,7 +89,7 @@ class Config:
     beta2: float = 0.99              # Adam β2
     weight_decay: float = 1e-4       # Adam's coupled L2 (not AdamW), as official
     ema_beta: float = 0.999          # EMA decay of G, F, E
-    batch: int = 8                   # batch size
+    batch: int = 8                   # batch per process; global batch = N processes × batch
     total_iters: int = 100000        # training iterations
     randcrop_prob: float = 0.5       # p of RandomResizedCrop(scale 0.8-1, ratio 0.9-1.1)
     num_workers: int = 4             # data loader workers
@@ -455,6 +457,7 @@ def apply_grads(loss, terms, optims, names):
     for o in optims.values():
         o.zero_grad(set_to_none=True)
     loss.backward(inputs=[p for n in names for g in optims[n].param_groups for p in g["params"]])
+    average_gradients(*(optims[n] for n in names))  # torchrun: the global batch's gradient
     for n in names:
         optims[n].step()
     return {k: v.detach() for k, v in terms.items()}
@@ -489,7 +492,9 @@ def train_step(nets, ema, optims, batch, step, cfg, fan=None):
     fan: the frozen FAN when w_hpf > 0; its masks of x_real serve all four steps (official)."""
     x_real, y_org, x_ref, x_ref2, y_trg = batch  # y_trg: reference domain, also for latent steps
     masks = masks_of(fan, x_real)  # None, or 2 × (B, 1, 256, 256)
-    z_trgs = torch.randn(2, x_real.shape[0], cfg.latent_dim, device=x_real.device)  # z_trg, z_trg2
+    # z_trg, z_trg2 (2, B, Z): under torchrun this process's rows of the global batch's draw
+    z_trgs = shard_draw(lambda n: torch.randn(2, n, cfg.latent_dim, device=x_real.device),
+                        x_real.shape[0], dim=1)
     lambda_ds = lambda_ds_at(step, cfg)
     logs = {"G/lambda_ds": torch.tensor(lambda_ds)}
     # 1. D step, latent style  2. D step, reference style
@@ -745,7 +750,7 @@ def console_terms(cfg):
 
 
 def train(cfg, given=()):
-    device = pick_device(cfg.device)
+    device = init_distributed(cfg.device)  # under torchrun: this process's GPU (or the CPU)
     # Fail early; a resumed run: flags left out keep the saved values (common.resume_config)
     cfg, resume = (cfg, None) if cfg.bench else prepare_run(cfg, given, FIXED)
     seed_everything(cfg.seed)
@@ -758,9 +763,12 @@ def train(cfg, given=()):
     root, src_set, ref_set = domain_sets(cfg)
     all_nets = {**vars(nets), **{k + "_ema": v for k, v in vars(ema).items()}}
     step = start = load_checkpoint(resume, all_nets, optims)["step"] if resume else 0
-    src_it, ref_it = (infinite(make_loader(d, cfg.batch, balanced=True, device=device,
-                                           num_workers=cfg.num_workers, seed=cfg.seed + step))
-                      for d in (src_set, ref_set))  # a resumed run reseeds them from the step
+    check_same_weights(all_nets)  # torchrun: one run, every process from the same weights
+    # Sources and references: two independent class-balanced streams, a pure function of (seed,
+    # step, rank): a resumed run reads what it would have read; each process reads its rows.
+    batches = zip(*(step_loader(d, cfg.batch, cfg.seed, step, balanced=True, device=device,
+                                num_workers=cfg.num_workers, name=name)
+                    for d, name in ((src_set, "src"), (ref_set, "ref"))))
     x, y = stack_split(root, "val", cfg.img_size, per_domain=4)  # fixed: samples compare over steps
     src = torch.arange(len(y)) % 4 < 2  # per domain: 2 sources, then 2 references
     fixed = [t.to(device) for t in (x[src], y[src], x[~src], y[~src])]
@@ -768,17 +776,20 @@ def train(cfg, given=()):
     t0, losses, scores = time.time(), {}, None
     print(f"{sum(p.numel() for p in nets.G.parameters()):,} G params | data {short_path(root)} "
           f"| {len(src_set)} images, domains {src_set.domains} | device {device} | from step {step}"
+          + (f" | {world_size()} processes × batch {cfg.batch}" if world_size() > 1 else "")
           + (f" | face masks from {cfg.wing}" if fan is not None else ""))
     try:
         while step < cfg.total_iters:
             # Not converted to channels_last: NHWC weights make cuDNN's convs run NHWC anyway.
-            batch = [t.to(device, non_blocking=True) for t in (*next(src_it), *next(ref_it))]
+            src, ref = next_batch(batches)  # torchrun: a data error or Ctrl-C stops all here
+            batch = [t.to(device, non_blocking=True) for t in (*src, *ref)]
             losses = train_step(nets, ema, optims, batch, step, cfg, fan)
             step += 1
             if step % cfg.log_every == 0:
+                losses = mean_over_ranks(losses)  # torchrun: logged and checked on every process
                 logger.log(step, losses)
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
-            if step % cfg.sample_every == 0 or step == cfg.total_iters:
+            if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
                 write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg, fan)
                 logger.plot(out / "samples" / "losses.png")  # beside the samples
                 if toy and step < cfg.total_iters:
@@ -789,7 +800,9 @@ def train(cfg, given=()):
         save_checkpoint(last, step, cfg, all_nets, optims, losses=losses, interrupted=True)
         print()  # after the ^C
     else:  # after Ctrl-C the user wants out at once: no oracle
-        scores = oracle_scores(ema, root, cfg, device, step, fan) if toy else None
+        scores = oracle_scores(ema, root, cfg, device, step, fan) if toy and is_main() else None
+    if not is_main():  # torchrun: rank 0 reports for the whole run
+        return None
     me, samples = Path(__file__).name, sorted((out / "samples").glob("*_cycle.png"))[-1:]
     src = short_path(DomainFolder(root, "val").files[0])  # domain 0's first val image
     print_summary(me, step, start, time.time() - t0, [
@@ -820,10 +833,11 @@ def bench(nets, ema, optims, cfg, device, fan=None):
     for step in range(cfg.bench_iters):
         losses = train_step(nets, ema, optims, batch, step, cfg, fan)
     sync()
-    its = cfg.bench_iters / (time.perf_counter() - t0)
+    its, N = cfg.bench_iters / (time.perf_counter() - t0), world_size()  # torchrun: global
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"
-    print(f"bench {device} img {H} batch {B}: {sig3(its)} it/s | {sig3(its * B)} images/s | "
-          f"peak mem {mem} | {sig3(counter.get_total_flops() * its / 1e12)} TFLOP/s")
+    print(f"bench {device} img {H} batch {B}{f' × {N} processes' if N > 1 else ''}: {sig3(its)} "
+          f"it/s | {sig3(its * B * N)} images/s | peak mem {mem} | "
+          f"{sig3(counter.get_total_flops() * its * N / 1e12)} TFLOP/s")
     return losses
 
 

@@ -10,6 +10,7 @@ Paired:   python 03_bicyclegan_latent.py --data data/edges2shoes     (pix2pix A|
 Photos:   python 03_bicyclegan_latent.py --data data/afhq    (A = edge map of B, made on the fly)
 Sample:   python 03_bicyclegan_latent.py sample|eval  (grid + z GIF | LPIPS diversity, L1, oracle)
 Bench:    python 03_bicyclegan_latent.py --bench --preset edges2shoes   (256 px, batch 2)
+GPUs:     torchrun --nproc_per_node 8 03_bicyclegan_latent.py --data data/edges2shoes  # 8 × 2
 Measured (toy default, 3000 steps, idle 2-core CPU, 542 s; no GPU): z picks the colour (std over
 20 z 0.204, real images 0.258) while shape and position follow A (oracle: valid 0.997, shape
 kept 0.83, position error 0.008); encoded-z reconstruction is weaker (L1 0.100).
@@ -31,10 +32,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
 
 from common import (AlignedPairs, IMAGE_SUFFIXES, ImageFiles, Logger, LPIPS, UserError, autocast,
-                    check_finite, check_flags, load_checkpoint, main_guard, make_loader,
-                    parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
-                    read_shapes, require, resolve_data, save_checkpoint, save_gif, save_grid,
-                    seed_everything, sig3)
+                    average_gradients, check_finite, check_flags, check_same_weights, epoch_rows,
+                    init_distributed, is_main, load_checkpoint, main_guard, make_loader,
+                    mean_over_ranks, next_batch, parse_config, pick_device, prepare_run,
+                    print_summary, read_checkpoint, read_shapes, require, resolve_data,
+                    save_checkpoint, save_gif, save_grid, seed_everything, shard_draw, sig3,
+                    world_size)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -57,7 +60,7 @@ class Config:
     where_add: str = "all"  # z concatenated to every down-conv ("all") or only the input
     dropout: bool = True  # Dropout(0.5) in the inner up blocks (--use_dropout)
     flip: bool = True  # paired horizontal flips (the official script never passes --no_flip)
-    batch: int = 2  # half cVAE-GAN (encoded z), half cLR-GAN (random z); must be even
+    batch: int = 2  # per process (global: N processes × batch); half cVAE-GAN, half cLR-GAN; even
     lr: float = 2e-4  # Adam lr for G, E, D, D2
     lambda_l1: float = 10.0  # lambda, weight of L1^VAE in Eq. (9)
     lambda_kl: float = 0.01  # lambda_KL, weight of L_KL in Eq. (9)
@@ -99,7 +102,7 @@ class UnetBlock(nn.Module):
         up_in = inner_nc if innermost else inner_nc * 2  # inner levels return cat(up, skip)
         up = [nn.ReLU(), nn.ConvTranspose2d(up_in, outer_nc, 4, 2, 1)]
         up += [nn.Tanh()] if outermost else [nn.InstanceNorm2d(outer_nc)]
-        up += [nn.Dropout(0.5)] if dropout else []
+        up += [Dropout(0.5)] if dropout else []
         self.down, self.up = nn.Sequential(*down), nn.Sequential(*up)
 
     def forward(self, x, z):
@@ -116,6 +119,17 @@ class UnetBlock(nn.Module):
         # input-only U-Net the skip carries LReLU(x); with z it acts on the cat copy instead.
         skip = x if self.nz else F.leaky_relu(x, 0.2)
         return torch.cat([h, skip], 1)  # (B, outer_nc + C, H, W)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, except that under torchrun the mask is drawn for the whole global batch and each
+    process keeps its rows (common.shard_draw): N processes × B then train as one × N·B does."""
+    def forward(self, x):
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        keep = shard_draw(lambda n: torch.empty(n, *x.shape[1:], device=x.device,
+                                                dtype=x.dtype).bernoulli_(1 - self.p), len(x))
+        return x * (keep / (1 - self.p))  # what F.dropout computes on the CPU
 
 
 class Generator(nn.Module):
@@ -216,8 +230,11 @@ def lsgan_loss(preds, target):
 
 
 def kl_loss(mu, logvar):
-    """KL(N(mu, sigma^2) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - e^logvar), summed (official)."""
-    return -0.5 * torch.sum(1 + logvar.float() - mu.float() ** 2 - logvar.float().exp())
+    """KL(N(mu, sigma^2) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - e^logvar), summed (official).
+    Summed over the global batch: under torchrun each process holds 1/N of the sum and the
+    gradients are averaged over processes, hence × N."""
+    return -0.5 * torch.sum(1 + logvar.float() - mu.float() ** 2 - logvar.float().exp()) \
+        * world_size()
 
 
 def l1_loss(x, y):
@@ -282,13 +299,15 @@ def to_pair(batch, cfg, device, flip=None):
 
 
 def batch_stream(dataset, cfg, device, step):
-    """Endless (A, B) batches from `step` on; order and flips are pure functions of (seed, step)."""
+    """Endless (A, B) batches from `step` on; order and flips are pure functions of (seed, step),
+    and under torchrun each process takes its rows of every global batch (common.epoch_rows)."""
     n, b = len(dataset), cfg.batch
-    require(n >= b, f"--data has {n} images, fewer than --batch {b}")
+    per_epoch, mine = epoch_rows(n, b)
     while True:
-        epoch, skip = divmod(step, n // b)
+        epoch, skip = divmod(step, per_epoch)
         g = torch.Generator().manual_seed(cfg.seed + epoch)
         order, flips = torch.randperm(n, generator=g), (torch.rand(n, generator=g) < 0.5) & cfg.flip
+        order, flips = order[mine], flips[mine]
         loader = make_loader(Subset(dataset, order[skip * b:].tolist()), b, shuffle=False,
                              num_workers=cfg.num_workers, device=device)
         for i, batch in enumerate(loader, skip):
@@ -317,8 +336,10 @@ def forward(nets, A, B, nz):
     half = A.shape[0] // 2
     A_enc, B_enc, B_rand = A[:half], B[:half], B[half:]  # (B/2, C, H, W) each
     mu, logvar = nets["E"](B_enc)  # (B/2, nz) each
-    z_enc = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # reparameterisation
-    z_rand = torch.randn(half, nz, device=A.device)  # (B/2, nz)
+    # Under torchrun the noise of each process: its rows of the global batch's draw
+    eps = shard_draw(lambda n: torch.randn(n, nz, device=A.device, dtype=mu.dtype), half)
+    z_enc = mu + torch.exp(0.5 * logvar) * eps  # reparameterisation
+    z_rand = shard_draw(lambda n: torch.randn(n, nz, device=A.device), half)  # (B/2, nz)
     x_enc = nets["G"](A_enc, z_enc)  # (B/2, 3, H, W) B_hat, should reconstruct B_enc
     x_rand = nets["G"](A_enc, z_rand)  # (B/2, 3, H, W)
     return dict(B_enc=B_enc, B_rand=B_rand, mu=mu, logvar=logvar, z_rand=z_rand, x_enc=x_enc,
@@ -344,6 +365,7 @@ def g_step(nets, opts, fw, cfg):
     opts["E"].zero_grad(set_to_none=True)
     loss = ge_losses(nets, fw, cfg)
     sum(loss.values()).backward()
+    average_gradients(opts["E"], opts["G"])  # torchrun: the global batch's gradient
     opts["E"].step()
     opts["G"].step()
     return {k: v.detach() for k, v in loss.items()}
@@ -354,6 +376,7 @@ def d_step(D, opt_D, real, fake):
     opt_D.zero_grad(set_to_none=True)
     loss = lsgan_loss(D(fake.detach()), 0.0) + lsgan_loss(D(real), 1.0)
     loss.backward()
+    average_gradients(opt_D)  # torchrun: the global batch's gradient
     opt_D.step()
     return loss.detach()
 
@@ -418,14 +441,16 @@ PANELS = {"G and E (Eq. 9, weighted)": ["G_GAN", "G_GAN2", "G_L1", "kl", "z_L1"]
 
 
 def train(cfg, given=()):
-    device = pick_device(cfg.device)
-    require(cfg.batch >= 2 and cfg.batch % 2 == 0, f"--batch {cfg.batch}: use an even number >= 2")
+    require(cfg.batch >= 2 and cfg.batch % 2 == 0, f"--batch {cfg.batch}: use an even number >= 2"
+            " (per process)")
+    device = init_distributed(cfg.device)  # under torchrun: this process's GPU (or the CPU)
     cfg, ckpt = prepare_run(cfg, given, FIXED)  # a resumed run: flags left out keep saved values
     seed_everything(cfg.seed)
     out, last = Path(cfg.out), Path(cfg.out) / "last.pt"
     nets = build_nets(cfg, device)
     opts = build_opts(nets, cfg, device)
     step = start = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
+    check_same_weights(nets)  # torchrun: one run, every process from the same weights
     stream = batch_stream(build_dataset(cfg, "train"), cfg, device, step)
     A_fix, B_fix = fixed_inputs(cfg, device)
     z_fix = torch.randn(5, cfg.nz, generator=torch.Generator().manual_seed(1)).to(device)
@@ -435,13 +460,14 @@ def train(cfg, given=()):
         while step < cfg.total_iters:
             for group in (g for o in opts.values() for g in o.param_groups):
                 group["lr"] = lr_at(step, cfg)
-            A, B = next(stream)
+            A, B = next_batch(stream)  # torchrun: a data error or Ctrl-C stops all here
             losses = train_step(nets, opts, A, B, cfg, device)
             step += 1
             if step % cfg.log_every == 0:
+                losses = mean_over_ranks(losses)  # torchrun: logged and checked on every process
                 logger.log(step, {**losses, "lr": lr_at(step - 1, cfg)})
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
-            if step % cfg.sample_every == 0 or step == cfg.total_iters:
+            if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
                 sample_grid(nets, A_fix, B_fix, z_fix, out / "samples" / f"{step:07d}.png")
                 logger.plot(out / "samples" / "losses.png")  # beside the samples
             if step % cfg.save_every == 0 or step == cfg.total_iters:
@@ -450,6 +476,8 @@ def train(cfg, given=()):
         save_checkpoint(last, step, cfg, nets, opts, losses=losses, interrupted=True)
         print()  # a new line after the ^C
         stopped = True
+    if not is_main():  # torchrun: rank 0 reports for the whole run
+        return nets
     line = ""
     if cfg.data in ("", "toy") and not stopped:  # after Ctrl-C the user wants out at once
         A, B = fixed_inputs(cfg, device, 100)
@@ -469,7 +497,7 @@ def train(cfg, given=()):
 
 def bench(cfg):
     """3 warm-up + bench_iters timed training steps on random data; prints one line."""
-    device = pick_device(cfg.device)
+    device = init_distributed(cfg.device)  # under torchrun: its/s and images/s are global
     nets, cuda, s = build_nets(cfg, device), device.type == "cuda", cfg.img_size
     opts = build_opts(nets, cfg, device)
     A, B = (torch.rand(cfg.batch, c, s, s, device=device) * 2 - 1 for c in (cfg.input_nc, 3))
@@ -481,11 +509,11 @@ def bench(cfg):
             t0 = time.perf_counter()
         train_step(nets, opts, A, B, cfg, device)
     torch.cuda.synchronize() if cuda else None
-    its = cfg.bench_iters / (time.perf_counter() - t0)
+    its, N = cfg.bench_iters / (time.perf_counter() - t0), world_size()
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"
-    print(f"bench {s}px batch {cfg.batch} {device.type}: {sig3(its)} it/s | "
-          f"{sig3(its * cfg.batch)} images/s | peak mem {mem} | "
-          f"{sig3(counter.get_total_flops() * its / 1e12)} TFLOP/s")
+    print(f"bench {s}px batch {cfg.batch}{f' × {N} processes' if N > 1 else ''} {device.type}: "
+          f"{sig3(its)} it/s | {sig3(its * cfg.batch * N)} images/s | peak mem {mem} | "
+          f"{sig3(counter.get_total_flops() * its * N / 1e12)} TFLOP/s")
 
 
 def load_run(cfg, ckpt):

@@ -5,6 +5,7 @@ Symbols: f → mapping; A → AdaIN.affine, y = (y_s, y_b); B → StyleLayer.noi
 w̄ → w_avg; ψ → psi; γ → r1_gamma. Shapes: B batch, Z = W latent size, L = 2·log2(R) − 2 layers.
   python 04_stylegan_mapping.py [--resume auto]   # toy shapes, 32 px, 6 CPU minutes, figures
   python 04_stylegan_mapping.py --data data/afhq  # 256 px into runs/04_afhq (CelebA: 128 px)
+  torchrun --nproc_per_node 8 04_stylegan_mapping.py --data data/afhq --batch 4  # 8 GPUs × 4
   python 04_stylegan_mapping.py sample --out runs/04_toy [--ckpt F]  # Figs. 3, 4, 8 + z/w GIFs
   python 04_stylegan_mapping.py eval --out runs/04_toy    # PPL in Z and W + toy oracle
   python 04_stylegan_mapping.py --bench           # one line: it/s, TFLOP/s
@@ -32,11 +33,12 @@ from torch.utils.data import Subset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
-from common import (ImageFiles, Logger, LPIPS, SHAPES, UserError, autocast, check_finite,
-                    check_flags, load_checkpoint, main_guard, make_loader, parse_config,
-                    pick_device, prepare_run, print_summary, read_checkpoint, read_shapes, require,
-                    resolve_data, save_checkpoint, save_gif, save_grid, seed_everything, sig3,
-                    to_tensor_norm)
+from common import (ImageFiles, Logger, LPIPS, SHAPES, UserError, autocast, average_gradients,
+                    check_finite, check_flags, check_same_weights, epoch_rows, init_distributed,
+                    is_main, load_checkpoint, main_guard, make_loader, mean_over_ranks, next_batch,
+                    parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
+                    read_shapes, require, resolve_data, save_checkpoint, save_gif, save_grid,
+                    seed_everything, shard_draw, sig3, to_tensor_norm, world_size)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -55,7 +57,7 @@ class Config:
     mapping_lr_mul: float = 0.01  # λ' = 0.01·λ for f (App. C: two orders of magnitude lower)
     fmap_base: int = 8192  # channels at 2^r px = min(fmap_base / 2^(r−1), fmap_max) (official)
     fmap_max: int = 512  # channel cap: 512 up to 32 px, then halving
-    batch: int = 32  # minibatch (official at 64-256 px)
+    batch: int = 32  # minibatch per process (official 32 at 64-256 px); global: N × batch
     lr: float = 1e-3  # Adam λ (App. C; official FFHQ raises it at 128+ px, not done here)
     betas: tuple[float, ...] = (0.0, 0.99)  # Adam β1, β2 (App. C)
     r1_gamma: float = 10.0  # γ of the R1 penalty on reals (App. C, FFHQ)
@@ -226,7 +228,8 @@ class Generator(nn.Module):
 
 def minibatch_stddev(x, group=4):
     """ProGAN §3: std of each feature over a group of 4 (official; rosinality: the whole batch),
-    averaged into one extra channel. Sample b is in group b mod (B/4)."""
+    averaged into one extra channel. Sample b is in group b mod (B/4). Under torchrun groups form
+    within each process's batch (B = --batch), as in the official multi-GPU code (per GPU)."""
     B, C, H, W = x.shape
     G = min(group, B)
     require(B % G == 0, f"--batch {B}: must be a multiple of the minibatch-stddev group ({group})")
@@ -291,13 +294,15 @@ def make_dataset(cfg):
 
 def real_batches(dataset, cfg, device, step):
     """Endless x_real (B, 3, R, R) from `step` on, randomly mirrored (official mirror_augment);
-    order and flips are pure functions of (seed, step), so a resumed run sees the same data."""
+    order and flips are pure functions of (seed, step), so a resumed run sees the same data;
+    under torchrun each process takes its rows of every global batch (common.epoch_rows)."""
     n, b = len(dataset), cfg.batch
-    require(n >= b, f"--batch {b}: the data has only {n} images; lower --batch or add images")
+    per_epoch, mine = epoch_rows(n, b)
     while True:
-        epoch, skip = divmod(step, n // b)
+        epoch, skip = divmod(step, per_epoch)
         g = torch.Generator().manual_seed(cfg.seed + epoch)
         order, flip = torch.randperm(n, generator=g), torch.rand(n, generator=g) < 0.5
+        order, flip = order[mine], flip[mine]
         loader = make_loader(Subset(dataset, order[skip * b:].tolist()), b, shuffle=False,
                              num_workers=cfg.num_workers, device=device)
         for i, x in enumerate(loader, skip):
@@ -315,22 +320,32 @@ def mixed_styles(G, z, mixing_prob):
     L, w = G.synthesis.num_layers, G.mapping(z)  # w (B, W)
     ws = w[:, None].expand(-1, L, -1)  # (B, L, W)
     if torch.rand(()) < mixing_prob:  # CPU generator: no GPU sync, restored on resume
-        ws = style_mix(ws, G.mapping(torch.randn_like(z))[:, None], torch.randint(1, L, ()))
+        z2 = shard_draw(lambda n: torch.randn(n, z.shape[1], device=z.device), len(z))  # (B, Z)
+        ws = style_mix(ws, G.mapping(z2)[:, None], torch.randint(1, L, ()))
     return ws, w
+
+
+def draw_latents(G, batch, cfg, device):
+    """z (B, Z), then (after style mixing's draws) the noise images; under torchrun this process's
+    rows of the global batch's draws (common.shard_draw), so N × B train as one × N·B."""
+    z = shard_draw(lambda n: torch.randn(n, cfg.w_dim, device=device), batch)
+    ws, w = mixed_styles(G, z, cfg.mixing_prob)
+    return ws, w, shard_draw(lambda n: G.synthesis.make_noise(n, device), batch)
 
 
 def d_step(G, D, opt_D, x_real, cfg):
     """logistic loss + γ/2·R1 on reals; updates D only (G runs without gradients)."""
-    z = torch.randn(x_real.shape[0], cfg.w_dim, device=x_real.device)
     x_real = x_real.detach().requires_grad_(True)
     with autocast(x_real.device, cfg.amp):
         with torch.no_grad():
-            x_fake = G.synthesis(mixed_styles(G, z, cfg.mixing_prob)[0])  # (B, 3, R, R)
+            ws, _, noise = draw_latents(G, x_real.shape[0], cfg, x_real.device)
+            x_fake = G.synthesis(ws, noise)  # (B, 3, R, R)
         # view_as: D gets a non-leaf, as FlopCounterMode's hooks on a leaf break autograd.grad
         real_logits, fake_logits = D(x_real.view_as(x_real)).float(), D(x_fake).float()  # (B,)
     loss_adv, loss_r1 = d_logistic(real_logits, fake_logits), r1_penalty(real_logits, x_real)
     opt_D.zero_grad(set_to_none=True)
     (loss_adv + cfg.r1_gamma / 2 * loss_r1).backward()
+    average_gradients(opt_D)  # torchrun: the global batch's gradient
     opt_D.step()
     return {"D/adv": loss_adv.detach(), "D/r1": loss_r1.detach()}
 
@@ -338,23 +353,24 @@ def d_step(G, D, opt_D, x_real, cfg):
 def g_step(G, D, opt_G, batch, cfg, device):
     """Non-saturating loss on style-mixed fakes, updates G (f and g); then w̄ ← lerp(w̄, mean f(z),
     1 − β). Official updates w̄ in the D pass too; we don't, so the D step leaves G untouched."""
-    z = torch.randn(batch, cfg.w_dim, device=device)
     D.requires_grad_(False)  # no D weight gradients: faster, and D cannot change
     with autocast(device, cfg.amp):
-        ws, w = mixed_styles(G, z, cfg.mixing_prob)
-        loss = g_nonsaturating(D(G.synthesis(ws)).float())
+        ws, w, noise = draw_latents(G, batch, cfg, device)
+        loss = g_nonsaturating(D(G.synthesis(ws, noise)).float())
     opt_G.zero_grad(set_to_none=True)
     loss.backward()
+    average_gradients(opt_G)  # torchrun: the global batch's gradient
     opt_G.step()
     D.requires_grad_(True)
-    G.w_avg.lerp_(w.detach().float().mean(0), 1 - cfg.w_avg_beta)
+    G.w_avg.lerp_(mean_over_ranks(w.detach().to(G.w_avg.dtype).mean(0)), 1 - cfg.w_avg_beta)
     return {"G/adv": loss.detach()}
 
 
 @torch.no_grad()
 def update_ema(G_ema, G, cfg):
-    """Official EMA of G, half-life ema_kimg k images (β ≈ 0.9978 at batch 32); w̄ is copied."""
-    beta = 0.5 ** (cfg.batch / (cfg.ema_kimg * 1000))
+    """Official EMA of G, half-life ema_kimg k images (β ≈ 0.9978 at batch 32); w̄ is copied.
+    The images of a step: the global batch, N processes × batch under torchrun."""
+    beta = 0.5 ** (cfg.batch * world_size() / (cfg.ema_kimg * 1000))
     torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1 - beta)
     G_ema.w_avg.copy_(G.w_avg)
 
@@ -589,20 +605,23 @@ def train(cfg, device, given=()):
     G, D, G_ema, opt_G, opt_D = build(cfg, device)
     nets, opts = {"G": G, "D": D, "G_ema": G_ema}, {"G": opt_G, "D": opt_D}
     step = start = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
+    check_same_weights(nets)  # torchrun: one run, every process from the same weights
     batches = real_batches(make_dataset(cfg), cfg, device, step)
     logger = Logger(out, cfg.total_iters, cfg.log_every, console_terms(cfg), start=step)
     last, losses, t0, stopped = out / "last.pt", {}, time.time(), False
     z_fixed = torch.randn(16, cfg.w_dim, generator=torch.Generator().manual_seed(cfg.seed))
     try:
         while step < cfg.total_iters:
-            losses = d_step(G, D, opt_D, next(batches), cfg)
+            x_real = next_batch(batches)  # torchrun: a data error or Ctrl-C stops all here
+            losses = d_step(G, D, opt_D, x_real, cfg)
             losses |= g_step(G, D, opt_G, cfg.batch, cfg, device)
             update_ema(G_ema, G, cfg)
             step += 1
             if step % cfg.log_every == 0:
+                losses = mean_over_ranks(losses)  # torchrun: logged and checked on every process
                 logger.log(step, losses)
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
-            if step % cfg.sample_every == 0 or step == cfg.total_iters:
+            if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
                 save_grid(G_ema(z_fixed.to(device)), out / f"sample_{step:06d}.png", 4)
                 logger.plot(out / "losses.png")  # beside the samples, redrawn from log.jsonl
             if step % cfg.save_every == 0 or step == cfg.total_iters:
@@ -610,7 +629,8 @@ def train(cfg, device, given=()):
     except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
         save_checkpoint(last, step, cfg, nets, opts, losses=losses, interrupted=True)
         stopped = True
-    finish(G_ema.eval(), cfg, device, out, (start, step, time.time() - t0), stopped)
+    if is_main():  # torchrun: rank 0 reports for the whole run
+        finish(G_ema.eval(), cfg, device, out, (start, step, time.time() - t0), stopped)
     return nets
 
 
@@ -648,11 +668,11 @@ def bench(cfg, device):
         d_step(G, D, opt_D, x, cfg), g_step(G, D, opt_G, cfg.batch, cfg, device)
         update_ema(G_ema, G, cfg)
     sync()
-    rate = cfg.bench_iters / (time.perf_counter() - t0)
+    rate, N = cfg.bench_iters / (time.perf_counter() - t0), world_size()  # torchrun: global
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
-    print(f"bench {cfg.img_size} px, batch {cfg.batch}, {device.type}: {sig3(rate)} it/s | "
-          f"{sig3(rate * cfg.batch)} images/s | peak mem {mem} | "
-          f"{sig3(counter.get_total_flops() * rate / 1e12)} TFLOP/s")
+    print(f"bench {cfg.img_size} px, batch {cfg.batch}{f' × {N} processes' if N > 1 else ''}, "
+          f"{device.type}: {sig3(rate)} it/s | {sig3(rate * cfg.batch * N)} images/s | peak mem "
+          f"{mem} | {sig3(counter.get_total_flops() * rate * N / 1e12)} TFLOP/s")
 
 
 # ----------------------------------------------------------------------------
@@ -668,9 +688,10 @@ def main(argv=None):
     check_flags(cfg, positive="batch lr mapping_lr_mul total_iters log_every sample_every "
                 "save_every", nonneg="num_workers", unit="betas")
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    if cfg.bench or ns.mode == "train":
+    if cfg.bench or ns.mode == "train":  # under torchrun: this process's GPU (or the CPU)
+        device = init_distributed(cfg.device)
         return bench(cfg, device) if cfg.bench else train(cfg, device, ns.given)
+    device = pick_device(cfg.device)
     # sample / eval: G_ema of --ckpt (or, as before, --resume) PATH or out/last.pt, as trained
     old = cfg.resume if cfg.resume not in ("", "auto") else ""
     path = Path(ns.ckpt or old or Path(cfg.out) / "last.pt")

@@ -1,11 +1,14 @@
-"""Plumbing shared by the numbered scripts: CLI, seeding, devices, checkpoints, dataset readers,
-toy data, grids, logging, metric backbones. Nothing a paper names lives here (networks, losses,
-EMA, truncation, R1 ... stay in the scripts). The toy data generator and its oracle: data/toy.py."""
+"""Plumbing shared by the numbered scripts: CLI, seeding, devices, several processes (torchrun),
+checkpoints, dataset readers and samplers, toy data, grids, logging, metric backbones. Nothing a
+paper names lives here (networks, losses, EMA, truncation, R1 ... stay in the scripts). The toy
+data generator and its oracle: data/toy.py."""
 import argparse
 import ast
 import contextlib
 import dataclasses
+import datetime
 import inspect
+import itertools
 import json
 import math
 import os
@@ -21,6 +24,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 from PIL import Image, ImageDraw, ImageFont
@@ -38,6 +42,11 @@ class UserError(Exception):
     pass
 
 
+class SharedError(UserError):
+    """Raised by every process at the same point (an agreed stop, synced losses, rank 0's answer):
+    under torchrun rank 0 alone prints it."""
+
+
 def require(cond, msg):
     if not cond:
         raise UserError(msg)
@@ -46,14 +55,25 @@ def require(cond, msg):
 def main_guard(fn, argv=None):
     if argv is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _ctrl_c_once)  # the command line (tests pass argv)
+    rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1)))
     try:
         fn(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Under torchrun: an error every process raised alike (command line, agreed, synced) is
+        # printed once, by rank 0; any other by each process that met it, naming its rank.
+        alike = isinstance(e, SharedError) or not dist.is_initialized()
+        if rank == 0 or not alike:
+            print(f"error: {'' if alike or world == 1 else f'rank {rank}: '}{e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # outside a training loop (which saves first): nothing to keep
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except dist.DistError as e:  # a peer died or hung (TIMEOUT): its own message is above
+        print(f"error: rank {rank}: lost contact with another process ({_first_line(e)})",
+              file=sys.stderr)
+        sys.exit(1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _ctrl_c_once(signum, frame):
@@ -95,6 +115,8 @@ def parse_config(cfg_cls, presets, argv=None, doc="", modes=("train",), extra=()
         p.add_argument(*flags, **kw)
     ns = p.parse_args(argv)
     ns.mode = getattr(ns, "mode", modes[0])
+    require(ns.mode == modes[0] or int(os.environ.get("WORLD_SIZE", 1)) == 1, f"{ns.mode}: runs "
+            "in one process; start it with python, not torchrun (which is for training)")
     given = {f.name: getattr(ns, f.name) for f in fields if hasattr(ns, f.name)}
     data = str(given.get("data", ""))
     if ns.preset is None:  # a --data folder named like a preset, else toy for the toy data
@@ -146,6 +168,160 @@ def autocast(device, amp):
     return torch.autocast(kind, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
+# ---- Several processes: torchrun starts one per GPU (or several on the CPU); one run, not N.
+# In a plain run (no torchrun, or one process) every helper below does nothing: world size 1.
+TIMEOUT = datetime.timedelta(minutes=10)  # a dead or stuck peer stops the others, never a hang;
+# rank 0's longest lone work (sample grids, the toy oracle, a checkpoint write) is far shorter
+_PEERS = {}  # set once by init_distributed: the CPU control group and pending Ctrl-C presses
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main():
+    return rank() == 0
+
+
+def init_distributed(device="auto"):
+    """-> this process's device. Under torchrun (WORLD_SIZE > 1): joins the process group, NCCL
+    on cuda:LOCAL_RANK or gloo on the CPU (--device cpu, or no GPU). Otherwise pick_device."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return pick_device(device)
+    local, n = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+    cuda = device != "cpu" and n > 0
+    require(device in ("auto", "cpu", "cuda") and (cuda or device != "cuda"), f"--device "
+            f"{device}: under torchrun each process takes cuda:LOCAL_RANK ({n} GPUs visible) or "
+            "the CPU; pass --device auto, cuda or cpu")
+    require(not cuda or local < n, f"torchrun started {local + 1}+ processes on this machine but "
+            f"only {n} GPU(s) are visible; pass --nproc_per_node {n} or fewer")
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT,
+                                device_id=device if cuda else None)
+        # The per-step stop flags (next_batch) travel between CPUs: on NCCL they would make every
+        # step wait for its GPU work to finish.
+        _PEERS.update(control=dist.new_group(backend="gloo", timeout=TIMEOUT) if cuda else None,
+                      ctrl_c=[])
+        # Ctrl-C (torchrun passes it to every process) is only recorded here: all processes
+        # stop at the same step (next_batch), so rank 0 saves a state no process has moved past.
+        signal.signal(signal.SIGINT, lambda *_: _PEERS["ctrl_c"].append(1))
+        if dist.get_rank() > 0:  # one console: rank 0 prints (errors: see main_guard)
+            sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def _agree(problem=""):
+    """Every process says whether it met a problem (a message) and whether it got Ctrl-C; then
+    all raise the lowest such rank's problem as a SharedError, or KeyboardInterrupt, together."""
+    if world_size() == 1:
+        return
+    group, ctrl_c = _PEERS.get("control"), _PEERS.setdefault("ctrl_c", [])
+    flags = torch.tensor([bool(problem), bool(ctrl_c)], dtype=torch.int64)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    if flags[0]:
+        said = [None] * world_size()
+        dist.all_gather_object(said, problem, group=group)
+        first = next(r for r, p in enumerate(said) if p)
+        raise SharedError(f"rank {first}: {said[first]}")
+    if flags[1]:
+        ctrl_c.clear()
+        raise KeyboardInterrupt
+
+
+def next_batch(stream):
+    """next(stream). Under torchrun every process also learns whether another could not read its
+    share (a UserError) or got Ctrl-C, and all stop at this step: one message, or the training
+    loop's KeyboardInterrupt save. One small CPU collective per step."""
+    if world_size() == 1:
+        return next(stream)
+    try:
+        item, problem = next(stream), ""
+    except UserError as e:
+        item, problem = None, str(e)
+    _agree(problem)
+    return item
+
+
+def shard_draw(draw, n, dim=0):
+    """draw(N·n) -> this process's n rows along dim (of a tensor, or of each in a list). Every
+    process holds the same RNG state (same seed, same draws in the same order), so each draws the
+    whole global batch's numbers and keeps its rows: N processes × n get exactly the numbers one
+    process × N·n gets. One process: draw(n), the numbers a plain run always drew."""
+    world, r = world_size(), rank()
+    out = draw(n * world)
+    if world == 1:
+        return out
+    take = lambda t: t.narrow(dim, r * n, n)  # noqa: E731
+    return [take(t) for t in out] if isinstance(out, (list, tuple)) else take(out)
+
+
+def gather_batch(x):
+    """x (n, ...) of every process, in rank order -> the global batch's (N·n, ...)."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def mean_over_ranks(x):
+    """A tensor, or a dict of scalars (logged losses), averaged over all processes."""
+    if world_size() == 1 or (isinstance(x, dict) and not x):
+        return x
+    if isinstance(x, dict):
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flat = torch.stack([torch.as_tensor(v).detach().float().to(device) for v in x.values()])
+        return dict(zip(x, mean_over_ranks(flat)))
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world_size()
+
+
+def average_gradients(*optimizers):
+    """Under torchrun, before optimizer.step(): the gradients of the parameters these optimizers
+    step, averaged over all processes in one flattened all-reduce, so each process steps with the
+    gradient of the whole global batch. Chosen over DistributedDataParallel, whose reducer expects
+    each wrapped parameter to get a gradient in each backward: these GAN steps use several
+    optimizers, restrict a backward to some nets (02's inputs=...), call a net several times per
+    step, take double backwards (R1, WGAN-GP) and call nets functionally (03's frozen_call); DDP
+    copes only partly (find_unused_parameters) and obscurely. The cost: communication does not
+    overlap the backward pass. A parameter without a gradient (so on every process: the same code
+    runs everywhere) stays without one, so its optimizer skips it, as in a plain run."""
+    world = world_size()
+    if world == 1:
+        return
+    grads = [p.grad for o in optimizers for group in o.param_groups for p in group["params"]
+             if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(avg.view_as(g))
+
+
+def check_same_weights(nets):
+    """One run, not N: checked once at the start, every process holds rank 0's weights (they all
+    built them from the same seed, or read the same checkpoint)."""
+    if world_size() == 1:
+        return
+    differ = ""
+    for name, net in nets.items():
+        for key, t in net.state_dict().items():
+            theirs = t.detach().clone()
+            dist.broadcast(theirs, 0)
+            differ = differ or (f"{name}.{key}" if not torch.equal(theirs, t) else "")
+    _agree(differ and f"its initial weights differ from rank 0's ({differ}); every process must "
+           "use the same --seed and resume the same checkpoint (several machines: put --out on "
+           "a shared filesystem)")
+
+
 # ---- Run folder and checkpoints: one file holds the whole training state
 # Settings of this invocation and machine, not of the run: never taken from a checkpoint.
 LOCAL = ("out", "resume", "overwrite", "device", "bench", "bench_iters")
@@ -154,7 +330,25 @@ LOCAL = ("out", "resume", "overwrite", "device", "bench", "bench_iters")
 def prepare_run(cfg, given=(), fixed=()):
     """-> (cfg, checkpoint to resume or None). All checks come before the folder changes: a run
     in cfg.out is continued (--resume auto, or its own last.pt by path) or, with --overwrite,
-    moved aside; never replaced. given / fixed: see resume_config."""
+    moved aside; never replaced. given / fixed: see resume_config. Under torchrun rank 0 alone
+    looks at and changes the folder; every process gets its answer (or its error)."""
+    if world_size() == 1:
+        return _prepare_run(cfg, given, fixed)
+    answer = [None]
+    if is_main():
+        try:
+            new, ckpt = _prepare_run(cfg, given, fixed)
+            answer = [(dataclasses.asdict(new), ckpt, "")]
+        except UserError as e:
+            answer = [(None, None, str(e))]
+    dist.broadcast_object_list(answer, 0, group=_PEERS.get("control"))
+    values, ckpt, problem = answer[0]
+    if problem:
+        raise SharedError(problem)
+    return type(cfg)(**values), ckpt
+
+
+def _prepare_run(cfg, given, fixed):
     out, resume = Path(cfg.out), cfg.resume
     last = out / "last.pt"
     ckpt = Path(resume) if resume not in ("", "auto") else None
@@ -196,7 +390,8 @@ def resume_config(cfg, path, given=(), fixed=()):
     flag that changes one is applied and printed, or refused if in `fixed` (architecture and
     data: the weights would not fit, or would mean something else). A moved copy of the data
     (same folder name) is applied. LOCAL settings always come from this invocation."""
-    saved, values = read_checkpoint(path, type(cfg))["config"], {}
+    state, values = read_checkpoint(path, type(cfg)), {}
+    saved, world = state["config"], world_size()
     for k, old in saved.items():
         old = tuple(old) if isinstance(old, list) else old  # torch.load gives tuples back as lists
         new, flag = getattr(cfg, k), k.replace("_", "-")
@@ -210,7 +405,11 @@ def resume_config(cfg, path, given=(), fixed=()):
                 f"resumed run keeps its architecture and data: leave --{flag} out, or start a new "
                 "run (another --out)")
         print(f"resume: {k} {old} -> {new} (applied)")
-    return dataclasses.replace(cfg, **values)
+    cfg, was = dataclasses.replace(cfg, **values), state.get("world", 1)  # processes that wrote it
+    if was != world and "batch" in saved:  # --batch is per process
+        print(f"resume: {path} was trained by {was} process(es) × batch {saved['batch']} (global "
+              f"batch {was * saved['batch']}); now {world} × {cfg.batch} = {world * cfg.batch}")
+    return cfg
 
 
 def strip_prefixes(state_dict):
@@ -263,19 +462,27 @@ def save_checkpoint(path, step, cfg, nets, opts, extra=None, losses=None, interr
     atomic (temp file + os.replace), Ctrl-C held until the file is complete (then delivered;
     interrupted=True: this save answers a Ctrl-C, so further ones are dropped)."""
     with _sigint_held(deliver=not interrupted):
-        check_finite(losses or {}, step, path)
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        # Every process checks (the losses synced, the weights the same everywhere), so all stop
+        # together; rank 0 alone writes.
+        check_finite(mean_over_ranks(losses or {}), step, path)
+        cuda = [] if not torch.cuda.is_available() else torch.cuda.get_rng_state_all() \
+            if world_size() == 1 else [torch.cuda.get_rng_state()] \
+            if torch.cuda.is_initialized() else []  # torchrun: its own GPU, if it trains on one
         rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}
         state = {"step": step, "config": dataclasses.asdict(cfg), "rng": rng,
                  "extra": extra or {}, "opts": {k: o.state_dict() for k, o in opts.items()},
-                 "nets": {k: strip_prefixes(m.state_dict()) for k, m in nets.items()}}
+                 "nets": {k: strip_prefixes(m.state_dict()) for k, m in nets.items()},
+                 "world": world_size()}
         tensors = [(f"{k}.{n}", t) for k, sd in state["nets"].items() for n, t in sd.items()] + [
             (f"the {k} optimizer's {n}", t) for k, o in state["opts"].items()
             for s in o["state"].values() for n, t in s.items() if torch.is_tensor(t)]
         bad = next((n for n, t in tensors if t.is_floating_point() and not t.isfinite().all()),
                    None)
-        require(bad is None, f"step {step}: {bad} is not finite; stopping without saving. Last "
-                f"good checkpoint: {_last_good(path)} (try a lower lr, or --no-amp)")
+        if bad is not None:
+            raise SharedError(f"step {step}: {bad} is not finite; stopping without saving. Last "
+                              f"good checkpoint: {_last_good(path)} (try a lower lr, or --no-amp)")
+        if not is_main():
+            return
         tmp = Path(f"{path}.tmp")
         try:
             torch.save(state, tmp)
@@ -286,7 +493,19 @@ def save_checkpoint(path, step, cfg, nets, opts, extra=None, losses=None, interr
 
 def load_checkpoint(path, nets, opts=None, map_location="cpu", restore_rng=True):
     """Nets, optimizer state and RNG from `path`. The optimizers keep this run's lr, betas, eps
-    and weight decay (applied on resume, see resume_config); moments and step counts are loaded."""
+    and weight decay (applied on resume, see resume_config); moments and step counts are loaded.
+    Under torchrun every process reads the file; if one cannot, all stop with its message."""
+    if world_size() == 1:
+        return _load_checkpoint(path, nets, opts, map_location, restore_rng)
+    try:
+        state, problem = _load_checkpoint(path, nets, opts, map_location, restore_rng), ""
+    except UserError as e:
+        state, problem = None, f"{e} (several machines: put --out on a shared filesystem)"
+    _agree(problem)
+    return state
+
+
+def _load_checkpoint(path, nets, opts, map_location, restore_rng):
     state = read_checkpoint(path, map_location=map_location)
     try:
         for k, m in nets.items():
@@ -303,8 +522,11 @@ def load_checkpoint(path, nets, opts=None, map_location="cpu", restore_rng=True)
         version, internal, gauss = state["rng"]["python"]  # setstate wants tuples, not lists
         random.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        cuda = state["rng"]["cuda"]
+        if cuda and torch.cuda.is_available() and world_size() == 1:
+            torch.cuda.set_rng_state_all(cuda)
+        elif cuda and torch.cuda.is_available():  # every process: the state of the first GPU
+            torch.cuda.set_rng_state(cuda[0])  # (rank 0's, or a plain run's cuda:0)
     return state
 
 
@@ -316,10 +538,10 @@ def check_finite(losses, step, last_ckpt=None):
     """Stop at a nan/inf loss term: called at every log step (the losses are synced there) and
     before every save, so a run never trains on, or saves, a broken state."""
     for k, v in losses.items():
-        if not math.isfinite(float(v)):
-            raise UserError(f"step {step}: loss term '{k}' is {float(v)}; stopping without saving. "
-                            f"Last good checkpoint: {_last_good(last_ckpt)} (try a lower lr, or "
-                            "--no-amp)")
+        if not math.isfinite(float(v)):  # shared: under torchrun the losses are synced first
+            raise SharedError(f"step {step}: loss term '{k}' is {float(v)}; stopping without "
+                              f"saving. Last good checkpoint: {_last_good(last_ckpt)} (try a lower "
+                              "lr, or --no-amp)")
 
 
 # ---- Data: readers for the real on-disk formats (the toy sets use the same formats)
@@ -583,6 +805,94 @@ def infinite(loader):
         yield from loader
 
 
+# Training data: a pure function of (seed, step, rank), so a resumed run reads exactly what it would
+# have read, and N processes × batch read what one process × N·batch reads (same global batch).
+def check_batch(n, batch):
+    """-> the global batch N × batch, or the one-line error when n images cannot fill it."""
+    world, glob = world_size(), world_size() * batch
+    if world > 1 and n < world:
+        raise SharedError(f"{world} processes cannot share {n} image(s): each needs its own rows "
+                          "of every batch; run fewer processes (torchrun --nproc_per_node) or add "
+                          "images")
+    if n < glob:
+        raise SharedError(f"--batch {batch}: the dataset has only {n} images; lower --batch or "
+                          "add images" if world == 1 else f"--batch {batch} × {world} processes "
+                          f"= a global batch of {glob}, but the dataset has only {n} images; "
+                          "lower --batch, run fewer processes, or add images")
+    return glob
+
+
+def epoch_rows(n, batch):
+    """For a per-epoch shuffle of n images (03, 04) -> (steps per epoch, this process's positions
+    in the epoch's order: its `batch` rows of each global batch, step after step)."""
+    per_epoch = n // check_batch(n, batch)
+    return per_epoch, torch.arange(per_epoch * world_size() * batch).view(
+        per_epoch, world_size(), batch)[:, rank()].flatten()
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Endless batches of (index, key) for steps step, step + 1, ...: this process's rows of each
+    global batch. Without weights: a shuffle per epoch (each image once, the tail dropped); with
+    weights: draws with replacement ∝ weights. key seeds the sample's random transforms (_Keyed):
+    flips and crops are then the same at any N, with or without loader workers."""
+    def __init__(self, n, batch, seed=0, step=0, weights=None, name=""):
+        self.n, self.step, self.weights, self.glob = n, step, weights, check_batch(n, batch)
+        self.rows = slice(rank() * batch, (rank() + 1) * batch)
+        # Random(str) hashes the text with SHA-512: stable seeds, distinct per stream (name)
+        self.base, self.epoch_base = (random.Random(f"{seed}/{name}/{what}").getrandbits(32)
+                                      for what in ("step", "epoch"))
+        self.epoch = (None, None)  # (epoch, its order): one shuffle per epoch
+
+    def global_batch(self, step):
+        """-> indices and keys (N·batch,) of step's global batch."""
+        g = torch.Generator().manual_seed((self.base + step) % 2**32)  # torch keeps 32 bits
+        if self.weights is None:
+            epoch, pos = divmod(step, self.n // self.glob)
+            if self.epoch[0] != epoch:
+                gen = torch.Generator().manual_seed((self.epoch_base + epoch) % 2**32)
+                self.epoch = (epoch, torch.randperm(self.n, generator=gen))
+            idx = self.epoch[1][pos * self.glob:(pos + 1) * self.glob]
+        else:
+            idx = torch.multinomial(self.weights, self.glob, replacement=True, generator=g)
+        return idx, torch.randint(2**62, (self.glob,), generator=g)
+
+    def __iter__(self):
+        for step in itertools.count(self.step):
+            idx, keys = self.global_batch(step)
+            yield list(zip(idx[self.rows].tolist(), keys[self.rows].tolist()))
+
+
+class _Keyed(Dataset):
+    """dataset[i] with torch's RNG seeded by key during the call (restored after), so a sample's
+    random transforms depend on its place in the run only, not on the process or worker."""
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        i, key = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(key)
+            return self.dataset[i]
+
+
+def step_loader(dataset, batch, seed, step=0, balanced=False, num_workers=0, device=None,
+                name=""):
+    """Endless training batches of this process from `step` on (StepSampler); balanced: every
+    domain (dataset.targets) equally often, whatever its size (each image weighs 1/count).
+    Streams drawn side by side need distinct names, or they draw the same indices."""
+    weights = None
+    if balanced:
+        y = torch.tensor(dataset.targets)
+        weights = (1.0 / torch.bincount(y).float())[y]
+    return iter(_Loader(_Keyed(dataset), batch_sampler=StepSampler(
+        len(dataset), batch, seed, step, weights, name), num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),  # else it draws from the global RNG
+        pin_memory=device is not None and torch.device(device).type == "cuda"))
+
+
 # ---- Output: grids, GIFs, console and JSONL logging, loss curves, the end-of-run summary
 def sig3(x):
     """x with 3 significant digits and no exponent (bench lines): 0.0123, 4.56, 78.9, 2160."""
@@ -662,6 +972,8 @@ class Logger:
         return line
 
     def log(self, step, losses):
+        if not is_main():  # one run, one log: rank 0 writes (the caller synced the losses)
+            return
         vals = {k: float(v) for k, v in losses.items()}  # the only host sync of a training step
         print(self.line(step, vals), flush=True)
         with open(self.path, "a") as f:

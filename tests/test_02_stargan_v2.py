@@ -468,6 +468,23 @@ def break_after(calls_before_ctrl_c=None, nan_after=1):
     return broken, calls
 
 
+def test_sources_and_references_are_drawn_independently(tmp_path, monkeypatch):
+    """Sources and references come from two class-balanced streams with their own draws (as
+    official); the same seed for both once made every reference the source image itself."""
+    seen = []
+
+    def record(nets, ema, optims, batch, *a, **kw):  # the batches of 3 steps, then Ctrl-C
+        seen.append([t.clone() for t in batch])
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return {}
+    monkeypatch.setattr(m, "train_step", record)
+    m.main(RUN + ["--out", str(tmp_path), "--batch", "8"])
+    x_real, y_org, x_ref, _, y_trg = (torch.cat(t) for t in zip(*seen))
+    assert (y_org != y_trg).float().mean() > 0.4  # 3 domains: 2/3 of pairs differ by chance
+    assert not any(torch.equal(a, b) or torch.equal(a, b.flip(-1)) for a, b in zip(x_real, x_ref))
+
+
 def test_interrupt_after_nan_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
     m.main(RUN + ["--out", str(out), "--total-iters", "2", "--save-every", "2"])
