@@ -46,12 +46,12 @@ from torchvision.utils import make_grid
 
 from common import (DomainFolder, FAN, ImageFiles, InceptionPool, Logger, LPIPS, ReferencePairs,
                     UserError, align_faces, autocast, average_gradients, check_finite, check_flags,
-                    check_same_weights, frechet_distance, infinite, init_distributed, is_main,
-                    load_checkpoint, load_fan, load_rgb, main_guard, make_loader, mean_over_ranks,
-                    next_batch, parse_config, pick_device, prepare_run, print_summary,
-                    read_checkpoint, read_npz, read_scenes, require, resolve_data, save_checkpoint,
-                    save_gif, save_grid, seed_everything, shard_draw, short_path, sig3,
-                    step_loader, strip_prefixes, to_tensor_norm, world_size)
+                    check_same_weights, frechet_distance, init_distributed, is_main,
+                    load_checkpoint, load_fan, load_rgb, main_guard, mean_over_ranks, next_batch,
+                    parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
+                    read_npz, read_scenes, require, resolve_data, save_checkpoint, save_gif,
+                    save_grid, seed_everything, shard_draw, short_path, sig3, step_loader,
+                    strip_prefixes, to_tensor_norm, world_size)
 
 # ----------------------------------------------------------------------------
 # 1. Config

@@ -9,7 +9,6 @@ Dry run of this file's logic on the CPU, with tiny widths: GPU_CHECK_DEVICE=cpu 
 -m cuda -q (what it cannot check there: the CUDA kernels, memory and speed)."""
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch

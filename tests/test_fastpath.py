@@ -1,7 +1,7 @@
 """The mixed-precision path of every script, on the CPU: `--amp` runs torch.autocast("cpu", bf16),
 the same machinery as CUDA's default. From the same weights, batch and random draws, one training
 iteration with autocast logs every loss term within 3 % (relative) or 2e-3 (absolute) of the fp32
-iteration, the penalties stay finite and non-zero, and some tensor inside the step really is bf16."""
+iteration, the penalties stay finite and non-zero, and a tensor inside the step is really bf16."""
 import copy
 import dataclasses
 import re
@@ -65,7 +65,8 @@ def test_01_stargan_v1_fast_path():
     cfg = S.Config(img_size=32, g_conv_dim=8, d_conv_dim=8, g_repeat_num=2, d_repeat_num=4)
     G, D, opt_g, opt_d = S.build(cfg, [5], torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
-    x, c = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, (torch.rand(4, 5, generator=g) > .5).float()
+    x = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    c = (torch.rand(4, 5, generator=g) > 0.5).float()
 
     def step(n, c_):
         return {**S.d_step(n["G"], n["D"], n["opt_d"], x, c, c.flip(0), c_),
