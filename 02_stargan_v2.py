@@ -16,9 +16,9 @@ Eval:    python 02_stargan_v2.py eval --ckpt runs/stargan_v2_toy/last.pt [--rand
 Align:   python 02_stargan_v2.py align --src my_faces/ --out aligned/   # faces like CelebA-HQ
 Measured (toy scenes 16×16, 2-core CPU, fresh clone, load 1.8): 1500 steps in 2 min 36 s (1 thread
 on a busy machine: 280 s). Oracle at step 1500: domain (sky) accuracy 1.00 latent / 1.00 ref
-(target 0.9); the object is read at the source's place in 85 % / 87 % of translations (error <
-0.05 of the side; chance error 0.14) but comes out a rounded blob (shape kept 0.30 / 0.29, chance
-0.35); colour error vs ref 0.09. (While every reference was its source image, a sampler bug: position kept
+(target 0.9); the object is read at the source's place in 85 % / 87 % of translations (error < 0.05
+of the side; chance error 0.14) but comes out a rounded blob (shape kept 0.30 / 0.29, chance 0.35);
+colour error vs ref 0.09. (While every reference was its source image, a sampler bug: position kept
 0.48 / 0.48, colour error 0.16.) No GPU figures: no GPU was lent so far.
 Official quirks (SPEC §5) and what we do:
 - Deviation: EMA copies start as copies of the He-initialised nets (official: default init, as it
