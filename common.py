@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 from PIL import Image, ImageDraw, ImageFont
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from data.toy import (FACE_ATTRS, SHAPES, make_toy, read_faces,  # noqa: F401 (re-exported)
@@ -786,17 +786,14 @@ class _Loader(DataLoader):
                 from None
 
 
-def make_loader(dataset, batch_size, shuffle=True, balanced=False, num_workers=0, device=None,
-                seed=0, drop_last=True):
+def make_loader(dataset, batch_size, shuffle=True, num_workers=0, device=None, seed=0,
+                drop_last=True):
+    """Fixed batches, eval and 01's classifier; training batches come from step_loader."""
     require(not drop_last or len(dataset) >= batch_size, f"--batch {batch_size}: the dataset has "
             f"only {len(dataset)} images; lower --batch or add images")
-    g, sampler = torch.Generator().manual_seed(seed), None
-    if balanced:  # every domain equally often, whatever its size: each image weighs 1/count
-        y = torch.tensor(dataset.targets)
-        weights = (1.0 / torch.bincount(y).float())[y]
-        sampler, shuffle = WeightedRandomSampler(weights, len(weights), generator=g), False
-    return _Loader(dataset, batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last,
-                   generator=g, num_workers=num_workers, persistent_workers=num_workers > 0,
+    return _Loader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last,
+                   generator=torch.Generator().manual_seed(seed), num_workers=num_workers,
+                   persistent_workers=num_workers > 0,
                    pin_memory=device is not None and torch.device(device).type == "cuda")
 
 
