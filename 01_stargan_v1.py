@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import (CelebAAttrs, DomainFolder, FACE_ATTRS, ImageFiles, Logger, UserError, autocast,
                     average_gradients, check_finite, check_flags, check_same_weights, gather_batch,
                     infinite, init_distributed, is_main, load_checkpoint, load_rgb, main_guard,
-                    make_loader, mean_over_ranks, next_batch, parse_config, pick_device,
+                    make_loader, mean_over_ranks, next_batch, own_rng, parse_config, pick_device,
                     prepare_run, print_summary, read_checkpoint, read_faces, require, resolve_data,
                     save_checkpoint, save_grid, seed_everything, shard_draw, short_path, sig3,
                     step_loader, to_tensor_norm, world_size)
@@ -188,7 +188,7 @@ def cls_loss(logits, c, multi_label):
 
 def rec_loss(x_real, x_rec):
     """Eq. (4): L_rec = E[‖x − G(G(x, c), c')‖₁] (mean absolute error, as official)."""
-    return (x_real - x_rec).abs().mean()
+    return (x_real.float() - x_rec.float()).abs().mean()  # fp32, also under bf16 autocast
 
 
 def lr_at(step, lr0, cfg):
@@ -438,7 +438,9 @@ def train(cfg, device, given=()):
                 logger.log(step, losses)
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
             if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
-                save_translations(G, x_fix, c_fix, sources, last.parent / f"sample_{step:06d}.jpg")
+                with own_rng(device):  # draws nothing from the training generators
+                    save_translations(G, x_fix, c_fix, sources,
+                                      last.parent / f"sample_{step:06d}.jpg")
                 logger.plot(last.parent / "losses.png")  # beside the samples
             if step % cfg.save_every == 0 or step == cfg.total_iters:
                 save_checkpoint(last, step, cfg, nets, opts, extra, losses)
@@ -462,10 +464,13 @@ def train(cfg, device, given=()):
 
 def bench(cfg, device):
     """FLOPs of n_critic warm-up iterations, then bench_iters timed ones, on random images."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier one's
     G, D, opt_g, opt_d = build(cfg, [len(cfg.attrs)], device)
     x = torch.rand(cfg.batch, 3, cfg.img_size, cfg.img_size, device=device) * 2 - 1
     c = (torch.rand(cfg.batch, len(cfg.attrs), device=device) > 0.5).float()
-    batch, sync = (x, c, c.flip(0), cfg), torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    batch, sync = (x, c, c.flip(0), cfg), lambda: torch.cuda.synchronize(device) if cuda else None
     counter = FlopCounterMode(display=False)
     for n, mode in ((cfg.n_critic, counter), (cfg.bench_iters, contextlib.nullcontext())):
         t0 = (sync(), time.perf_counter())[1]
@@ -475,7 +480,7 @@ def bench(cfg, device):
                 if (i + 1) % cfg.n_critic == 0:
                     g_step(G, D, opt_g, *batch)
     its, N = cfg.bench_iters / ((sync(), time.perf_counter())[1] - t0), world_size()  # global
-    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
+    mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if cuda else "n/a"
     print(f"bench {device.type} {cfg.img_size}px batch {cfg.batch}"
           f"{f' × {N} processes' if N > 1 else ''}: {sig3(its)} it/s | "
           f"{sig3(its * cfg.batch * N)} images/s | peak memory {mem} | "

@@ -48,9 +48,9 @@ from common import (DomainFolder, FAN, ImageFiles, InceptionPool, Logger, LPIPS,
                     UserError, align_faces, autocast, average_gradients, check_finite, check_flags,
                     check_same_weights, frechet_distance, init_distributed, is_main,
                     load_checkpoint, load_fan, load_rgb, main_guard, mean_over_ranks, next_batch,
-                    parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
-                    read_npz, read_scenes, require, resolve_data, save_checkpoint, save_gif,
-                    save_grid, seed_everything, shard_draw, short_path, sig3, step_loader,
+                    own_rng, parse_config, pick_device, prepare_run, print_summary,
+                    read_checkpoint, read_npz, read_scenes, require, resolve_data, save_checkpoint,
+                    save_gif, save_grid, seed_everything, shard_draw, short_path, sig3, step_loader,
                     strip_prefixes, to_tensor_norm, world_size)
 
 # ----------------------------------------------------------------------------
@@ -369,18 +369,18 @@ def r1_reg(d_out, x_real):
 
 
 def style_rec_loss(s_pred, s_trg):
-    """Eq. (2): E ||s̃ - E_ỹ(G(x, s̃))||_1."""
-    return (s_pred - s_trg).abs().mean()
+    """Eq. (2): E ||s̃ - E_ỹ(G(x, s̃))||_1 (reduced in fp32, also under bf16 autocast)."""
+    return (s_pred.float() - s_trg.float()).abs().mean()
 
 
 def ds_loss(x_fake, x_fake2):
     """Eq. (3): E ||G(x, s̃1) - G(x, s̃2)||_1, maximised; the 2nd image is detached (official)."""
-    return (x_fake - x_fake2.detach()).abs().mean()
+    return (x_fake.float() - x_fake2.detach().float()).abs().mean()
 
 
 def cycle_loss(x_rec, x_real):
     """Eq. (4): E ||x - G(G(x, s̃), ŝ)||_1 with ŝ = E_y(x)."""
-    return (x_rec - x_real).abs().mean()
+    return (x_rec.float() - x_real.float()).abs().mean()
 
 
 def g_total(loss_adv, loss_sty, loss_ds, loss_cyc, cfg, lambda_ds):
@@ -790,10 +790,11 @@ def train(cfg, given=()):
                 logger.log(step, losses)
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
             if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
-                write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg, fan)
+                with own_rng(device):  # draws nothing from the training generators
+                    write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg, fan)
+                    if toy and step < cfg.total_iters:
+                        oracle_scores(ema, root, cfg, device, step, fan)
                 logger.plot(out / "samples" / "losses.png")  # beside the samples
-                if toy and step < cfg.total_iters:
-                    oracle_scores(ema, root, cfg, device, step, fan)
             if step % cfg.save_every == 0 or step == cfg.total_iters:
                 save_checkpoint(last, step, cfg, all_nets, optims, losses=losses)
     except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
@@ -822,19 +823,20 @@ def bench(nets, ema, optims, cfg, device, fan=None):
     """Warm-up + cfg.bench_iters timed iterations on random data; FLOPs of one iteration."""
     B, H, K, cuda = cfg.batch, cfg.img_size, cfg.num_domains, device.type == "cuda"
     x, y = torch.rand(3, B, 3, H, H, device=device) * 2 - 1, torch.randint(K, (2, B), device=device)
-    batch, sync = (x[0], y[0], x[1], x[2], y[1]), torch.cuda.synchronize if cuda else lambda: None
+    batch = (x[0], y[0], x[1], x[2], y[1])
+    sync = lambda: torch.cuda.synchronize(device) if cuda else None  # noqa: E731
     train_step(nets, ema, optims, batch, 0, cfg, fan)  # warm-up (the counted step warms up too)
     with FlopCounterMode(display=False) as counter:
         train_step(nets, ema, optims, batch, 1, cfg, fan)
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     sync()
     t0 = time.perf_counter()
     for step in range(cfg.bench_iters):
         losses = train_step(nets, ema, optims, batch, step, cfg, fan)
     sync()
     its, N = cfg.bench_iters / (time.perf_counter() - t0), world_size()  # torchrun: global
-    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"
+    mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if cuda else "n/a"
     print(f"bench {device} img {H} batch {B}{f' × {N} processes' if N > 1 else ''}: {sig3(its)} "
           f"it/s | {sig3(its * B * N)} images/s | peak mem {mem} | "
           f"{sig3(counter.get_total_flops() * its * N / 1e12)} TFLOP/s")

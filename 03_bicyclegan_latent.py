@@ -34,7 +34,7 @@ from torchvision import transforms as T
 from common import (AlignedPairs, IMAGE_SUFFIXES, ImageFiles, Logger, LPIPS, UserError, autocast,
                     average_gradients, check_finite, check_flags, check_same_weights, epoch_rows,
                     init_distributed, is_main, load_checkpoint, main_guard, make_loader,
-                    mean_over_ranks, next_batch, parse_config, pick_device, prepare_run,
+                    mean_over_ranks, next_batch, own_rng, parse_config, pick_device, prepare_run,
                     print_summary, read_checkpoint, read_shapes, require, resolve_data,
                     save_checkpoint, save_gif, save_grid, seed_everything, shard_draw, sig3,
                     world_size)
@@ -122,11 +122,12 @@ class UnetBlock(nn.Module):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout, except that under torchrun the mask is drawn for the whole global batch and each
-    process keeps its rows (common.shard_draw): N processes × B then train as one × N·B does."""
+    """nn.Dropout, except that the mask is drawn for the whole global batch and under torchrun each
+    process keeps its rows (common.shard_draw): N processes × B then train as one × N·B does. The
+    same code at any N, on any device: F.dropout is a fused kernel with its own RNG use on CUDA."""
     def forward(self, x):
-        if not self.training or world_size() == 1:
-            return super().forward(x)
+        if not self.training:
+            return x
         keep = shard_draw(lambda n: torch.empty(n, *x.shape[1:], device=x.device,
                                                 dtype=x.dtype).bernoulli_(1 - self.p), len(x))
         return x * (keep / (1 - self.p))  # what F.dropout computes on the CPU
@@ -468,7 +469,8 @@ def train(cfg, given=()):
                 logger.log(step, {**losses, "lr": lr_at(step - 1, cfg)})
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
             if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
-                sample_grid(nets, A_fix, B_fix, z_fix, out / "samples" / f"{step:07d}.png")
+                with own_rng(device):  # draws nothing from the training generators
+                    sample_grid(nets, A_fix, B_fix, z_fix, out / "samples" / f"{step:07d}.png")
                 logger.plot(out / "samples" / "losses.png")  # beside the samples
             if step % cfg.save_every == 0 or step == cfg.total_iters:
                 save_checkpoint(last, step, cfg, nets, opts, losses=losses)
@@ -481,7 +483,8 @@ def train(cfg, given=()):
     line = ""
     if cfg.data in ("", "toy") and not stopped:  # after Ctrl-C the user wants out at once
         A, B = fixed_inputs(cfg, device, 100)
-        line = oracle_line(oracle_scores(random_outputs(nets["G"], A, cfg.nz, 20), B))
+        with own_rng(device):  # the same z for the same weights
+            line = oracle_line(oracle_scores(random_outputs(nets["G"], A, cfg.nz, 20), B))
         nets["G"].train()
     me = Path(__file__).name
     print_summary(me, step, start, time.time() - t0, [
@@ -498,19 +501,22 @@ def train(cfg, given=()):
 def bench(cfg):
     """3 warm-up + bench_iters timed training steps on random data; prints one line."""
     device = init_distributed(cfg.device)  # under torchrun: its/s and images/s are global
-    nets, cuda, s = build_nets(cfg, device), device.type == "cuda", cfg.img_size
+    cuda, s = device.type == "cuda", cfg.img_size
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier one's
+    nets = build_nets(cfg, device)
     opts = build_opts(nets, cfg, device)
     A, B = (torch.rand(cfg.batch, c, s, s, device=device) * 2 - 1 for c in (cfg.input_nc, 3))
     with FlopCounterMode(display=False) as counter:
         train_step(nets, opts, A, B, cfg, device)
     for i in range(3 + cfg.bench_iters):  # synchronise only at the ends of the timed steps
         if i == 3:
-            torch.cuda.synchronize() if cuda else None
+            torch.cuda.synchronize(device) if cuda else None
             t0 = time.perf_counter()
         train_step(nets, opts, A, B, cfg, device)
-    torch.cuda.synchronize() if cuda else None
+    torch.cuda.synchronize(device) if cuda else None
     its, N = cfg.bench_iters / (time.perf_counter() - t0), world_size()
-    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"
+    mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if cuda else "n/a"
     print(f"bench {s}px batch {cfg.batch}{f' × {N} processes' if N > 1 else ''} {device.type}: "
           f"{sig3(its)} it/s | {sig3(its * cfg.batch * N)} images/s | peak mem {mem} | "
           f"{sig3(counter.get_total_flops() * its * N / 1e12)} TFLOP/s")

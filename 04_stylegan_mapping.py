@@ -36,7 +36,7 @@ from torchvision.utils import make_grid
 from common import (ImageFiles, Logger, LPIPS, SHAPES, UserError, autocast, average_gradients,
                     check_finite, check_flags, check_same_weights, epoch_rows, init_distributed,
                     is_main, load_checkpoint, main_guard, make_loader, mean_over_ranks, next_batch,
-                    parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
+                    own_rng, parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
                     read_shapes, require, resolve_data, save_checkpoint, save_gif, save_grid,
                     seed_everything, shard_draw, sig3, to_tensor_norm, world_size)
 
@@ -306,8 +306,9 @@ def real_batches(dataset, cfg, device, step):
         loader = make_loader(Subset(dataset, order[skip * b:].tolist()), b, shuffle=False,
                              num_workers=cfg.num_workers, device=device)
         for i, x in enumerate(loader, skip):
-            x = torch.where(flip[i * b:(i + 1) * b, None, None, None], x.flip(3), x)
-            yield x.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True)  # from pinned memory: flip after the copy
+            f = flip[i * b:(i + 1) * b, None, None, None].to(device, non_blocking=True)
+            yield torch.where(f, x.flip(3), x)
             step += 1
 
 
@@ -321,7 +322,7 @@ def mixed_styles(G, z, mixing_prob):
     ws = w[:, None].expand(-1, L, -1)  # (B, L, W)
     if torch.rand(()) < mixing_prob:  # CPU generator: no GPU sync, restored on resume
         z2 = shard_draw(lambda n: torch.randn(n, z.shape[1], device=z.device), len(z))  # (B, Z)
-        ws = style_mix(ws, G.mapping(z2)[:, None], torch.randint(1, L, ()))
+        ws = style_mix(ws, G.mapping(z2)[:, None], int(torch.randint(1, L, ())))
     return ws, w
 
 
@@ -382,7 +383,8 @@ def build(cfg, device):
     G_ema.load_state_dict(G.state_dict())
     D = Discriminator(cfg.img_size, cfg.fmap_base, cfg.fmap_max).to(device)
     if cfg.compile:  # in place: the state_dict keeps its names; G_ema (sampling) stays eager
-        G.compile()
+        G.mapping.compile()  # the steps call f and g directly, never G.forward
+        G.synthesis.compile()
     kw = dict(lr=cfg.lr, betas=cfg.betas, eps=1e-8, fused=device.type == "cuda" or None)
     opt_G = torch.optim.Adam([{"params": G.synthesis.parameters()}, {
         "params": G.mapping.parameters(), "lr": cfg.lr * cfg.mapping_lr_mul}], **kw)
@@ -447,7 +449,7 @@ def figures(G, cfg, out, device):
     std = (std / std.amax((2, 3), keepdim=True).clamp(min=1e-8) * 2 - 1).expand(-1, 3, -1, -1)
     save_grid(torch.cat([x[:4].transpose(0, 1), std[:, None]], 1).flatten(0, 1), paths[2], 5,
               cols=["noise 1", "noise 2", "noise 3", "noise 4", "pixel std"])
-    z0, z1, ts = randn(4), randn(4), torch.linspace(0, 1, 24)
+    z0, z1, ts = randn(4), randn(4), torch.linspace(0, 1, 24).tolist()  # floats: any device
     for space, path in zip("zw", paths[3:]):  # the same endpoints; §4.1: W should be smoother
         xs = [G.synthesis(interpolate(G, z0, z1, t, space), noise).cpu() for t in ts]
         save_gif([make_grid(x, 4, pad_value=-1) for x in xs], path)
@@ -622,7 +624,8 @@ def train(cfg, device, given=()):
                 logger.log(step, losses)
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
             if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
-                save_grid(G_ema(z_fixed.to(device)), out / f"sample_{step:06d}.png", 4)
+                with own_rng(device):  # G_ema's noise: not from the training generators
+                    save_grid(G_ema(z_fixed.to(device)), out / f"sample_{step:06d}.png", 4)
                 logger.plot(out / "losses.png")  # beside the samples, redrawn from log.jsonl
             if step % cfg.save_every == 0 or step == cfg.total_iters:
                 save_checkpoint(last, step, cfg, nets, opts, losses=losses)
@@ -630,7 +633,8 @@ def train(cfg, device, given=()):
         save_checkpoint(last, step, cfg, nets, opts, losses=losses, interrupted=True)
         stopped = True
     if is_main():  # torchrun: rank 0 reports for the whole run
-        finish(G_ema.eval(), cfg, device, out, (start, step, time.time() - t0), stopped)
+        with own_rng(device):  # the figures' noise: the same for the same weights
+            finish(G_ema.eval(), cfg, device, out, (start, step, time.time() - t0), stopped)
     return nets
 
 
@@ -656,9 +660,12 @@ def finish(G_ema, cfg, device, out, run, stopped=False):
 
 def bench(cfg, device):
     """FLOPs of one training step, 2 warm-up steps, bench_iters timed steps on random images."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier one's
     G, D, G_ema, opt_G, opt_D = build(cfg, device)
     x = torch.rand(cfg.batch, 3, cfg.img_size, cfg.img_size, device=device) * 2 - 1
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = lambda: torch.cuda.synchronize(device) if cuda else None  # noqa: E731
     with FlopCounterMode(display=False) as counter:
         d_step(G, D, opt_D, x, cfg), g_step(G, D, opt_G, cfg.batch, cfg, device)
     for i in range(cfg.bench_iters + 2):
@@ -669,7 +676,7 @@ def bench(cfg, device):
         update_ema(G_ema, G, cfg)
     sync()
     rate, N = cfg.bench_iters / (time.perf_counter() - t0), world_size()  # torchrun: global
-    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
+    mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if cuda else "n/a"
     print(f"bench {cfg.img_size} px, batch {cfg.batch}{f' × {N} processes' if N > 1 else ''}, "
           f"{device.type}: {sig3(rate)} it/s | {sig3(rate * cfg.batch * N)} images/s | peak mem "
           f"{mem} | {sig3(counter.get_total_flops() * rate * N / 1e12)} TFLOP/s")

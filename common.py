@@ -147,9 +147,26 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+@contextlib.contextmanager
+def own_rng(device, seed=0):
+    """Sample grids, figures and the oracle run inside: they draw from generators seeded with seed
+    (the same noise at every sample step), and the training generators (Python's, the CPU's, the
+    current GPU's) come back as they were: no --sample-every or --log-every changes the run."""
+    cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    state = random.getstate()
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed(seed)  # the current GPU's only
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
 def pick_device(name="auto"):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return use_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     require(re.fullmatch(r"cpu|cuda(:\d+)?", name),
             f"--device {name}: use auto, cpu, cuda or cuda:N")
     device = torch.device(name)
@@ -157,6 +174,18 @@ def pick_device(name="auto"):
     require(n > (device.index or 0), f"--device {name}: " + (
         f"only {n} CUDA GPU(s) visible; use cuda:0..{n - 1}" if n else
         "no CUDA GPU is visible; use --device cpu (or auto)"))
+    return use_device(device)
+
+
+def use_device(device):
+    """CUDA: device becomes the current one, so synchronize(), the memory counters and a saved
+    RNG state act on the GPU that trains (--device cuda:1 included). fp32 means IEEE fp32: cuDNN
+    would run fp32 convolutions in TF32 (a 10-bit mantissa) unless told not to; --no-amp is the
+    faithful path, the arithmetic of the papers' GPUs. bf16 autocast is unaffected."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     return device
 
 
@@ -201,8 +230,7 @@ def init_distributed(device="auto"):
             f"only {n} GPU(s) are visible; pass --nproc_per_node {n} or fewer")
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
+        use_device(device)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT,
                                 device_id=device if cuda else None)
         # The per-step stop flags (next_batch) travel between CPUs: on NCCL they would make every
@@ -465,9 +493,8 @@ def save_checkpoint(path, step, cfg, nets, opts, extra=None, losses=None, interr
         # Every process checks (the losses synced, the weights the same everywhere), so all stop
         # together; rank 0 alone writes.
         check_finite(mean_over_ranks(losses or {}), step, path)
-        cuda = [] if not torch.cuda.is_available() else torch.cuda.get_rng_state_all() \
-            if world_size() == 1 else [torch.cuda.get_rng_state()] \
-            if torch.cuda.is_initialized() else []  # torchrun: its own GPU, if it trains on one
+        # CUDA: the generator of the GPU this process trains on (use_device made it current)
+        cuda = [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else []
         rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}
         state = {"step": step, "config": dataclasses.asdict(cfg), "rng": rng,
                  "extra": extra or {}, "opts": {k: o.state_dict() for k, o in opts.items()},
@@ -519,15 +546,21 @@ def _load_checkpoint(path, nets, opts, map_location, restore_rng):
     except Exception as e:  # missing keys, shape mismatch: another script's or layout's file
         raise UserError(f"{path}: not a checkpoint of this script ({_first_line(e)})") from None
     if restore_rng:
-        version, internal, gauss = state["rng"]["python"]  # setstate wants tuples, not lists
-        random.setstate((version, tuple(internal), gauss))
-        torch.set_rng_state(state["rng"]["torch"])
-        cuda = state["rng"]["cuda"]
-        if cuda and torch.cuda.is_available() and world_size() == 1:
-            torch.cuda.set_rng_state_all(cuda)
-        elif cuda and torch.cuda.is_available():  # every process: the state of the first GPU
-            torch.cuda.set_rng_state(cuda[0])  # (rank 0's, or a plain run's cuda:0)
+        restore_rng_state(state["rng"])
     return state
+
+
+def restore_rng_state(rng):
+    """The RNG states save_checkpoint wrote. torch's setters take CPU byte tensors only, whatever
+    map_location read the file (onto the GPU, they would raise). CUDA: the current GPU takes the
+    first saved state: the training GPU's, or under torchrun rank 0's, which every rank shares
+    (shard_draw); older checkpoints hold one state per GPU, and a machine with fewer GPUs resumes
+    them as well."""
+    version, internal, gauss = rng["python"]  # setstate wants tuples, not lists
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(rng["torch"].cpu())
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"][0].cpu())
 
 
 def _last_good(path):
@@ -871,7 +904,9 @@ class _Keyed(Dataset):
     def __getitem__(self, item):
         i, key = item
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(key)
+            # The CPU generator only: torch.manual_seed would also reseed every GPU's generator,
+            # which fork_rng(devices=[]) does not restore, and the ranks' draws would part ways.
+            torch.default_generator.manual_seed(key)
             return self.dataset[i]
 
 
