@@ -449,7 +449,7 @@ def figures(G, cfg, out, device):
     std = (std / std.amax((2, 3), keepdim=True).clamp(min=1e-8) * 2 - 1).expand(-1, 3, -1, -1)
     save_grid(torch.cat([x[:4].transpose(0, 1), std[:, None]], 1).flatten(0, 1), paths[2], 5,
               cols=["noise 1", "noise 2", "noise 3", "noise 4", "pixel std"])
-    z0, z1, ts = randn(4), randn(4), torch.linspace(0, 1, 24).tolist()  # floats: any device
+    z0, z1, ts = randn(4), randn(4), [i / 23 for i in range(24)]  # floats: any device
     for space, path in zip("zw", paths[3:]):  # the same endpoints; §4.1: W should be smoother
         xs = [G.synthesis(interpolate(G, z0, z1, t, space), noise).cpu() for t in ts]
         save_gif([make_grid(x, 4, pad_value=-1) for x in xs], path)

@@ -141,3 +141,35 @@ def test_device_flag_makes_that_gpu_current_and_fp32_exact(monkeypatch):
     assert torch.backends.cudnn.allow_tf32 is False  # --no-amp: IEEE fp32 convolutions
     assert torch.backends.cuda.matmul.allow_tf32 is False
     assert common.pick_device("cpu") == torch.device("cpu") and len(current) == 1
+
+
+def test_04_compile_reaches_what_the_steps_call(monkeypatch):
+    """--compile: the steps call f and g (G.mapping, G.synthesis), never G.forward; compiling G
+    alone compiled nothing that trains. torch.compile is replaced by a call counter."""
+    sg, called = load_script("04_stylegan_mapping"), []
+
+    def counting_compile(fn, *args, **kwargs):
+        return lambda *a, **kw: (called.append(fn.__self__.__class__.__name__), fn(*a, **kw))[1]
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    cfg = sg.Config(img_size=16, w_dim=16, fmap_base=64, fmap_max=16, batch=4, amp=False,
+                    compile=True)
+    G, D, G_ema, opt_G, opt_D = sg.build(cfg, torch.device("cpu"))
+    sg.d_step(G, D, opt_D, torch.rand(4, 3, 16, 16) * 2 - 1, cfg)
+    sg.g_step(G, D, opt_G, 4, cfg, torch.device("cpu"))
+    assert {"MappingNetwork", "Synthesis"} <= set(called)
+
+
+def test_03_dropout_is_one_path_at_any_n(monkeypatch):
+    """03's Dropout draws its mask with bernoulli_ in one process too (F.dropout is a fused CUDA
+    kernel with RNG use of its own: one and N processes would differ on GPUs), and equals
+    F.dropout's arithmetic on the CPU: the same mask, kept values × 1 / (1 − p)."""
+    bg = load_script("03_bicyclegan_latent")
+    x = torch.randn(4, 8, 3, 3)
+    torch.manual_seed(5)
+    expected = torch.nn.functional.dropout(x, 0.5, training=True)
+    monkeypatch.setattr(torch.nn.functional, "dropout", lambda *a, **kw: 1 / 0)
+    drop = bg.Dropout(0.5)
+    torch.manual_seed(5)
+    assert torch.equal(drop(x), expected)
+    assert torch.equal(drop.eval()(x), x)
