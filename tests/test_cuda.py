@@ -2,8 +2,10 @@
 skipped without CUDA). Every script at its real size (01 at 128 px, 02/03/04 at 256 px, the papers'
 widths) trains 3 iterations on small synthetic data with bf16 autocast on and off, saves, resumes
 to a 4th iteration and runs `sample`; 02's CelebA-HQ generator runs with FAN masks; the 02 toy
-trains 500 iterations in fp32 and in bf16 from one seed and the loss curves are compared; the
-`--bench` line of every script is printed at the end. Well under 10 minutes on one H100/H200.
+trains 300 iterations in fp32 (seeds 0 and 1) and in bf16, and the loss averages are compared
+(bf16_misses); the `--bench` line of every script is printed at the end. Well under 10 minutes on
+one H100/H200. The CPU suite's fake-CUDA tier (test_fake_cuda.py) checks devices and dtypes of the
+same paths without a GPU; this file checks what needs one: kernels, backward passes, memory, speed.
 
 Dry run of this file's logic on the CPU, with tiny widths: GPU_CHECK_DEVICE=cpu python -m pytest
 -m cuda -q (what it cannot check there: the CUDA kernels, memory and speed)."""
@@ -102,24 +104,39 @@ def test_real_setting_trains_saves_resumes_samples(name, amp, data, tmp_path):
         assert (out / "sample" / "masks.png").is_file()
 
 
-def test_02_toy_fp32_and_bf16_curves_stay_close(tmp_path):
-    """Criterion: after 500 iterations from the same seed, every logged term is finite and its mean
-    over iterations 301-500 in bf16 is within 20 % (or 0.05 absolute) of the fp32 mean. GAN
-    trajectories diverge step by step under any rounding change; their averages must not."""
+TOY_ITERS, TAIL = 300, 100  # the 02 toy's iterations; the last TAIL are averaged
+
+
+def toy_means(out, amp, seed, device=DEVICE):
+    """-> {term: mean over the last TAIL iterations} of a 02 toy run (log every 10)."""
     m = load_script("02_stargan_v2")
-    means = []
-    for amp in ("--no-amp", "--amp"):
-        out = tmp_path / amp.strip("-")
-        m.main(["--out", str(out), amp, "--device", DEVICE, "--total-iters", "500",
-                "--log-every", "10", "--sample-every", "500", "--save-every", "500"])
-        rows = [r for r in finite_log(out) if r["step"] > 300]
-        means.append({k: sum(r[k] for r in rows) / len(rows) for k in rows[0]
-                      if k not in ("step", "time")})
-    fp32, bf16 = means
-    print("02 toy, mean of iterations 301-500, fp32 vs bf16:",
-          {k: (round(fp32[k], 4), round(bf16[k], 4)) for k in fp32})
-    for k in fp32:
-        assert abs(bf16[k] - fp32[k]) <= max(0.2 * abs(fp32[k]), 0.05), (k, fp32[k], bf16[k])
+    m.main(["--out", str(out), amp, "--seed", str(seed), "--device", device, "--total-iters",
+            str(TOY_ITERS), "--log-every", "10", "--sample-every", str(TOY_ITERS),
+            "--save-every", str(TOY_ITERS)])
+    rows = [r for r in finite_log(out) if r["step"] > TOY_ITERS - TAIL]
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k not in ("step", "time")}
+
+
+def bf16_misses(fp32, fp32_other_seed, bf16):
+    """The criterion: bf16 may differ from fp32 (same seed) by no more than fp32 differs from
+    itself under another seed, × 3, + 10 % + 0.01. GAN runs diverge step by step under any change
+    of rounding, so per-step losses cannot be compared; averages can, and the other seed measures
+    how far they may drift. -> [(term, fp32, bf16, allowed)] for each term that misses."""
+    allowed = {k: 3 * abs(fp32_other_seed[k] - fp32[k]) + 0.1 * abs(fp32[k]) + 0.01 for k in fp32}
+    return [(k, fp32[k], bf16[k], allowed[k]) for k in fp32 if abs(bf16[k] - fp32[k]) > allowed[k]]
+
+
+def test_02_toy_bf16_trains_like_fp32(tmp_path, capsys):
+    """The 02 toy for TOY_ITERS iterations: fp32 seeds 0 and 1, bf16 seed 0 (bf16_misses). On the
+    CPU (its bf16 autocast) a third fp32 seed passed the criterion and so did bf16, and a bf16 path
+    that logged R1 without applying it failed: figures in the closing note of the issue."""
+    fp32, other, bf16 = (toy_means(tmp_path / f"{amp}{seed}", amp, seed) for amp, seed in (
+        ("--no-amp", 0), ("--no-amp", 1), ("--amp", 0)))
+    with capsys.disabled():  # shown without -s: part of what the check reports
+        print("\n02 toy, term: fp32 / fp32 seed 1 / bf16, mean of the last", TAIL, "iterations")
+        for k in fp32:
+            print(f"  {k}: {fp32[k]:.4f} / {other[k]:.4f} / {bf16[k]:.4f}")
+    assert not bf16_misses(fp32, other, bf16)
 
 
 @pytest.mark.parametrize("name", sorted(REAL))
