@@ -20,7 +20,7 @@ on a busy machine: 280 s). Oracle at step 1500: domain (sky) accuracy 1.00 laten
 of the side; chance error 0.14) but comes out a rounded blob (shape kept 0.30 / 0.29, chance 0.35);
 colour error vs ref 0.09. (While every reference was its source image, a sampler bug: position kept
 0.48 / 0.48, colour error 0.16.) No GPU figures: no GPU was lent so far.
-Official quirks (SPEC §5) and what we do:
+Official quirks (clovaai/stargan-v2 core/solver.py, core/model.py) and what we do:
 - Deviation: EMA copies start as copies of the He-initialised nets (official: default init, as it
   deep-copies before init): irrelevant after 100k steps, but it would spoil short runs.
 - Deviation: λ_ds decay is a pure function of the step: it survives resume (official restarts it).
@@ -488,8 +488,8 @@ def g_step(nets, optims, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_re
 
 
 def train_step(nets, ema, optims, batch, step, cfg, fan=None):
-    """One official iteration (SPEC §2.3). Returns detached loss tensors (no host sync).
-    fan: the frozen FAN when w_hpf > 0; its masks of x_real serve all four steps (official)."""
+    """One official iteration (core/solver.py, Solver.train). Returns detached loss tensors (no
+    host sync). fan: the frozen FAN when w_hpf > 0; its masks of x_real serve all four steps (official)."""
     x_real, y_org, x_ref, x_ref2, y_trg = batch  # y_trg: reference domain, also for latent steps
     masks = masks_of(fan, x_real)  # None, or 2 × (B, 1, 256, 256)
     # z_trg, z_trg2 (2, B, Z): under torchrun this process's rows of the global batch's draw
@@ -699,8 +699,9 @@ def sample(cfg, ns):
 
 @torch.no_grad()
 def evaluate(cfg, ns):
-    """Official protocol (SPEC §2.7): each src≠trg task, --num-outs outputs per val source;
-    LPIPS = mean over output pairs; FID vs all train images of the target domain."""
+    """Official protocol (metrics/eval.py, calculate_metrics): each src≠trg task, --num-outs
+    outputs per val source; LPIPS = mean over output pairs; FID vs all train images of the target
+    domain."""
     cfg, nets, device, fan = sampling_nets(cfg, ns)
     root, K = resolve_data(cfg.data, "scenes", cfg.img_size), cfg.num_domains
     inception = InceptionPool(pretrained=not ns.random_weights).to(device)

@@ -3,7 +3,6 @@ checkpoints, dataset readers and samplers, toy data, grids, logging, metric back
 paper names lives here (networks, losses, EMA, truncation, R1 ... stay in the scripts). The toy
 data generator and its oracle: data/toy.py."""
 import argparse
-import ast
 import contextlib
 import dataclasses
 import datetime
@@ -23,6 +22,7 @@ import typing
 import zipfile
 from pathlib import Path
 
+import numpy
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -1410,43 +1410,22 @@ def heat_peaks(heat):
 
 # ---- Face alignment onto the mean CelebA-HQ landmarks (the official `align` mode)
 def read_npz(path, key=None):
-    """A NumPy .npz (a zip of .npy files) or .npy, read without NumPy: {name: tensor} or the
-    tensor `key`. Little-endian float32 / float64 in C order only; anything else is refused."""
+    """A NumPy .npz or .npy file (numpy.load, pickles refused): {name: tensor}, or the tensor
+    `key`. Floating-point arrays only (the landmark files hold float32)."""
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                arrays = {n.removesuffix(".npy"): _read_npy(z.read(n), f"{path}:{n}")
-                          for n in z.namelist()}
-        else:
-            arrays = {"": _read_npy(Path(path).read_bytes(), path)}
-    except (OSError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: cannot read ({type(e).__name__}); get it with "
+        data = numpy.load(path, allow_pickle=False)
+        arrays = dict(data) if isinstance(data, numpy.lib.npyio.NpzFile) else {"": data}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: cannot read ({_first_line(e)}); get it with "
                         "`python data/download.py wing`") from None
-    if key is None:
-        return arrays
-    require(key in arrays, f"{path}: no array '{key}' (has {sorted(arrays)})")
-    return arrays[key]
-
-
-def _read_npy(raw, name):
-    """.npy: magic, version, header length, a dict literal header, then the raw values."""
-    require(raw[:6] == b"\x93NUMPY", f"{name}: not a .npy array (bad magic bytes)")
-    n = 4 if raw[6] >= 2 else 2  # header-length field: 2 bytes (v1), 4 bytes (v2, v3)
-    size = int.from_bytes(raw[8:8 + n], "little")
-    try:
-        header = ast.literal_eval(raw[8 + n:8 + n + size].decode("latin1"))
-        descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
-    except (ValueError, SyntaxError, KeyError, TypeError):
-        raise UserError(f"{name}: unreadable .npy header") from None
-    dtypes = {"<f4": torch.float32, "<f8": torch.float64}
-    require(descr in dtypes, f"{name}: dtype {descr!r}; only little-endian float32 ('<f4') and "
-            "float64 ('<f8') are read")
-    require(not fortran, f"{name}: Fortran-ordered array; re-save it in C order "
-            "(numpy.ascontiguousarray)")
-    data = bytearray(raw[8 + n + size:])
-    count = math.prod(shape)
-    require(len(data) >= count * dtypes[descr].itemsize, f"{name}: truncated array data")
-    return torch.frombuffer(data, dtype=dtypes[descr], count=count).reshape(shape).clone()
+    for name, a in arrays.items():
+        require(a.dtype.kind == "f", f"{path}: array '{name}' has dtype {a.dtype}; floating-point "
+                "landmarks expected")
+    if key is not None:
+        require(key in arrays, f"{path}: no array '{key}' (has {sorted(arrays)})")
+    tensors = {k: torch.from_numpy(a.astype(a.dtype.newbyteorder("="), order="C"))
+               for k, a in arrays.items() if key is None or k == key}
+    return tensors if key is None else tensors[key]
 
 
 def similarity_to(lm, ref):

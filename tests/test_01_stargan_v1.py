@@ -65,7 +65,7 @@ def test_param_counts_match_official():
 def full_size_counts():
     assert n_params(S.Generator(64, 5, 6)) == 8_430_528
     assert n_params(S.Discriminator(128, 64, 5, 6)) == 44_762_048
-    assert n_params(S.Discriminator(256, 64, 5, 6)) == 44_884_928  # SPEC §1.6, CelebA 256
+    assert n_params(S.Discriminator(256, 64, 5, 6)) == 44_884_928  # official D at CelebA 256 px
     assert n_params(S.Generator(64, 8, 6)) == 8_439_936  # RaFD, c_dim 8
     # IN keeps no running statistics (Deviation): no buffers at all
     assert list(S.Generator(8, 5, 1).buffers()) == []
