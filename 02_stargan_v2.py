@@ -489,7 +489,8 @@ def g_step(nets, optims, cfg, lambda_ds, x_real, y_org, y_trg, z_trgs=None, x_re
 
 def train_step(nets, ema, optims, batch, step, cfg, fan=None):
     """One official iteration (core/solver.py, Solver.train). Returns detached loss tensors (no
-    host sync). fan: the frozen FAN when w_hpf > 0; its masks of x_real serve all four steps (official)."""
+    host sync). fan: the frozen FAN when w_hpf > 0; its masks of x_real serve all four steps
+    (official)."""
     x_real, y_org, x_ref, x_ref2, y_trg = batch  # y_trg: reference domain, also for latent steps
     masks = masks_of(fan, x_real)  # None, or 2 × (B, 1, 256, 256)
     # z_trg, z_trg2 (2, B, Z): under torchrun this process's rows of the global batch's draw
