@@ -28,15 +28,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
-from torch.utils.flop_counter import FlopCounterMode
 
 from common import (CelebAAttrs, DomainFolder, FACE_ATTRS, ImageFiles, Logger, UserError, autocast,
-                    average_gradients, check_finite, check_flags, check_same_weights, gather_batch,
-                    infinite, init_distributed, is_main, load_checkpoint, load_rgb, main_guard,
-                    make_loader, mean_over_ranks, next_batch, own_rng, parse_config, pick_device,
-                    prepare_run, print_summary, read_checkpoint, read_faces, require, resolve_data,
-                    save_checkpoint, save_grid, seed_everything, shard_draw, short_path, sig3,
-                    step_loader, to_tensor_norm, world_size)
+                    average_gradients, check_finite, check_flags, check_same_weights, flop_counter,
+                    gather_batch, infinite, init_distributed, is_main, load_checkpoint, load_rgb,
+                    main_guard, make_loader, mean_over_ranks, next_batch, own_rng, parse_config,
+                    pick_device, prepare_run, print_summary, read_checkpoint, read_faces, require,
+                    resolve_data, save_checkpoint, save_grid, seed_everything, shard_draw,
+                    short_path, sig3, step_loader, to_tensor_norm, world_size)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -174,7 +173,7 @@ def gradient_penalty(D, x_real, x_fake):
     alpha = shard_draw(lambda n: torch.rand(n, 1, 1, 1, device=x_real.device), x_real.size(0))
     # x_fake is bf16 under autocast, x_real fp32: lerp (no autocast rule) needs one dtype
     x_hat = torch.lerp(x_fake.detach().to(x_real.dtype), x_real, alpha).requires_grad_(True)
-    src = D(x_hat.view_as(x_hat))[0]  # a non-leaf input: FlopCounterMode (--bench) needs it
+    src = D(x_hat)[0]
     grad = torch.autograd.grad(src.float().sum(), x_hat, create_graph=True)[0]  # (B, 3, H, W)
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
@@ -471,7 +470,7 @@ def bench(cfg, device):
     x = torch.rand(cfg.batch, 3, cfg.img_size, cfg.img_size, device=device) * 2 - 1
     c = (torch.rand(cfg.batch, len(cfg.attrs), device=device) > 0.5).float()
     batch, sync = (x, c, c.flip(0), cfg), lambda: torch.cuda.synchronize(device) if cuda else None
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     for n, mode in ((cfg.n_critic, counter), (cfg.bench_iters, contextlib.nullcontext())):
         t0 = (sync(), time.perf_counter())[1]
         with mode:  # first n_critic iterations (n_critic D steps, 1 G step): warm-up and FLOPs

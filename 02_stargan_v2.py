@@ -41,16 +41,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
 from common import (DomainFolder, FAN, ImageFiles, InceptionPool, Logger, LPIPS, ReferencePairs,
                     UserError, align_faces, autocast, average_gradients, check_finite, check_flags,
-                    check_same_weights, frechet_distance, init_distributed, is_main,
+                    check_same_weights, frechet_distance, flop_counter, init_distributed, is_main,
                     load_checkpoint, load_fan, load_rgb, main_guard, mean_over_ranks, next_batch,
-                    own_rng, parse_config, pick_device, prepare_run, print_summary,
-                    read_checkpoint, read_npz, read_scenes, require, resolve_data, save_checkpoint,
-                    save_gif, save_grid, seed_everything, shard_draw, short_path, sig3, step_loader,
+                    own_rng, parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
+                    read_npz, read_scenes, require, resolve_data, save_checkpoint, save_gif,
+                    save_grid, seed_everything, shard_draw, short_path, sig3, step_loader,
                     strip_prefixes, to_tensor_norm, world_size)
 
 # ----------------------------------------------------------------------------
@@ -395,8 +394,7 @@ def lambda_ds_at(step, cfg):
 
 def d_loss(nets, cfg, x_real, y_org, y_trg, z_trg=None, x_ref=None, masks=None):
     """L_D = L_real + L_fake + λ_reg R1; the fake's style comes from F(z) or E(x_ref)."""
-    # R1 needs ∂D/∂x. "* 1": a non-leaf, as FlopCounterMode (--bench) rejects grads of leaves.
-    x_real = x_real.detach().requires_grad_() * 1
+    x_real = x_real.detach().requires_grad_()  # R1 needs ∂D/∂x
     out = nets.D(x_real, y_org)  # (B,)
     loss_real, loss_reg = adv_loss(out, 1), r1_reg(out, x_real)
     with torch.no_grad():
@@ -828,7 +826,7 @@ def bench(nets, ema, optims, cfg, device, fan=None):
     batch = (x[0], y[0], x[1], x[2], y[1])
     sync = lambda: torch.cuda.synchronize(device) if cuda else None  # noqa: E731
     train_step(nets, ema, optims, batch, 0, cfg, fan)  # warm-up (the counted step warms up too)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         train_step(nets, ema, optims, batch, 1, cfg, fan)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)

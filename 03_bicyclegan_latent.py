@@ -28,14 +28,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Subset
 from torch.func import functional_call
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
 
 from common import (AlignedPairs, IMAGE_SUFFIXES, ImageFiles, Logger, LPIPS, UserError, autocast,
                     average_gradients, check_finite, check_flags, check_same_weights, epoch_rows,
-                    init_distributed, is_main, load_checkpoint, main_guard, make_loader,
-                    mean_over_ranks, next_batch, own_rng, parse_config, pick_device, prepare_run,
-                    print_summary, read_checkpoint, read_shapes, require, resolve_data,
+                    flop_counter, init_distributed, is_main, load_checkpoint, main_guard,
+                    make_loader, mean_over_ranks, next_batch, own_rng, parse_config, pick_device,
+                    prepare_run, print_summary, read_checkpoint, read_shapes, require, resolve_data,
                     save_checkpoint, save_gif, save_grid, seed_everything, shard_draw, sig3,
                     world_size)
 
@@ -507,7 +506,7 @@ def bench(cfg):
     nets = build_nets(cfg, device)
     opts = build_opts(nets, cfg, device)
     A, B = (torch.rand(cfg.batch, c, s, s, device=device) * 2 - 1 for c in (cfg.input_nc, 3))
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         train_step(nets, opts, A, B, cfg, device)
     for i in range(3 + cfg.bench_iters):  # synchronise only at the ends of the timed steps
         if i == 3:

@@ -30,15 +30,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 from torch.utils.data import Subset
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
 from common import (ImageFiles, Logger, LPIPS, SHAPES, UserError, autocast, average_gradients,
-                    check_finite, check_flags, check_same_weights, epoch_rows, init_distributed,
-                    is_main, load_checkpoint, main_guard, make_loader, mean_over_ranks, next_batch,
-                    own_rng, parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
-                    read_shapes, require, resolve_data, save_checkpoint, save_gif, save_grid,
-                    seed_everything, shard_draw, sig3, to_tensor_norm, world_size)
+                    check_finite, check_flags, check_same_weights, epoch_rows, flop_counter,
+                    init_distributed, is_main, load_checkpoint, main_guard, make_loader,
+                    mean_over_ranks, next_batch, own_rng, parse_config, pick_device, prepare_run,
+                    print_summary, read_checkpoint, read_shapes, require, resolve_data,
+                    save_checkpoint, save_gif, save_grid, seed_everything, shard_draw, sig3,
+                    to_tensor_norm, world_size)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -341,8 +341,7 @@ def d_step(G, D, opt_D, x_real, cfg):
         with torch.no_grad():
             ws, _, noise = draw_latents(G, x_real.shape[0], cfg, x_real.device)
             x_fake = G.synthesis(ws, noise)  # (B, 3, R, R)
-        # view_as: D gets a non-leaf, as FlopCounterMode's hooks on a leaf break autograd.grad
-        real_logits, fake_logits = D(x_real.view_as(x_real)).float(), D(x_fake).float()  # (B,)
+        real_logits, fake_logits = D(x_real).float(), D(x_fake).float()  # (B,)
     loss_adv, loss_r1 = d_logistic(real_logits, fake_logits), r1_penalty(real_logits, x_real)
     opt_D.zero_grad(set_to_none=True)
     (loss_adv + cfg.r1_gamma / 2 * loss_r1).backward()
@@ -666,7 +665,7 @@ def bench(cfg, device):
     G, D, G_ema, opt_G, opt_D = build(cfg, device)
     x = torch.rand(cfg.batch, 3, cfg.img_size, cfg.img_size, device=device) * 2 - 1
     sync = lambda: torch.cuda.synchronize(device) if cuda else None  # noqa: E731
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         d_step(G, D, opt_D, x, cfg), g_step(G, D, opt_G, cfg.batch, cfg, device)
     for i in range(cfg.bench_iters + 2):
         if i == 2:

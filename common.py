@@ -29,6 +29,7 @@ import torch.nn as nn
 import torchvision
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
 from data.toy import (FACE_ATTRS, SHAPES, make_toy, read_faces,  # noqa: F401 (re-exported)
@@ -929,6 +930,18 @@ def step_loader(dataset, batch, seed, step=0, balanced=False, num_workers=0, dev
 def sig3(x):
     """x with 3 significant digits and no exponent (bench lines): 0.0123, 4.56, 78.9, 2160."""
     return f"{x:.{max(0, 2 - math.floor(math.log10(abs(x))))}f}" if x else "0"
+
+
+class _Totals(contextlib.nullcontext):
+    parents = ("Global",)  # every FLOP counts toward the total, none toward a module
+
+
+def flop_counter():
+    """torch's FlopCounterMode for --bench's totals, without its module tracker: that hooks every
+    module's inputs, and autograd.grad with respect to a leaf (R1, WGAN-GP) then fails."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _Totals()
+    return counter
 
 
 def zoom_for(side):
