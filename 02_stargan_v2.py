@@ -26,7 +26,7 @@ Official quirks (clovaai/stargan-v2 core/solver.py, core/model.py) and what we d
 - Deviation: λ_ds decay is a pure function of the step: it survives resume (official restarts it).
 - Copied: with w_hpf > 0 the AdaIN block drops its shortcut (conv1x1 exists, gets no gradient);
   the ds loss detaches the 2nd image; the reference G step updates G only.
-- Copied: w_hpf > 0 (CelebA-HQ) takes face masks from the frozen, pretrained FAN (common.FAN,
+- Copied: w_hpf > 0 (CelebA-HQ) takes face masks from the frozen, pretrained FAN (data/fan.py,
   `python data/download.py wing`): FAN(x_real) for the D and G steps, FAN(x_fake) for the cycle.
 """
 import copy
@@ -43,14 +43,15 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from torchvision.utils import make_grid
 
-from common import (DomainFolder, FAN, ImageFiles, InceptionPool, Logger, LPIPS, ReferencePairs,
-                    UserError, align_faces, autocast, average_gradients, check_finite, check_flags,
-                    check_same_weights, frechet_distance, flop_counter, init_distributed, is_main,
-                    load_checkpoint, load_fan, load_rgb, main_guard, mean_over_ranks, next_batch,
-                    own_rng, parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
-                    read_npz, read_scenes, require, resolve_data, save_checkpoint, save_gif,
-                    save_grid, seed_everything, shard_draw, short_path, sig3, step_loader,
-                    strip_prefixes, to_tensor_norm, world_size)
+from common import (DomainFolder, ImageFiles, Logger, ReferencePairs, UserError, autocast,
+                    average_gradients, check_finite, check_flags, check_same_weights, flop_counter,
+                    init_distributed, is_main, load_checkpoint, load_rgb, main_guard,
+                    mean_over_ranks, next_batch, own_rng, parse_config, pick_device, prepare_run,
+                    print_summary, read_checkpoint, read_scenes, require, resolve_data,
+                    save_checkpoint, save_gif, save_grid, seed_everything, shard_draw, short_path,
+                    sig3, step_loader, strip_prefixes, to_tensor_norm, world_size)
+from data.fan import FAN, align_faces, load_fan, read_npz
+from data.metrics import InceptionPool, LPIPS, frechet_distance
 
 # ----------------------------------------------------------------------------
 # 1. Config

@@ -30,13 +30,14 @@ from torch.utils.data import Subset
 from torch.func import functional_call
 from torchvision import transforms as T
 
-from common import (AlignedPairs, IMAGE_SUFFIXES, ImageFiles, Logger, LPIPS, UserError, autocast,
+from common import (AlignedPairs, IMAGE_SUFFIXES, ImageFiles, Logger, UserError, autocast,
                     average_gradients, check_finite, check_flags, check_same_weights, epoch_rows,
                     flop_counter, init_distributed, is_main, load_checkpoint, main_guard,
                     make_loader, mean_over_ranks, next_batch, own_rng, parse_config, pick_device,
                     prepare_run, print_summary, read_checkpoint, read_shapes, require, resolve_data,
                     save_checkpoint, save_gif, save_grid, seed_everything, shard_draw, sig3,
                     world_size)
+from data.metrics import LPIPS
 
 # ----------------------------------------------------------------------------
 # 1. Config

@@ -32,13 +32,14 @@ import torchvision.transforms as T
 from torch.utils.data import Subset
 from torchvision.utils import make_grid
 
-from common import (ImageFiles, Logger, LPIPS, SHAPES, UserError, autocast, average_gradients,
+from common import (ImageFiles, Logger, SHAPES, UserError, autocast, average_gradients,
                     check_finite, check_flags, check_same_weights, epoch_rows, flop_counter,
                     init_distributed, is_main, load_checkpoint, main_guard, make_loader,
                     mean_over_ranks, next_batch, own_rng, parse_config, pick_device, prepare_run,
                     print_summary, read_checkpoint, read_shapes, require, resolve_data,
                     save_checkpoint, save_gif, save_grid, seed_everything, shard_draw, sig3,
                     to_tensor_norm, world_size)
+from data.metrics import LPIPS
 
 # ----------------------------------------------------------------------------
 # 1. Config

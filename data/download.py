@@ -235,14 +235,14 @@ def install(name, item, root, url, force):
 
 
 def fetch_weights():
-    """Metric backbones (Inception-v3, LPIPS alex/vgg) into the torch hub cache, through common."""
+    """Metric backbones (Inception-v3, LPIPS alex/vgg) into the torch hub cache (data/metrics.py)."""
     sys.path.insert(0, str(REPO))
     try:
-        import common
         import torch
-        common.InceptionPool(pretrained=True)
-        common.LPIPS("alex")
-        common.LPIPS("vgg")
+        from data.metrics import LPIPS, InceptionPool
+        InceptionPool(pretrained=True)
+        LPIPS("alex")
+        LPIPS("vgg")
     except Exception as e:  # offline, hub error, ...: keep it to one line
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise Failure(f"fetching the metric weights failed ({msg}); check the network and rerun")

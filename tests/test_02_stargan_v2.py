@@ -15,9 +15,9 @@ from conftest import (console_lines, load_script, summary_files, widest_console_
                       write_unreadable)
 
 m = load_script("02_stargan_v2")
-import common  # noqa: E402 (after sys.path set-up)
-from common import UserError, load_checkpoint, save_checkpoint  # noqa: E402
+from common import UserError, load_checkpoint, save_checkpoint  # noqa: E402 (after sys.path)
 from common import strip_prefixes as common_strip  # noqa: E402
+from data import fan as data_fan  # noqa: E402
 from data import toy  # noqa: E402 (our own toy data and its oracle)
 
 REF = Path("/work/shared/reference")
@@ -243,7 +243,7 @@ class _SpyFAN(torch.nn.Module):
     """A small random FAN that records what it was asked to mask."""
     def __init__(self):
         super().__init__()
-        self.fan, self.inputs = common.FAN(width=16), []
+        self.fan, self.inputs = data_fan.FAN(width=16), []
 
     def masks(self, x):
         self.inputs.append(x.detach().clone())
@@ -410,7 +410,7 @@ def test_config_presets_match_official():
 def test_align_mode_writes_one_png_per_readable_face(tmp_path, capsys):
     import zipfile
     from PIL import Image
-    fan = common.FAN()
+    fan = data_fan.FAN()
     torch.save({"state_dict": fan.state_dict()}, tmp_path / "wing.ckpt")
     header = "{'descr': '<f8', 'fortran_order': False, 'shape': (98, 2), }".ljust(117) + "\n"
     raw = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + \

@@ -228,7 +228,7 @@ def test_short_toy_run(tmp_path, capsys):
         assert grid.width / grid.height == pytest.approx(8 / 4, rel=0.05)
     bg.main(["sample", "--out", str(out)])
     assert (out / "sample_grid.png").exists() and (out / "z_interp.gif").exists()
-    from common import LPIPS
+    from data.metrics import LPIPS
     res = bg.evaluate(small_cfg(out=str(out)), "", n_inputs=3, n_z=4,
                       lpips=LPIPS(pretrained=False))
     assert res["n_inputs"] == 3 and res["lpips_diversity"] > 0 and res["l1_rec"] > 0

@@ -14,6 +14,7 @@ from conftest import (console_lines, load_script, summary_files, widest_console_
 from PIL import Image
 
 import common
+from data import metrics
 
 m = load_script("04_stylegan_mapping")
 TINY = dict(img_size=16, w_dim=16, fmap_base=64, fmap_max=16, batch=4, amp=False)
@@ -303,7 +304,7 @@ def test_short_toy_run_sample_and_eval(tmp_path, monkeypatch, capsys):
         assert (out / name).stat().st_size > 0
     with Image.open(out / "truncation.png") as img:
         assert img.width > 5 * 32  # 5 ψ columns
-    monkeypatch.setattr(m, "LPIPS", lambda net: common.LPIPS(net, pretrained=False))
+    monkeypatch.setattr(m, "LPIPS", lambda net: metrics.LPIPS(net, pretrained=False))
     scores = m.main(["eval", "--out", str(out), "--ppl-samples", "32", "--oracle-samples", "40"])
     saved = json.loads((out / "eval.json").read_text())
     assert saved.keys() == scores.keys() and saved["ppl_w_full"] == scores["ppl_w_full"]

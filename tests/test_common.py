@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import common
+from data import metrics
 from common import UserError
 from conftest import write_unreadable
 from data import toy
@@ -672,15 +673,15 @@ def test_batch_larger_than_dataset(shapes):
 def test_frechet_distance():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(400, 8, generator=g), torch.randn(400, 8, generator=g)
-    assert abs(common.frechet_distance(a, a)) < 1e-6
-    near, far = common.frechet_distance(a, b), common.frechet_distance(a, b + 1.0)
+    assert abs(metrics.frechet_distance(a, a)) < 1e-6
+    near, far = metrics.frechet_distance(a, b), metrics.frechet_distance(a, b + 1.0)
     assert near < 0.5 and abs(far - near - 8.0) < 0.5  # a shift of 1 per dimension adds ‖Δμ‖² = 8
-    assert common.frechet_distance(a, b * 2) > 4  # a wider distribution is far too
+    assert metrics.frechet_distance(a, b * 2) > 4  # a wider distribution is far too
 
 
 def test_lpips_with_random_weights():
     torch.manual_seed(0)
-    lp = common.LPIPS("alex", pretrained=False)
+    lp = metrics.LPIPS("alex", pretrained=False)
     x = torch.rand(3, 3, 64, 64) * 2 - 1
     assert torch.allclose(lp(x, x), torch.zeros(3))
     near, far = lp(x, (x + 0.05 * torch.randn_like(x)).clamp(-1, 1)), lp(x, torch.rand_like(x) * 2 - 1)
@@ -689,7 +690,7 @@ def test_lpips_with_random_weights():
 
 def test_inception_features_and_fid_grows_with_shift():
     torch.manual_seed(0)
-    net = common.InceptionPool(pretrained=False)
+    net = metrics.InceptionPool(pretrained=False)
     x = torch.rand(6, 3, 32, 32) * 2 - 1
     f = net(x)
     assert f.shape == (6, 2048) and (f >= 0).all()  # after ReLU + average pooling

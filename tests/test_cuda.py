@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 
-import common
 from conftest import load_script
+from data import fan as data_fan
 from data import toy
 
 DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
@@ -53,7 +53,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu_check")
     toy.write_scenes(root / "scenes", 256, n_train=8, n_val=4, seed=0)
     toy.write_faces(root / "faces", 178, n=80, seed=0)
-    torch.save({"state_dict": common.FAN().state_dict()}, root / "wing.ckpt")
+    torch.save({"state_dict": data_fan.FAN().state_dict()}, root / "wing.ckpt")
     return root
 
 

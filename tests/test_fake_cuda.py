@@ -28,6 +28,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
+from data import fan as data_fan
+from data import metrics
 from conftest import load_script
 
 CUDA = torch.device("cuda", 0)
@@ -157,7 +159,7 @@ def test_stargan_v2(preset, amp, channels_last, gpu, grids, monkeypatch):
     seen, save = grids
     monkeypatch.setattr(m, "save_grid", save)
     nets, ema = m.build_nets(cfg, META)
-    fan = gpu.to_gpu(common.FAN().to(META).eval()) if cfg.w_hpf > 0 else None
+    fan = gpu.to_gpu(data_fan.FAN().to(META).eval()) if cfg.w_hpf > 0 else None
     gpu.to_gpu(*vars(nets).values(), *vars(ema).values())
     B, H, K = 2, cfg.img_size, cfg.num_domains
     with gpu.enter():
@@ -176,9 +178,9 @@ def test_stargan_v2(preset, amp, channels_last, gpu, grids, monkeypatch):
 
 
 def test_eval_backbones(gpu):
-    inception = gpu.to_gpu(common.InceptionPool(pretrained=False).to(META).eval())
-    lpips = gpu.to_gpu(common.LPIPS("alex", pretrained=False).to(META).eval())
-    vgg = gpu.to_gpu(common.LPIPS("vgg", pretrained=False).to(META).eval())  # 04's PPL
+    inception = gpu.to_gpu(metrics.InceptionPool(pretrained=False).to(META).eval())
+    lpips = gpu.to_gpu(metrics.LPIPS("alex", pretrained=False).to(META).eval())
+    vgg = gpu.to_gpu(metrics.LPIPS("vgg", pretrained=False).to(META).eval())  # 04's PPL
     with gpu.enter(), torch.no_grad():
         x = torch.rand(2, 3, 256, 256, device=CUDA) * 2 - 1
         assert inception(x).shape == (2, 2048) and inception(x).is_cuda

@@ -1,17 +1,17 @@
-"""common.FAN, face_masks and load_fan: StarGAN v2's frozen face-alignment network and its masks."""
+"""data_fan.FAN, face_masks and load_fan: StarGAN v2's frozen face-alignment network and its masks."""
 from pathlib import Path
 
 import pytest
 import torch
 
-import common
 from common import UserError
+from data import fan as data_fan
 
 REF = Path("/work/shared/reference/stargan_v2_fan_wing.txt")
 
 
 def test_fan_layout_matches_official_wing_ckpt():
-    fan = common.FAN()
+    fan = data_fan.FAN()
     assert sum(p.numel() for p in fan.parameters()) == 6_333_603
     assert sum(b.numel() for b in fan.buffers()) == 15_031
     if REF.exists():  # every key and shape of the official module, in order
@@ -23,7 +23,7 @@ def test_fan_layout_matches_official_wing_ckpt():
 
 
 def test_fan_is_frozen_and_stays_in_eval_mode():
-    fan = common.FAN(width=32)
+    fan = data_fan.FAN(width=32)
     fan.train()
     assert not fan.training and not any(m.training for m in fan.modules())
     assert not any(p.requires_grad for p in fan.parameters())
@@ -49,7 +49,7 @@ def _blob(row, col):
 def _masks_of(landmark, row=120, col=100):
     heat = torch.zeros(1, 98, 256, 256)
     heat[0, landmark] = _blob(row, col)
-    return [m[0, 0] for m in common.face_masks(heat)]
+    return [m[0, 0] for m in data_fan.face_masks(heat)]
 
 
 @pytest.mark.parametrize("landmark,rows_up,power,in_level2", [
@@ -88,33 +88,33 @@ def test_face_masks_eyes_and_sum_clamped():
     assert torch.equal(full, level2)
     heat = torch.zeros(1, 98, 256, 256)
     heat[0, 96] = heat[0, 97] = _blob(50, 50)  # two maps on one spot: the sum clamps at 1
-    assert common.face_masks(heat)[0].max() == 1.0
+    assert data_fan.face_masks(heat)[0].max() == 1.0
 
 
 def test_load_fan_round_trip_extra_missing_and_misshaped(tmp_path):
-    src = common.FAN()
+    src = data_fan.FAN()
     for p in src.state_dict().values():
         if p.is_floating_point():
             p.copy_(torch.randn_like(p))
     state = dict(src.state_dict(), extra_head=torch.zeros(3))  # extra entries are ignored
     torch.save({"state_dict": state, "epoch": 7}, tmp_path / "wing.ckpt")
-    fan = common.load_fan(tmp_path / "wing.ckpt")
+    fan = data_fan.load_fan(tmp_path / "wing.ckpt")
     assert not fan.training
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(),
                                                  fan.state_dict().values()))
     del state["l0.weight"]
     torch.save({"state_dict": state}, tmp_path / "missing.ckpt")
     with pytest.raises(UserError, match="no entry 'l0.weight'.*download.py wing"):
-        common.load_fan(tmp_path / "missing.ckpt")
+        data_fan.load_fan(tmp_path / "missing.ckpt")
     state["l0.weight"] = torch.zeros(68, 256, 1, 1)  # e.g. a 68-landmark FAN
     torch.save({"state_dict": state}, tmp_path / "other.ckpt")
     with pytest.raises(UserError, match=r"'l0.weight' is \(68, 256, 1, 1\), expected \(99"):
-        common.load_fan(tmp_path / "other.ckpt")
+        data_fan.load_fan(tmp_path / "other.ckpt")
     with pytest.raises(UserError, match="no FAN weights.*download.py wing"):
-        common.load_fan(tmp_path / "absent.ckpt")
+        data_fan.load_fan(tmp_path / "absent.ckpt")
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
-        common.load_fan(tmp_path / "junk.ckpt")
+        data_fan.load_fan(tmp_path / "junk.ckpt")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -140,12 +140,12 @@ def test_npz_reader_float32_float64(tmp_path, descr, version):
     with zipfile.ZipFile(tmp_path / "lm.npz", "w") as z:
         z.writestr("mean.npy", _npy(values, descr, version=version))
         z.writestr("other.npy", _npy([[7.0]], descr))
-    arrays = common.read_npz(tmp_path / "lm.npz")
+    arrays = data_fan.read_npz(tmp_path / "lm.npz")
     assert sorted(arrays) == ["mean", "other"]
     want = torch.tensor(values, dtype=torch.float32 if descr == "<f4" else torch.float64)
-    assert torch.equal(common.read_npz(tmp_path / "lm.npz", "mean"), want)
+    assert torch.equal(data_fan.read_npz(tmp_path / "lm.npz", "mean"), want)
     (tmp_path / "a.npy").write_bytes(_npy(values, descr, version=version))
-    assert torch.equal(common.read_npz(tmp_path / "a.npy")[""], want)
+    assert torch.equal(data_fan.read_npz(tmp_path / "a.npy")[""], want)
 
 
 @pytest.mark.parametrize("fortran,descr", [(True, "<f4"), (False, ">f4")])
@@ -155,7 +155,7 @@ def test_npz_reader_reads_any_order(tmp_path, fortran, descr):
     flat = [v for col in zip(*values) for v in col] if fortran else None  # column-major bytes
     raw = _npy([flat[:2], flat[2:]] if fortran else values, descr, fortran=fortran)
     (tmp_path / "x.npy").write_bytes(raw)
-    got = common.read_npz(tmp_path / "x.npy")[""]
+    got = data_fan.read_npz(tmp_path / "x.npy")[""]
     assert torch.equal(got, torch.tensor(values)) and got.is_contiguous()
 
 
@@ -166,12 +166,12 @@ def test_npz_reader_reads_any_order(tmp_path, fortran, descr):
 def test_npz_reader_refuses_what_it_cannot_read(tmp_path, raw, msg):
     (tmp_path / "x.npy").write_bytes(raw)
     with pytest.raises(UserError, match=msg):
-        common.read_npz(tmp_path / "x.npy")
+        data_fan.read_npz(tmp_path / "x.npy")
     import zipfile
     with zipfile.ZipFile(tmp_path / "lm.npz", "w") as z:
         z.writestr("mean.npy", _npy([[1.0, 2.0]]))
     with pytest.raises(UserError, match=r"no array 'avg' \(has \['mean'\]\)"):
-        common.read_npz(tmp_path / "lm.npz", "avg")
+        data_fan.read_npz(tmp_path / "lm.npz", "avg")
 
 
 def test_landmark_readout_quarter_pixel_toward_higher_neighbour():
@@ -179,9 +179,9 @@ def test_landmark_readout_quarter_pixel_toward_higher_neighbour():
     heat[0, 0, 20, 30], heat[0, 0, 20, 31], heat[0, 0, 19, 30] = 1.0, 0.6, 0.3  # right, above
     heat[0, 1, 40, 10], heat[0, 1, 40, 9], heat[0, 1, 41, 10] = 1.0, 0.2, 0.7  # left, below
     heat[0, 2, 0, 63] = 1.0  # on the border: no quarter step
-    xy = common.heat_peaks(heat)[0]
+    xy = data_fan.heat_peaks(heat)[0]
     assert xy.tolist() == [[30.75, 20.25], [10.25, 40.75], [63.5, 0.5]]
-    fan = common.FAN(width=16)
+    fan = data_fan.FAN(width=16)
     lm = fan.landmarks(torch.rand(2, 3, 128, 128) * 2 - 1)
     assert lm.shape == (2, 98, 2) and 0 <= lm.min() and lm.max() <= 128  # pixels of the input
 
@@ -205,7 +205,7 @@ def test_similarity_maps_a_moved_face_back_onto_the_reference(angle, scale, shif
     c, s = torch.cos(torch.tensor(angle)), torch.sin(torch.tensor(angle))
     rot = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
     moved = (ref - 128) @ rot.T * scale + 128 + torch.tensor(shift)
-    m = common.similarity_to(moved, ref)
+    m = data_fan.similarity_to(moved, ref)
     back = torch.cat([moved, torch.ones(98, 1, dtype=torch.float64)], 1) @ m.T
     assert (back[:, :2] - ref).abs().max() < 0.5  # pixels
     assert torch.allclose(m[:2, :2] @ m[:2, :2].T, torch.eye(2, dtype=torch.float64) / scale ** 2)
@@ -216,8 +216,8 @@ def test_aligning_an_aligned_face_changes_it_little():
     g = torch.Generator().manual_seed(1)
     x = torch.nn.functional.interpolate(torch.rand(1, 3, 32, 32, generator=g), size=256,
                                         mode="bilinear")[0] * 2 - 1  # smooth content
-    out = common.align_face(x, ref, ref)
+    out = data_fan.align_face(x, ref, ref)
     assert out.shape == (3, 256, 256)
     assert (out - x).abs().max() < 1e-4  # the identity warp: the image comes back
-    moved = common.align_face(x, ref + torch.tensor([6.0, -4.0]), ref)  # landmarks 6 px right
+    moved = data_fan.align_face(x, ref + torch.tensor([6.0, -4.0]), ref)  # landmarks 6 px right
     assert torch.allclose(moved[:, 20:-20, 20:-20], x[:, 16:-24, 26:-14], atol=1e-4)
