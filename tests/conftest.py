@@ -10,6 +10,9 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+# The official networks' state_dict layouts (key and shape per entry), kept with the tests
+# so that every clone checks them.
+LAYOUTS = Path(__file__).resolve().parent / "layouts"
 sys.path.insert(0, str(ROOT))  # so `import common` works from any working directory
 import common  # noqa: E402
 
