@@ -214,6 +214,30 @@ def test_train_step_mid_decay_with_a_non_default_ema_beta(monkeypatch):
             torch.testing.assert_close(p, 0.6 * old + 0.4 * q)
 
 
+def test_train_step_wires_the_batch(monkeypatch):
+    """The official order: D with a latent style, D with x_ref's, G with (z, z2) through F, G with
+    (x_ref, x_ref2) through E; the latent D step uses the G step's first z; all on one batch."""
+    cfg = tiny_cfg(img_size=16)
+    nets, ema = m.build_nets(cfg)
+    optims = m.build_optims(nets, cfg)
+    calls, batch = [], batch_of(cfg)
+    for name in ("d_step", "g_step"):
+        real = getattr(m, name)
+        sig = inspect.signature(real)
+        monkeypatch.setattr(m, name, lambda *a, _f=real, _s=sig, **kw: calls.append(
+            (_f.__name__, _s.bind(*a, **kw).arguments)) or _f(*a, **kw))
+    m.train_step(nets, ema, optims, batch, 0, cfg)
+    x_real, y_org, x_ref, x_ref2, y_trg = batch
+    assert [n for n, _ in calls] == ["d_step", "d_step", "g_step", "g_step"]
+    assert all(a["x_real"] is x_real and a["y_org"] is y_org and a["y_trg"] is y_trg
+               for _, a in calls)
+    (_, d_lat), (_, d_ref), (_, g_lat), (_, g_ref) = calls
+    assert torch.equal(d_lat["z_trg"], g_lat["z_trgs"][0]) and not torch.equal(*g_lat["z_trgs"])
+    assert d_ref["x_ref"] is x_ref and [x is y for x, y in zip(g_ref["x_refs"], (x_ref, x_ref2))] \
+        == [True, True]
+    assert "x_ref" not in d_lat and "z_trg" not in d_ref and "x_refs" not in g_lat
+
+
 def test_resume_gives_identical_next_losses(tmp_path):
     cfg = tiny_cfg()
     torch.manual_seed(1)
