@@ -7,8 +7,9 @@
 
 Every bug is one exact-string replacement in one file: the lines a student "simplifying" the code
 might write. The repo (tracked and untracked files, the toy data; no runs or caches) is copied once
-to a temporary folder; for each bug the file is changed there, the script's own test file runs
-against it, and the file is restored. A table follows: bug, script, caught, by which test, seconds.
+to a temporary folder, where each test file involved must first pass unchanged; then for each bug
+the file is changed there, the script's own test file runs against it, and the file is restored.
+A table follows: bug, script, caught, by which test, seconds.
 Exit status 1 if a bug survives, or at once, before anything runs, if a planted string is not found
 exactly once: a refactor moved it, so update BUGS rather than lose the check silently.
 """
@@ -113,25 +114,31 @@ def copy_repo(dst):
         shutil.copytree(ROOT / "data" / "toy", dst / "data" / "toy", dirs_exist_ok=True)
 
 
-def run_one(repo, bug, stop_first, timeout):
-    """Plant the bug, run its script's test file, restore. -> (caught, tests that failed, s)."""
-    name, script, old, new = bug
-    path = repo / FILES[script]
-    original = path.read_text()
-    path.write_text(original.replace(old, new, 1))
+def run_tests(repo, script, stop_first, timeout):
+    """The script's test file in `repo` -> (pytest's exit status or "timeout", failed tests)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
            "-o", "addopts=", "-m", "not cuda", TESTS[script]] + (["-x"] if stop_first else [])
-    t0 = time.time()
     try:
         res = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout)
         out, rc = res.stdout + res.stderr, res.returncode
     except subprocess.TimeoutExpired:
         out, rc = "", "timeout"
-    finally:
-        path.write_text(original)
     failed = re.findall(r"^(?:FAILED|ERROR) \S+::(\S+)", out, re.M)
     if rc not in (0, 1, "timeout"):  # 2-5: collection error, usage error, no tests
-        failed = failed or [f"pytest exit {rc}: " + out.strip().splitlines()[-1][:60]]
+        failed = failed or [f"pytest exit {rc}: " + (out.strip().splitlines() or [""])[-1][:60]]
+    return rc, failed
+
+
+def run_one(repo, bug, stop_first, timeout):
+    """Plant the bug, run its script's test file, restore. -> (caught, tests that failed, s)."""
+    name, script, old, new = bug
+    path = repo / FILES[script]
+    original, t0 = path.read_text(), time.time()
+    path.write_text(original.replace(old, new, 1))
+    try:
+        rc, failed = run_tests(repo, script, stop_first, timeout)
+    finally:
+        path.write_text(original)
     return rc != 0, failed, time.time() - t0
 
 
@@ -142,6 +149,8 @@ def main():
                     help="run the bugs whose script or name contains this (repeatable)")
     ap.add_argument("--list", action="store_true", help="print the bugs and exit")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per bug")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip running the test files unchanged first")
     ns = ap.parse_args()
     bugs = [b for b in BUGS if not ns.only or any(s in f"{b[1]} {b[0]}" for s in ns.only)]
     check_strings(BUGS)  # all of them, whatever runs: a moved string is news
@@ -152,6 +161,13 @@ def main():
     rows, t_all = [], time.time()
     with tempfile.TemporaryDirectory(prefix="mutation_check_") as tmp:
         copy_repo(Path(tmp))
+        for script in sorted({b[1] for b in bugs}) if not ns.no_baseline else ():
+            # A test file that fails unchanged would report every bug of its script as caught.
+            rc, failed = run_tests(Path(tmp), script, True, ns.timeout)
+            print(f"{script}  baseline  {'passes' if rc == 0 else 'FAILS: ' + ', '.join(failed)}",
+                  flush=True)
+            if rc != 0:
+                sys.exit(f"mutation_check: {TESTS[script]} fails without any bug; fix it first")
         for bug in bugs:
             caught, failed, secs = run_one(Path(tmp), bug, ns.x, ns.timeout)
             rows.append((bug[0], bug[1], "yes" if caught else "NO", ", ".join(failed[:3]), secs))
