@@ -1,5 +1,6 @@
 """Tests for 01_stargan_v1.py (StarGAN). Small widths and images except for the parameter counts."""
 import copy
+import inspect
 import re
 import shutil
 
@@ -230,10 +231,11 @@ def test_train_step_d_every_step_g_every_n_critic(monkeypatch):
     G, D, opt_g, opt_d = nets(cfg)
     x, c, _ = batch(B=8)
     calls = []
-    for name in ("d_step", "g_step"):
+    for name in ("d_step", "g_step"):  # record (step, c_org, c_trg) of each call
         real = getattr(S, name)
-        monkeypatch.setattr(S, name, lambda *a, _n=name, _f=real, **kw: calls.append(
-            (_n, a[4], a[5])) or _f(*a, **kw))  # (G, D, opt, x_real, c_org, c_trg, cfg, ...)
+        sig = inspect.signature(real)
+        monkeypatch.setattr(S, name, lambda *a, _n=name, _f=real, _s=sig, **kw: calls.append(
+            (_n, *map(_s.bind(*a, **kw).arguments.get, ("c_org", "c_trg")))) or _f(*a, **kw))
     keys = [set(S.train_step(G, D, opt_g, opt_d, x, c, step, cfg)) for step in range(6)]
     assert [n for n, *_ in calls] == ["d_step"] * 3 + ["g_step"] + ["d_step"] * 3 + ["g_step"]
     assert [any(k.startswith("G/") for k in ks) for ks in keys] == [False, False, True] * 2
