@@ -1,6 +1,7 @@
 """Shared test helpers. The numbered scripts start with digits, so they are loaded by path."""
 import importlib.util
 import io
+import os
 import random
 import sys
 from pathlib import Path
@@ -10,6 +11,9 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+# The official networks' state_dict layouts (key and shape per entry), kept with the tests
+# so that every clone checks them.
+LAYOUTS = Path(__file__).resolve().parent / "layouts"
 sys.path.insert(0, str(ROOT))  # so `import common` works from any working directory
 import common  # noqa: E402
 
@@ -29,7 +33,8 @@ def load_script(name):
 @pytest.fixture(autouse=True)
 def _few_threads():
     # CI has 2 cores: keep torch from oversubscribing them, and keep every test deterministic.
-    torch.set_num_threads(2)
+    # OMP_NUM_THREADS=1 is honoured: on a shared machine 2 threads each run ~50x slower.
+    torch.set_num_threads(min(2, int(os.environ.get("OMP_NUM_THREADS") or 2)))
     torch.manual_seed(0)
     yield
 

@@ -2,7 +2,9 @@
 each step updates, EMA, λ_ds schedule, exact resume, official-checkpoint loading, a toy run."""
 import copy
 import dataclasses
+import inspect
 import json
+import math
 import re
 import shutil
 import struct
@@ -10,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import (console_lines, load_script, summary_files, widest_console_line,
+from conftest import (LAYOUTS, console_lines, load_script, summary_files, widest_console_line,
                       write_unreadable)
 
 m = load_script("02_stargan_v2")
@@ -19,9 +22,6 @@ from common import UserError, load_checkpoint, save_checkpoint  # noqa: E402 (af
 from common import strip_prefixes as common_strip  # noqa: E402
 from data import fan as data_fan  # noqa: E402
 from data import toy  # noqa: E402 (our own toy data and its oracle)
-
-REF = Path("/work/shared/reference")
-
 
 def tiny_cfg(**kw):
     base = dict(img_size=32, dim_in=8, max_conv_dim=16, mapping_dim=16, num_domains=3, batch=2,
@@ -81,35 +81,60 @@ def test_parameter_counts_and_official_layout(preset, counts):
             m.StyleEncoder(c.img_size, c.style_dim, c.num_domains, c.max_conv_dim),
             m.Discriminator(c.img_size, c.num_domains, c.max_conv_dim)]
     assert tuple(_count(n) for n in nets) == counts
-    layout = REF / f"stargan_v2_{preset}_256.txt"
-    if layout.exists():  # the official state_dict entries, in order: what load_official relies on
-        want = [ln.split(" ", 2) for ln in layout.read_text().splitlines() if ln[:1] not in "#"]
-        ours = [(t, k, str(tuple(v.shape))) for t, n in zip(m.OFFICIAL_NAMES.values(), nets)
-                for k, v in n.state_dict().items()]
-        assert [(a, b, c.replace(" ", "")) for a, b, c in want] == \
-               [(a, b, c.replace(" ", "")) for a, b, c in ours]
+    # The official state_dict entries, in order: what load_official relies on.
+    layout = LAYOUTS / f"stargan_v2_{preset}_256.txt"
+    want = [ln.split(" ", 2) for ln in layout.read_text().splitlines() if ln[:1] not in "#"]
+    ours = [(t, k, str(tuple(v.shape))) for t, n in zip(m.OFFICIAL_NAMES.values(), nets)
+            for k, v in n.state_dict().items()]
+    assert len(want) > 200 and [(a, b, c.replace(" ", "")) for a, b, c in want] == \
+           [(a, b, c.replace(" ", "")) for a, b, c in ours]
 
 
 def test_he_init_and_biases_zero():
-    conv = m.he_init(torch.nn.Sequential(torch.nn.Conv2d(256, 256, 3), torch.nn.Linear(512, 64)))
+    # fan_in 64·9 and fan_out 256·9 differ 4x: the std tells kaiming's two modes apart
+    conv = m.he_init(torch.nn.Sequential(torch.nn.Conv2d(64, 256, 3), torch.nn.Linear(512, 64)))
     assert conv[0].bias.abs().max() == 0 and conv[1].bias.abs().max() == 0
-    assert abs(conv[0].weight.std().item() - (2 / (256 * 9)) ** 0.5) < 0.002  # fan_in, ReLU gain
+    assert abs(conv[0].weight.std().item() - (2 / (64 * 9)) ** 0.5) < 0.002  # fan_in, ReLU gain
     assert abs(conv[1].weight.std().item() - (2 / 512) ** 0.5) < 0.003
 
 
-def test_losses_finite_and_signs():
-    cfg = tiny_cfg()
-    nets, _ = m.build_nets(cfg)
-    x_real, y_org, x_ref, x_ref2, y_trg = batch_of(cfg)
-    loss, terms = m.d_loss(nets, cfg, x_real, y_org, y_trg, z_trg=torch.randn(2, 16))
-    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
-    assert terms["reg"] > 0 and terms["real"] > 0 and terms["fake"] > 0  # R1 ≥ 0, BCE > 0
-    assert torch.allclose(loss, terms["real"] + terms["fake"] + cfg.lambda_reg * terms["reg"])
-    loss, terms = m.g_loss(nets, cfg, 1.0, x_real, y_org, y_trg, x_refs=(x_ref, x_ref2))
-    assert torch.isfinite(loss) and all(v >= 0 for v in terms.values())
-    assert torch.allclose(loss, terms["adv"] + terms["sty"] - terms["ds"] + terms["cyc"])
+def test_adv_loss_values_and_sign():
     assert torch.isclose(m.adv_loss(torch.zeros(4), 1), torch.tensor(2.0).log())
     assert m.adv_loss(torch.full((4,), 5.0), 1) < m.adv_loss(torch.full((4,), 5.0), 0)
+
+
+def test_losses_match_the_equations_with_weights_other_than_one():
+    """d_loss and g_loss term by term and in total, recomputed here from Eqs. (1)-(5) and App. B
+    with every λ ≠ 1 (at λ = 1 a dropped weight would not show)."""
+    cfg = tiny_cfg(img_size=16, lambda_reg=3.0, lambda_sty=2.0, lambda_cyc=4.0)
+    nets, _ = m.build_nets(cfg)
+    x_real, y_org, x_ref, x_ref2, y_trg = batch_of(cfg)
+    z, z2 = torch.randn(2, 2, 16)
+    G, D, E, mapping = nets.G, nets.D, nets.E, nets.mapping
+    x = x_real.clone().requires_grad_()
+    out = D(x, y_org)  # (B,)
+    grad, = torch.autograd.grad(out.sum(), x)
+    real, reg = F.softplus(-out).mean(), 0.5 * grad.pow(2).sum((1, 2, 3)).mean()  # −log σ, R1
+    for kw, s_trg in ((dict(z_trg=z), mapping(z, y_trg)), (dict(x_ref=x_ref), E(x_ref, y_trg))):
+        loss, t = m.d_loss(nets, cfg, x_real, y_org, y_trg, **kw)
+        fake = F.softplus(D(G(x_real, s_trg), y_trg)).mean()  # −log(1 − σ)
+        for got, want in zip((t["real"], t["fake"], t["reg"], loss),
+                             (real, fake, reg, real + fake + 3.0 * reg)):
+            torch.testing.assert_close(got, want)
+    loss, t = m.g_loss(nets, cfg, 0.5, x_real, y_org, y_trg, z_trgs=torch.stack([z, z2]))
+    s1, s2 = mapping(z, y_trg), mapping(z2, y_trg)
+    x_fake = G(x_real, s1)
+    want = dict(adv=F.softplus(-D(x_fake, y_trg)).mean(),
+                sty=(E(x_fake, y_trg) - s1).abs().mean(),  # Eq. (2)
+                ds=(x_fake - G(x_real, s2)).abs().mean(),  # Eq. (3)
+                cyc=(G(x_fake, E(x_real, y_org)) - x_real).abs().mean())  # Eq. (4), ŝ = E_y(x)
+    for k in want:
+        torch.testing.assert_close(t[k], want[k])
+    torch.testing.assert_close(loss, want["adv"] + 2.0 * want["sty"] - 0.5 * want["ds"]
+                               + 4.0 * want["cyc"])  # Eq. (5), λ_ds = 0.5 as passed
+    _, t = m.g_loss(nets, cfg, 0.5, x_real, y_org, y_trg, x_refs=(x_ref, x_ref2))
+    x_fake = G(x_real, E(x_ref, y_trg))  # reference styles: s̃ = E_ỹ(x_ref)
+    torch.testing.assert_close(t["ds"], (x_fake - G(x_real, E(x_ref2, y_trg))).abs().mean())
 
 
 def test_g_total_gradient_signs():
@@ -163,6 +188,54 @@ def test_lambda_ds_schedule():
     assert m.lambda_ds_at(0, cfg) == 2.0
     assert m.lambda_ds_at(50000, cfg) == pytest.approx(1.0)
     assert m.lambda_ds_at(100000, cfg) == 0.0 and m.lambda_ds_at(150000, cfg) == 0.0
+
+
+def test_train_step_mid_decay_with_a_non_default_ema_beta(monkeypatch):
+    """One train_step at step 3 of ds_iter 4 with β = 0.6: λ_ds(3) = 2·(1 − 3/4) is logged and
+    used by both G steps, and every EMA parameter ends at β·before + (1 − β)·the updated net."""
+    cfg = tiny_cfg(img_size=16, lambda_ds=2.0, ds_iter=4, ema_beta=0.6)
+    nets, ema = m.build_nets(cfg)
+    optims = m.build_optims(nets, cfg)
+    with torch.no_grad():  # EMA apart from the online nets: the direction of the lerp shows
+        for p in (p for avg in vars(ema).values() for p in avg.parameters()):
+            p.add_(torch.randn_like(p))
+    before = {k: [p.clone() for p in avg.parameters()] for k, avg in vars(ema).items()}
+    used, g_total = [], m.g_total
+    sig = inspect.signature(g_total)
+
+    def spy(*a, **kw):  # the λ_ds each G step's Eq. (5) gets
+        used.append(sig.bind(*a, **kw).arguments["lambda_ds"])
+        return g_total(*a, **kw)
+    monkeypatch.setattr(m, "g_total", spy)
+    logs = m.train_step(nets, ema, optims, batch_of(cfg), 3, cfg)
+    assert logs["G/lambda_ds"].item() == 0.5 and used == [0.5, 0.5]
+    for k, avg in vars(ema).items():
+        for old, p, q in zip(before[k], avg.parameters(), getattr(nets, k).parameters()):
+            torch.testing.assert_close(p, 0.6 * old + 0.4 * q)
+
+
+def test_train_step_wires_the_batch(monkeypatch):
+    """The official order: D with a latent style, D with x_ref's, G with (z, z2) through F, G with
+    (x_ref, x_ref2) through E; the latent D step uses the G step's first z; all on one batch."""
+    cfg = tiny_cfg(img_size=16)
+    nets, ema = m.build_nets(cfg)
+    optims = m.build_optims(nets, cfg)
+    calls, batch = [], batch_of(cfg)
+    for name in ("d_step", "g_step"):
+        real = getattr(m, name)
+        sig = inspect.signature(real)
+        monkeypatch.setattr(m, name, lambda *a, _f=real, _s=sig, **kw: calls.append(
+            (_f.__name__, _s.bind(*a, **kw).arguments)) or _f(*a, **kw))
+    m.train_step(nets, ema, optims, batch, 0, cfg)
+    x_real, y_org, x_ref, x_ref2, y_trg = batch
+    assert [n for n, _ in calls] == ["d_step", "d_step", "g_step", "g_step"]
+    assert all(a["x_real"] is x_real and a["y_org"] is y_org and a["y_trg"] is y_trg
+               for _, a in calls)
+    (_, d_lat), (_, d_ref), (_, g_lat), (_, g_ref) = calls
+    assert torch.equal(d_lat["z_trg"], g_lat["z_trgs"][0]) and not torch.equal(*g_lat["z_trgs"])
+    assert d_ref["x_ref"] is x_ref and [x is y for x, y in zip(g_ref["x_refs"], (x_ref, x_ref2))] \
+        == [True, True]
+    assert "x_ref" not in d_lat and "z_trg" not in d_ref and "x_refs" not in g_lat
 
 
 def test_resume_gives_identical_next_losses(tmp_path):
@@ -305,8 +378,12 @@ def test_short_toy_run_writes_samples_and_resumes(tmp_path, capsys):
     assert {"000004_cycle.png", "000004_latent_psi0.5.png", "000004_latent_psi1.0.png",
             "000004_reference.png"} <= names
     logs = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
-    assert logs and all(v == v and abs(v) < 1e6 for rec in logs for k, v in rec.items()
-                        if k not in ("step", "time"))
+    toy_cfg = m.Config(**m.PRESETS["toy"])  # λ_ds as step s − 1 used it: the schedule is logged
+    terms = {f"D/{s}_{k}" for s in ("latent", "ref") for k in ("real", "fake", "reg")} | {
+        f"G/{s}_{k}" for s in ("latent", "ref") for k in ("adv", "sty", "ds", "cyc")}
+    assert [rec["step"] for rec in logs] == [1, 2, 3, 4] and all(
+        rec["G/lambda_ds"] == pytest.approx(m.lambda_ds_at(rec["step"] - 1, toy_cfg)) and
+        terms <= rec.keys() and all(math.isfinite(v) for v in rec.values()) for rec in logs)
     saved = torch.load(out / "last.pt", weights_only=True)
     assert saved["step"] == 4 and set(saved["nets"]) == {"G", "mapping", "E", "D", "G_ema",
                                                          "mapping_ema", "E_ema"}
@@ -323,6 +400,35 @@ def test_short_toy_run_writes_samples_and_resumes(tmp_path, capsys):
     with pytest.raises(UserError, match="--domain"):
         m.main(["sample", "--ckpt", str(out / "last.pt"), "--src", str(tmp_path / "grey.png"),
                 "--domain", "7"])
+
+
+def assert_same(a, b, where=""):
+    """Checkpoint contents equal bit for bit (tensors, numbers, nested dicts and lists)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b)):
+            assert_same(u, v, f"{where}/{i}")
+    else:
+        assert torch.equal(a, b) if torch.is_tensor(a) else a == b, where
+
+
+def test_train_resume_is_exact(tmp_path):
+    """Through main, as 01, 03 and 04: a run saved at step 2 and resumed to 4 ends with the same
+    nets, EMA nets and optimizer states, bit for bit, as one run of 4 steps."""
+    def run(out, *extra):
+        m.main(RUN + ["--out", str(tmp_path / out), "--save-every", "2", *extra])
+        return torch.load(tmp_path / out / "last.pt", weights_only=True)
+
+    straight = run("a", "--total-iters", "4")
+    assert run("b", "--total-iters", "2")["step"] == 2
+    resumed = run("b", "--total-iters", "4", "--resume", "auto")
+    assert resumed["step"] == 4 and set(resumed["nets"]) == set(straight["nets"])
+    assert_same(straight["nets"], resumed["nets"], "nets")
+    assert_same(straight["opts"], resumed["opts"], "opts")
 
 
 def test_val_domains_must_match_train(tmp_path):
@@ -515,6 +621,9 @@ def test_changed_settings_on_resume_are_applied_or_refused(tmp_path, capsys):
     lrs = {n: [g["lr"] for g in o["param_groups"]] for n, o in state["opts"].items()}
     assert state["config"]["lr"] == 1e-3 and state["config"]["dim_in"] == 4
     assert lrs == {"G": [1e-3], "mapping": [1e-6], "E": [1e-3], "D": [1e-3]}  # used = recorded
+    # Adam's moments came back too: per iteration D and G take 2 steps, F and E 1 (3 iterations)
+    steps = {n: {float(s["step"]) for s in o["state"].values()} for n, o in state["opts"].items()}
+    assert steps == {"G": {6.0}, "mapping": {3.0}, "E": {3.0}, "D": {6.0}}
     assert "resume: lr 0.0002 -> 0.001 (applied)" in capsys.readouterr().out
     with pytest.raises(UserError, match=r"--img-size 32: .*last.pt was trained with img_size 16"):
         m.main(out + ["--total-iters", "4", "--resume", "auto", "--img-size", "32"])

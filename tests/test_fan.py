@@ -1,25 +1,25 @@
-"""data_fan.FAN, face_masks and load_fan: StarGAN v2's frozen face-alignment network and its masks."""
-from pathlib import Path
-
+"""data/fan.py's FAN, face_masks and load_fan: StarGAN v2's frozen face-alignment network and its
+masks."""
 import pytest
 import torch
 
 from common import UserError
+from conftest import LAYOUTS
 from data import fan as data_fan
 
-REF = Path("/work/shared/reference/stargan_v2_fan_wing.txt")
+REF = LAYOUTS / "stargan_v2_fan_wing.txt"  # clovaai/stargan-v2 core/wing.py, wing.ckpt
 
 
 def test_fan_layout_matches_official_wing_ckpt():
     fan = data_fan.FAN()
     assert sum(p.numel() for p in fan.parameters()) == 6_333_603
     assert sum(b.numel() for b in fan.buffers()) == 15_031
-    if REF.exists():  # every key and shape of the official module, in order
-        want = [ln.split(maxsplit=2)[1:] for ln in REF.read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
-        ours = [[k, str(tuple(v.shape))] for k, v in fan.state_dict().items()]
-        assert [[k, s.replace(" ", "")] for k, s in want] == \
-               [[k, s.replace(" ", "")] for k, s in ours]
+    # every key and shape of the official module, in order
+    want = [ln.split(maxsplit=2)[1:] for ln in REF.read_text().splitlines()
+            if ln.strip() and not ln.startswith("#")]
+    ours = [[k, str(tuple(v.shape))] for k, v in fan.state_dict().items()]
+    assert len(want) == 336 and [[k, s.replace(" ", "")] for k, s in want] == \
+           [[k, s.replace(" ", "")] for k, s in ours]
 
 
 def test_fan_is_frozen_and_stays_in_eval_mode():
