@@ -5,14 +5,15 @@ import dataclasses
 import json
 import re
 import shutil
+import signal
 import struct
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import (console_lines, load_script, summary_files, widest_console_line,
-                      write_unreadable)
+from conftest import (console_lines, load_script, stop_with_signal, summary_files,
+                      widest_console_line, write_unreadable)
 
 m = load_script("02_stargan_v2")
 import common  # noqa: E402 (after sys.path set-up)
@@ -552,3 +553,22 @@ def test_console_line_fits_120_columns():
     # L_G = adv + λ_sty sty − λ_ds ds + λ_cyc cyc, with λ_ds the logged value (-0.0123 here)
     g = -0.0123 * (1 + cfg.lambda_sty + cfg.lambda_cyc) - (-0.0123) * (-0.0123)
     assert f" G {g:.3g} " in line
+
+
+# ---------------------------------------------------------------------------- a cluster stops it
+def test_stop_signal_saves_and_says_how_to_continue(tmp_path):
+    """SIGUSR1, SLURM's warning before the time limit (sbatch --signal=USR1@s), saves like
+    Ctrl-C: last.pt at the step reported, the log up to it, exit status 128 + signal number, and
+    the command that continues the run."""
+    out = tmp_path / "run"
+    flags = ["--dim-in", "4", "--max-conv-dim", "8", "--mapping-dim", "16", "--batch", "2"]
+    flags += ["--num-workers", "2", "--log-every", "1", "--save-every", "100000", "--sample-every",
+              "100000", "--total-iters", "100000", "--out", str(out)]
+    # To the loader's workers too, as SLURM signals every process: the main process stops them.
+    rc, text, err = stop_with_signal(["02_stargan_v2.py", *flags], signal.SIGUSR1, group=True)
+    assert rc == 128 + signal.SIGUSR1, err[-3000:]
+    step = int(re.search(r"stopped by SIGUSR1 at step (\d+)", text)[1])
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == step >= 1
+    steps = [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, step + 1))
+    assert f"python 02_stargan_v2.py {' '.join(flags)} --resume auto" in text

@@ -4,13 +4,19 @@ without running them."""
 import dataclasses
 import json
 import math
+import os
 import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (console_lines, load_script, summary_files, widest_console_line,
-                      write_unreadable)
+from conftest import (ROOT, console_lines, load_script, stop_with_signal, summary_files,
+                      widest_console_line, write_unreadable)
 from PIL import Image
 
 import common
@@ -481,3 +487,21 @@ def test_oracle_reads_noise_and_can_fail():
 def test_console_line_fits_120_columns():
     line = widest_console_line(m.console_terms(m.Config()), ["D/adv", "D/r1", "G/adv"], 400_000)
     assert " D -0.0738 " in line  # L_D = adv + γ/2 · R1 = -0.0123 + 5 · -0.0123
+
+
+# ---------------------------------------------------------------------------- a cluster stops it
+def test_stop_signal_saves_and_says_how_to_continue(tmp_path):
+    """SIGTERM, a cluster's stop (SLURM at preemption or the time limit, torchrun, Kubernetes),
+    saves like Ctrl-C:
+    last.pt at the step reported, the log up to it, exit status 128 + signal number, and the
+    command that continues the run."""
+    out, flags = tmp_path / "run", list(TINY_FLAGS)
+    flags += ["--num-workers", "0", "--log-every", "1", "--save-every", "100000", "--sample-every",
+              "100000", "--total-iters", "100000", "--out", str(out)]
+    rc, text, err = stop_with_signal(["04_stylegan_mapping.py", *flags], signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM, err[-3000:]
+    step = int(re.search(r"stopped by SIGTERM at step (\d+)", text)[1])
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == step >= 1
+    steps = [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, step + 1))
+    assert f"python 04_stylegan_mapping.py {' '.join(flags)} --resume auto" in text

@@ -1,10 +1,14 @@
 """common.py and data/toy.py: readers, checkpoints, CLI, toy data + oracle, bad input, metrics."""
 import dataclasses
+import errno
 import json
 import multiprocessing
+import os
 import random
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
