@@ -5,6 +5,7 @@ data generator and its oracle: data/toy.py."""
 import argparse
 import ast
 import contextlib
+import fcntl
 import dataclasses
 import datetime
 import inspect
@@ -393,6 +394,10 @@ def prepare_run(cfg, given=(), fixed=()):
 def _prepare_run(cfg, given, fixed):
     out, resume = Path(cfg.out), cfg.resume
     last = out / "last.pt"
+    require(not out.exists() or out.is_dir(), f"--out {out}: is a file, not a folder; pass a "
+            "folder for the run (it is made if missing)")
+    if out.is_dir():  # first: a second start in a folder in use stops here, before any check
+        _lock_run(out)
     ckpt = Path(resume) if resume not in ("", "auto") else None
     ckpt = last if resume == "auto" and last.exists() else ckpt
     require(ckpt is None or ckpt.is_file(), f"--resume {resume}: no such checkpoint file; use "
@@ -406,9 +411,43 @@ def _prepare_run(cfg, given, fixed):
     cfg = resume_config(cfg, ckpt, given, fixed) if ckpt else cfg
     if cfg.overwrite and not own and any((out / n).exists() for n in ("last.pt", "log.jsonl")):
         ckpt = _move_aside(out, ckpt)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent is a file, no permission, a read-only filesystem
+        raise UserError(f"--out {out}: cannot make this folder ({e.strerror}: {e.filename}); pass "
+                        "a folder you can write to") from None
+    _lock_run(out)
     Path(f"{last}.tmp").unlink(missing_ok=True)  # left by a process killed while saving
     return cfg, ckpt
+
+
+_LOCKS = {}  # run folder -> its open lock file, held by this process until it ends
+
+
+def _lock_run(out):
+    """One run per folder: an exclusive flock on out/.lock, held until this process ends. The OS
+    releases it when the process dies, even by SIGKILL or a crash, so a dead run never blocks the
+    next start. The file names the holder, for the refusal of a second start."""
+    if out.resolve() in _LOCKS:  # held already (a second run in one process: tests)
+        return
+    try:
+        f = open(out / ".lock", "a+")  # a+: create if missing, never truncate before the lock
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write in this folder ({e.strerror}); pass a folder "
+                        "you can write to") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "starting up"
+        f.close()
+        raise UserError(f"--out {out}: another run is using this folder ({holder}); wait for it "
+                        "to end or stop it, or pass another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+    f.flush()
+    _LOCKS[out.resolve()] = f
 
 
 def _move_aside(out, ckpt):
@@ -422,7 +461,10 @@ def _move_aside(out, ckpt):
         n += 1
     inside = ckpt is not None and ckpt.resolve().is_relative_to(out.resolve())
     moved = aside / ckpt.resolve().relative_to(out.resolve()) if inside else ckpt
+    lock = _LOCKS.pop(out.resolve(), None)  # its lock goes with it: released, taken anew in out
     out.rename(aside)
+    if lock:
+        lock.close()
     print(f"--overwrite: moved the previous run {out} to {aside} (delete it once not needed)")
     return moved
 

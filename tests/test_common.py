@@ -390,9 +390,9 @@ def test_overwrite_moves_the_old_run_aside(tmp_path, capsys):
     (out / "log.jsonl").write_text('{"step": 1}\n')
     (out / "samples" / "000001.png").write_bytes(b"png")
     assert common.prepare_run(run_cfg(out, overwrite=True)) == (run_cfg(out, overwrite=True), None)
-    assert out.is_dir() and not any(out.iterdir())  # a clean folder: no old log, no old samples
+    assert [p.name for p in out.iterdir()] == [".lock"]  # a clean folder: its lock, no old log
     old = tmp_path / "run.old-1"
-    assert {p.name for p in old.iterdir()} == {"last.pt", "log.jsonl", "samples"}
+    assert {p.name for p in old.iterdir()} == {".lock", "last.pt", "log.jsonl", "samples"}
     assert f"moved the previous run {out} to {old}" in capsys.readouterr().out
     save_run(out)
     _, ckpt = common.prepare_run(run_cfg(out, overwrite=True, resume=str(out / "last.pt")))
@@ -400,7 +400,8 @@ def test_overwrite_moves_the_old_run_aside(tmp_path, capsys):
     backup = out / "backup.pt"
     backup.write_bytes(ckpt.read_bytes())
     _, ckpt = common.prepare_run(run_cfg(out, overwrite=True, resume=str(backup)))
-    assert ckpt == tmp_path / "run.old-2" / "backup.pt" and not any(out.iterdir())
+    assert ckpt == tmp_path / "run.old-2" / "backup.pt" and [p.name for p in out.iterdir()] == [
+        ".lock"]
 
 
 def test_ctrl_c_during_save_is_held_until_the_file_is_complete(tmp_path, monkeypatch):
@@ -793,3 +794,40 @@ def test_small_grids_are_enlarged_and_labelled(tmp_path):
     common.save_gif(frames, tmp_path / "a.gif")
     with Image.open(tmp_path / "a.gif") as gif:
         assert gif.size == (160, 64) and gif.n_frames == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# A long run on a shared cluster: one run per folder, a full disk, an --out that is no folder
+# ---------------------------------------------------------------------------------------------------
+HOLD = """import sys, time; sys.path.insert(0, sys.argv[1]); import common
+from test_common import run_cfg
+common.prepare_run(run_cfg(sys.argv[2])); print('holding', flush=True); time.sleep(60)"""
+
+
+def test_one_run_per_folder_and_a_dead_run_never_blocks(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(Path(__file__).parent), str(out)],
+                              cwd=common.ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        for cfg in (run_cfg(out), run_cfg(out, resume="auto"), run_cfg(out, overwrite=True)):
+            with pytest.raises(UserError) as e:
+                common.prepare_run(cfg)
+            assert str(e.value) == (f"--out {out}: another run is using this folder (host "
+                                    f"{socket.gethostname()}, pid {holder.pid}); wait for it to end "
+                                    "or stop it, or pass another --out")
+    finally:
+        holder.kill()  # SIGKILL: no chance to clean up; the OS releases its lock
+        holder.wait()
+    assert common.prepare_run(run_cfg(out)) == (run_cfg(out), None)
+    assert (out / ".lock").read_text() == f"host {socket.gethostname()}, pid {os.getpid()}\n"
+
+
+def test_out_that_is_a_file_or_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("not a folder")
+    with pytest.raises(UserError, match=f"^--out {tmp_path}/f: is a file, not a folder; pass a"):
+        common.prepare_run(run_cfg(tmp_path / "f"))
+    with pytest.raises(UserError, match=f"^--out {tmp_path}/f/run: cannot make this folder "
+                       f"\\(Not a directory: {tmp_path}/f/run\\)"):
+        common.prepare_run(run_cfg(tmp_path / "f" / "run"))
+    assert (tmp_path / "f").read_text() == "not a folder"

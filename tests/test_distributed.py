@@ -300,7 +300,7 @@ def test_torchrun_toy_run_then_one_process_resume(tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("oracle @ 4") == 1  # one console: rank 0 prints
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # one run folder
-    assert sorted(p.name for p in run.iterdir()) == ["last.pt", "log.jsonl", "samples"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "last.pt", "log.jsonl", "samples"]
     assert [json.loads(ln)["step"] for ln in (run / "log.jsonl").read_text().splitlines()] == [2, 4]
     saved = torch.load(run / "last.pt", weights_only=True)
     assert saved["step"] == 4 and saved["world"] == WORLD and saved["config"]["batch"] == 2
