@@ -569,14 +569,40 @@ def save_checkpoint(path, step, cfg, nets, opts, extra=None, losses=None, interr
         if bad is not None:
             raise SharedError(f"step {step}: {bad} is not finite; stopping without saving. Last "
                               f"good checkpoint: {_last_good(path)} (try a lower lr, or --no-amp)")
-        if not is_main():
-            return
-        tmp = Path(f"{path}.tmp")
+        problem = _write_checkpoint(state, Path(path)) if is_main() else ""
+        if world_size() > 1:  # rank 0 alone writes; if it could not, every process stops
+            said = [problem]
+            dist.broadcast_object_list(said, 0, group=_PEERS.get("control"))
+            problem = said[0]
+        if problem:
+            raise SharedError(f"step {step}: {problem}")
+
+
+def _write_checkpoint(state, path):
+    """torch.save to path.tmp, on the disk (fsync: a quota or a network filesystem may refuse the
+    data only then), then renamed over path. -> "" or why it failed; no .tmp is left behind."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return ""
+    except (OSError, RuntimeError) as e:  # torch's writer raises RuntimeError from the OSError
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        why = cause.strerror if cause is not None and cause.strerror else _first_line(e)
         try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+            free = f"{shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free there"
+        except OSError:
+            free = "free space unknown"
+        return (f"cannot write the checkpoint {path} ({why}; {free}); stopping. The last good "
+                f"checkpoint, {_last_good(path)}, is untouched: make room (or fix the folder), "
+                "then continue with --resume auto")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, nets, opts=None, map_location="cpu", restore_rng=True):

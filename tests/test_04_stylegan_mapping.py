@@ -505,3 +505,24 @@ def test_stop_signal_saves_and_says_how_to_continue(tmp_path):
     steps = [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, step + 1))
     assert f"python 04_stylegan_mapping.py {' '.join(flags)} --resume auto" in text
+
+
+def test_failed_save_stops_with_one_line_and_keeps_last_pt(image_folder, tmp_path, monkeypatch):
+    """A disk that fills up (a file-size limit: writes past it fail with EFBIG, as ENOSPC or a
+    quota would): exit status 2, one line naming the file, the cause and the free space; the last
+    good last.pt untouched and no last.pt.tmp left."""
+    monkeypatch.setattr(m, "figures", lambda *a: [])  # the end-of-run figures: not tested here
+    flags = ["--data", image_folder, *TINY_FLAGS, "--log-every", "1", "--sample-every", "100"]
+    m.main([*map(str, flags), "--out", str(tmp_path / "a"), "--total-iters", "2"])
+    run = shutil.copytree(tmp_path / "a", tmp_path / "run")  # this process holds a's lock
+    before = (run / "last.pt").read_bytes()
+    limit = len(before) // 2
+    r = subprocess.run([sys.executable, "04_stylegan_mapping.py", *map(str, flags), "--out", run,
+                        "--total-iters", "3", "--resume", "auto"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit,) * 2))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert re.fullmatch(rf"error: step 3: cannot write the checkpoint {run / 'last.pt'} \(File too "
+                        rf"large; [0-9.]+ GiB free there\); stopping. The last good checkpoint, "
+                        rf"{run / 'last.pt'}, is untouched: .* --resume auto\n", r.stderr)
+    assert (run / "last.pt").read_bytes() == before and not (run / "last.pt.tmp").exists()
