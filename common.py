@@ -1077,6 +1077,8 @@ class Logger:
     def __init__(self, out, total, every, show=None, panels=None, start=0):
         self.path, self.total, self.every, self.show = Path(out) / "log.jsonl", total, every, show
         self.panels, self.step0, self.t0 = panels, start, time.time()
+        if is_main():
+            set_aside_log_past(self.path, start)
 
     def line(self, step, vals):
         rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)

@@ -507,6 +507,27 @@ def test_stop_signal_saves_and_says_how_to_continue(tmp_path):
     assert f"python 04_stylegan_mapping.py {' '.join(flags)} --resume auto" in text
 
 
+def test_resumed_log_holds_each_step_once(image_folder, tmp_path, capsys, monkeypatch):
+    """A run killed after logging steps 3-4 but saving step 2: the resume sets those lines aside
+    (and a line cut short), so log.jsonl holds steps 1-4 once; a fresh start never appends."""
+    monkeypatch.setattr(m, "figures", lambda *a: [])  # the end-of-run figures: not tested here
+    out, log = tmp_path / "run", tmp_path / "run" / "log.jsonl"
+    flags = ["--data", str(image_folder), "--out", str(out), *TINY_FLAGS, "--log-every", "1",
+             "--sample-every", "100"]
+    m.main(flags + ["--total-iters", "2"])
+    killed = "".join(json.dumps({"step": s, "D": 9.0}) + "\n" for s in (3, 4)) + '{"step": 5, "D'
+    log.write_text(log.read_text() + killed)
+    capsys.readouterr()
+    m.main(flags + ["--total-iters", "4", "--resume", "auto"])
+    rows = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r.get("D") != 9.0 for r in rows)
+    assert f"{log}: 3 line(s) past step 2, where this run starts, set aside" in capsys.readouterr().out
+    assert (out / "log.jsonl.old-1").read_text().endswith(killed)
+    (out / "last.pt").unlink()  # as if the run had stopped before its first save
+    m.main(flags + ["--total-iters", "1"])
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1]
+
+
 def test_failed_save_stops_with_one_line_and_keeps_last_pt(image_folder, tmp_path, monkeypatch):
     """A disk that fills up (a file-size limit: writes past it fail with EFBIG, as ENOSPC or a
     quota would): exit status 2, one line naming the file, the cause and the free space; the last

@@ -712,16 +712,16 @@ def test_console_line_fits_and_its_first_line_has_a_rate(tmp_path, monkeypatch, 
     first = capsys.readouterr().out.strip()
     # 50 steps in 10 s from the start: 5 it/s, 1950 steps to go = 390 s; G/x absent: left out
     assert first == "step 50/2000 | 5.00 it/s | ETA 0:06:30 | D 0.6 gp 0.01 G 1.25"
-    logger = common.Logger(tmp_path, 2000, 50)  # default: every term while they fit
-    now[0] = 1040.0
+    logger = common.Logger(tmp_path, 2000, 50, start=50)  # default: every term while they fit
+    now[0] = 1025.0
     logger.log(100, {f"term{i}": float(i) for i in range(40)})  # the rest: only in the log
     line = capsys.readouterr().out.strip()
     assert len(line) <= 120 and "term0 0" in line and "term39" not in line
-    assert line.startswith("step 100/2000 | 3.33 it/s | ETA 0:09:30 |")  # 100 steps in 30 s
+    assert line.startswith("step 100/2000 | 3.33 it/s | ETA 0:09:30 |")  # 50 steps in 15 s
     logged = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert logged[0]["extra"] == 7.0 and logged[1]["term39"] == 39.0  # every term is logged
     logger = common.Logger(tmp_path, 400_000, 100, start=1000)  # resumed: the rate counts from
-    now[0] = 2040.0  # the step it resumed at
+    now[0] = 2025.0  # the step it resumed at
     assert logger.line(3000, {}) == "step 3000/400000 | 2.00 it/s | ETA 55:08:20 |"
 
 
@@ -861,3 +861,19 @@ def test_failed_save_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, mo
     with pytest.raises(UserError, match=r"\(Disk quota exceeded; .* checkpoint, none yet, is"):
         common.save_checkpoint(last, 3, Cfg(), {"G": net}, {})
     assert not any(tmp_path.iterdir())
+
+
+def test_log_lines_past_the_checkpoint_are_set_aside(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"step": s, "loss": s / 10}) for s in (1, 2, 3, 4)]
+    log.write_text("\n".join(lines) + '\n{"step": 5, "lo')  # a killed run: step 5 cut short
+    common.Logger(tmp_path, 10, 1, start=2)  # resumes from a checkpoint of step 2
+    assert log.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    assert (tmp_path / "log.jsonl.old-1").read_text().startswith("\n".join(lines))
+    assert capsys.readouterr().out == (f"{log}: 3 line(s) past step 2, where this run starts, set "
+                                       "aside (the previous log is kept as log.jsonl.old-1)\n")
+    common.Logger(tmp_path, 10, 1, start=2).log(3, {"loss": 0.5})
+    assert common.read_log(log) == {1: {"loss": 0.1}, 2: {"loss": 0.2}, 3: {"loss": 0.5}}
+    assert "set aside" not in capsys.readouterr().out  # nothing past step 2 the second time
+    common.Logger(tmp_path, 10, 1, start=0)  # a fresh start: nothing of an earlier run stays
+    assert log.read_text() == "" and (tmp_path / "log.jsonl.old-2").exists()
