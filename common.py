@@ -690,6 +690,23 @@ def load_rgb(path):
                         "delete or replace it") from None
 
 
+def load_rgb_files(src, flag="--src"):
+    """An image file, or a folder of images (recursively) -> [(path, RGB image)]. An unreadable
+    file in a folder is named and skipped, as in training; none readable: one line."""
+    path = Path(src)
+    require(path.exists(), f"{flag} {src}: not found; pass an image file or a folder of images")
+    if path.is_file():
+        return [(path, load_rgb(path))]
+    files, images = ImageFiles(path).files, []
+    for f in files:
+        try:
+            images.append((f, load_rgb(f)))
+        except UserError as e:
+            print(f"warning: skipping {e}", file=sys.stderr, flush=True)
+    require(images, f"{flag} {src}: none of its {len(files)} image(s) is readable (see above)")
+    return images
+
+
 def to_tensor_norm():
     """PIL -> float tensor (3, H, W) in [-1, 1]."""
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),

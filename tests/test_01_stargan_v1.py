@@ -395,3 +395,24 @@ def test_stop_signal_saves_and_says_how_to_continue(tmp_path):
     steps = [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, step + 1))
     assert f"python 01_stargan_v1.py {' '.join(flags)} --resume auto" in text
+
+
+def test_sample_names_and_skips_unreadable_src_files(tmp_path, capsys):
+    """sample --src FOLDER: an unreadable file is named and skipped, as training does; the run
+    fails (one line) only when no file is readable."""
+    cfg, names = small(out=str(tmp_path)), ["Black_Hair", "Blond_Hair", "Brown_Hair", "Male",
+                                             "Young"]
+    G, D, _, _ = nets(cfg)
+    save_checkpoint(tmp_path / "last.pt", 1, cfg, {"G": G, "D": D}, {},
+                    {"names": [names], "multi": [True]})
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (20, 24), (200, 40, 40)).save(src / "a.png")
+    write_unreadable(src / "b.png", "random")
+    S.main(["sample", "--out", str(tmp_path), "--src", str(src)])
+    said = capsys.readouterr()
+    assert f"warning: skipping {src / 'b.png'}: cannot read this image" in said.err
+    assert f"wrote {tmp_path / 'sample_own.jpg'}: 1 images x " in said.out  # the readable one
+    write_unreadable(src / "a.png", "empty")
+    with pytest.raises(UserError, match=f"--src {src}: none of its 2 image"):
+        S.main(["sample", "--out", str(tmp_path), "--src", str(src)])

@@ -572,3 +572,25 @@ def test_stop_signal_saves_and_says_how_to_continue(tmp_path):
     steps = [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, step + 1))
     assert f"python 02_stargan_v2.py {' '.join(flags)} --resume auto" in text
+
+
+def test_sample_names_and_skips_unreadable_src_files(tmp_path, capsys):
+    """sample --src FOLDER: an unreadable file is named and skipped, as training does; the run
+    fails (one line) only when no file is readable."""
+    cfg = tiny_cfg(out=str(tmp_path))
+    nets, ema = m.build_nets(cfg)
+    save_checkpoint(tmp_path / "last.pt", 1, cfg, {k + "_ema": v for k, v in vars(ema).items()}, {})
+    src = tmp_path / "src"
+    src.mkdir()
+    from PIL import Image
+    for name in ("a.png", "c.png"):
+        Image.new("RGB", (40, 30), (20, 90, 200)).save(src / name)
+    write_unreadable(src / "b.png", "text")
+    m.main(["sample", "--ckpt", str(tmp_path / "last.pt"), "--src", str(src), "--n-styles", "1"])
+    assert f"warning: skipping {src / 'b.png'}: cannot read this image" in capsys.readouterr().err
+    with Image.open(tmp_path / "sample" / "latent.png") as grid:  # the 2 readable sources
+        assert grid.width == 2 * 64 + 3  # 32 px enlarged ×2, 1 px padding
+    for name in ("a.png", "c.png"):
+        write_unreadable(src / name, "empty")
+    with pytest.raises(UserError, match=f"--src {src}: none of its 3 image"):
+        m.main(["sample", "--ckpt", str(tmp_path / "last.pt"), "--src", str(src)])
