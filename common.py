@@ -5,9 +5,9 @@ data generator and its oracle: data/toy.py."""
 import argparse
 import ast
 import contextlib
-import fcntl
 import dataclasses
 import datetime
+import fcntl
 import inspect
 import itertools
 import json
@@ -69,7 +69,7 @@ def main_guard(fn, argv=None):
     """Runs fn(argv) with one-line errors. Exit status: 0 done (or stopped by Ctrl-C, as asked),
     2 bad input or a failed save, 1 a lost peer (torchrun), 128 + N when signal N (SIGTERM,
     SIGUSR1) stopped it, as if it had killed the process: a cluster reads the run as stopped,
-    not done, and a job script can requeue it (see README: Running on a cluster)."""
+    not done, and a job script can requeue it (README: Long runs on a cluster)."""
     if argv is None:  # the command line (tests pass argv)
         _STOP["command"] = list(sys.argv)
         for sig in STOP_SIGNALS:
