@@ -855,7 +855,7 @@ def test_failed_save_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, mo
     assert float(re.search(r"([0-9.]+) GiB free", str(e.value))[1]) == pytest.approx(free, abs=0.1)
     assert last.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     monkeypatch.setattr(torch, "save", real_save)
-    (tmp_path / "last.pt").unlink()  # a folder that became unwritable: the same, "none yet"
+    (tmp_path / "last.pt").unlink()  # no good checkpoint yet: "none yet"
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(
         OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))))  # a quota refuses at the sync
     with pytest.raises(UserError, match=r"\(Disk quota exceeded; .* checkpoint, none yet, is"):
