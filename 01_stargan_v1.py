@@ -29,13 +29,13 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 
-from common import (CelebAAttrs, DomainFolder, FACE_ATTRS, ImageFiles, Logger, UserError, autocast,
+from common import (CelebAAttrs, DomainFolder, FACE_ATTRS, Logger, UserError, autocast,
                     average_gradients, check_finite, check_flags, check_same_weights, flop_counter,
-                    gather_batch, infinite, init_distributed, is_main, load_checkpoint, load_rgb,
-                    main_guard, make_loader, mean_over_ranks, next_batch, own_rng, parse_config,
-                    pick_device, prepare_run, print_summary, read_checkpoint, read_faces, require,
-                    resolve_data, save_checkpoint, save_grid, seed_everything, shard_draw,
-                    short_path, sig3, step_loader, to_tensor_norm, world_size)
+                    gather_batch, infinite, init_distributed, is_main, load_checkpoint,
+                    load_rgb_files, main_guard, make_loader, mean_over_ranks, next_batch, own_rng,
+                    parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
+                    read_faces, require, resolve_data, save_checkpoint, save_grid, seed_everything,
+                    shard_draw, short_path, sig3, step_loader, to_tensor_norm, world_size)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -379,9 +379,9 @@ def sample_own(G, D, sources, cfg, ns, device):
     """Own images (file or folder) → every target label, or the one given by --attrs-set."""
     sizes, (names, multi), labels = [len(s.names) for s in sources], sources[0][:2], None
     require(ns.src, "sample needs --src: an image file or a folder of images")
-    files = [Path(ns.src)] if Path(ns.src).is_file() else ImageFiles(ns.src).files
-    x_real = torch.stack([image_transform(cfg.img_size)(load_rgb(f)) for f in files]).to(device)
-    logits = known_logits(D(x_real)[1], 0, sizes) if D else x_real.new_zeros(len(files), sizes[0])
+    images = [img for _, img in load_rgb_files(ns.src)]  # unreadable files named and skipped
+    x_real = torch.stack([image_transform(cfg.img_size)(img) for img in images]).to(device)
+    logits = known_logits(D(x_real)[1], 0, sizes) if D else x_real.new_zeros(len(images), sizes[0])
     c = (c_org := as_label(logits, multi, sizes[0], logits=True)).clone()  # c_org: D_cls's guess
     for name, _, value in (item.partition("=") for item in filter(None, ns.attrs_set.split(","))):
         require(name in names and value in ("0", "1"), f"--attrs-set {name}: NAME=0|1, {names=}")

@@ -45,9 +45,9 @@ from torchvision.utils import make_grid
 
 from common import (DomainFolder, ImageFiles, Logger, ReferencePairs, UserError, autocast,
                     average_gradients, check_finite, check_flags, check_same_weights, flop_counter,
-                    init_distributed, is_main, load_checkpoint, load_rgb, main_guard,
-                    mean_over_ranks, next_batch, own_rng, parse_config, pick_device, prepare_run,
-                    print_summary, read_checkpoint, read_scenes, require, resolve_data,
+                    init_distributed, is_main, load_checkpoint, load_rgb, load_rgb_files,
+                    main_guard, mean_over_ranks, next_batch, own_rng, parse_config, pick_device,
+                    prepare_run, print_summary, read_checkpoint, read_scenes, require, resolve_data,
                     save_checkpoint, save_gif, save_grid, seed_everything, shard_draw, short_path,
                     sig3, step_loader, strip_prefixes, to_tensor_norm, world_size)
 from data.fan import FAN, align_faces, load_fan, read_npz
@@ -613,11 +613,10 @@ def oracle_lines(s):
 
 
 def read_images(path, img_size, flag):
-    """A file or a folder (recursive) of images of any size/mode -> (N, 3, img, img) in [-1, 1]."""
-    p = Path(path)
-    require(p.exists(), f"{flag} {path}: not found; pass an image file or a folder of images")
-    files, resize = [p] if p.is_file() else ImageFiles(p).files, T.Resize([img_size] * 2)
-    return torch.stack([to_tensor_norm()(resize(load_rgb(f))) for f in files])  # (N, 3, H, W)
+    """A file or a folder (recursive) of images of any size/mode -> (N, 3, img, img) in [-1, 1];
+    unreadable files in a folder are named and skipped."""
+    resize = T.Resize([img_size] * 2)
+    return torch.stack([to_tensor_norm()(resize(img)) for _, img in load_rgb_files(path, flag)])
 
 
 def face_aligner(cfg, device):

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import inspect
 import itertools
 import json
@@ -13,7 +14,10 @@ import math
 import os
 import random
 import re
+import shlex
+import shutil
 import signal
+import socket
 import sys
 import textwrap
 import threading
@@ -50,9 +54,25 @@ def require(cond, msg):
         raise UserError(msg)
 
 
+# Ctrl-C, and a cluster's stop: SIGTERM (SLURM at preemption or the time limit, torchrun,
+# Kubernetes) and SIGUSR1 (SLURM's warning before the time limit, `sbatch --signal=USR1@SECONDS`).
+# All three stop a training loop the same way: it saves last.pt, then the command ends.
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
+# A signal handler reaches only module state: the signal that stopped this command (by), those
+# recorded under torchrun until all processes agree (pending), the command line (to continue).
+_STOP = {"by": 0, "pending": [], "command": None}
+
+
 def main_guard(fn, argv=None):
-    if argv is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _ctrl_c_once)  # the command line (tests pass argv)
+    """Runs fn(argv) with one-line errors. Exit status: 0 done (or stopped by Ctrl-C, as asked),
+    2 bad input or a failed save, 1 a lost peer (torchrun), 128 + N when signal N (SIGTERM,
+    SIGUSR1) stopped it, as if it had killed the process: a cluster reads the run as stopped,
+    not done, and a job script can requeue it (README: Long runs on a cluster)."""
+    if argv is None:  # the command line (tests pass argv)
+        _STOP["command"] = list(sys.argv)
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL):
+                signal.signal(sig, _stop_once)
     rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1)))
     try:
         fn(argv)
@@ -64,21 +84,42 @@ def main_guard(fn, argv=None):
             print(f"error: {'' if alike or world == 1 else f'rank {rank}: '}{e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # outside a training loop (which saves first): nothing to keep
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        by = _STOP["by"] if _STOP["by"] != signal.SIGINT else 0
+        print(f"stopped by {STOP_SIGNALS[by]}" if by else "interrupted", file=sys.stderr)
+        sys.exit(128 + by if by else 130)
     except dist.DistError as e:  # a peer died or hung (TIMEOUT): its own message is above
         print(f"error: rank {rank}: lost contact with another process ({_first_line(e)})",
               file=sys.stderr)
         sys.exit(1)
     if dist.is_initialized():
         dist.destroy_process_group()
+    if _STOP["by"] not in (0, signal.SIGINT):  # saved and reported (print_summary)
+        sys.exit(128 + _STOP["by"])
 
 
-def _ctrl_c_once(signum, frame):
-    """The first Ctrl-C stops the command (a training loop saves first); more presses are ignored,
-    so they cut neither the checkpoint write nor the exit short (Ctrl-\\ still kills)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _stop_once(signum, frame):
+    """The first stop signal stops the command (a training loop saves first); the next ones are
+    ignored, so they cut neither the checkpoint write nor the exit short (Ctrl-\\ still kills)."""
+    _STOP["by"] = signum
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+def continue_command():
+    """The command line this process was started with, as it continues the run: --resume auto in
+    place of any --resume / --overwrite. None when not started from the command line."""
+    if not _STOP["command"]:
+        return None
+    script, *args = _STOP["command"]
+    keep, skip = [], False
+    for a in args:
+        drop = a == "--overwrite" or a.startswith("--resume=")
+        skip, was = a == "--resume", skip
+        keep += [] if drop or skip or was else [a]
+    n = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    launch = "python" if world_size() == 1 else f"torchrun --nproc_per_node {n}"
+    return f"{launch} {shlex.join([script, *keep, '--resume', 'auto'])}"
 
 
 # ---- CLI from a config dataclass: one flag per field, help = the field's trailing comment
@@ -199,7 +240,7 @@ def autocast(device, amp):
 # In a plain run (no torchrun, or one process) every helper below does nothing: world size 1.
 TIMEOUT = datetime.timedelta(minutes=10)  # a dead or stuck peer stops the others, never a hang;
 # rank 0's longest lone work (sample grids, the toy oracle, a checkpoint write) is far shorter
-_PEERS = {}  # set once by init_distributed: the CPU control group and pending Ctrl-C presses
+_PEERS = {}  # set once by init_distributed: the CPU control group
 
 
 def world_size():
@@ -233,23 +274,24 @@ def init_distributed(device="auto"):
                                 device_id=device if cuda else None)
         # The per-step stop flags (next_batch) travel between CPUs: on NCCL they would make every
         # step wait for its GPU work to finish.
-        _PEERS.update(control=dist.new_group(backend="gloo", timeout=TIMEOUT) if cuda else None,
-                      ctrl_c=[])
-        # Ctrl-C (torchrun passes it to every process) is only recorded here: all processes
+        _PEERS.update(control=dist.new_group(backend="gloo", timeout=TIMEOUT) if cuda else None)
+        # Ctrl-C, SIGTERM, SIGUSR1 (torchrun passes them on) are only recorded here: all processes
         # stop at the same step (next_batch), so rank 0 saves a state no process has moved past.
-        signal.signal(signal.SIGINT, lambda *_: _PEERS["ctrl_c"].append(1))
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda signum, _: _STOP["pending"].append(signum))
         if dist.get_rank() > 0:  # one console: rank 0 prints (errors: see main_guard)
             sys.stdout = open(os.devnull, "w")
     return device
 
 
 def _agree(problem=""):
-    """Every process says whether it met a problem (a message) and whether it got Ctrl-C; then
-    all raise the lowest such rank's problem as a SharedError, or KeyboardInterrupt, together."""
+    """Every process says whether it met a problem (a message) and which stop signal it got, if
+    any; then all raise the lowest such rank's problem as a SharedError, or KeyboardInterrupt
+    (recording one signal for all: the highest number), together."""
     if world_size() == 1:
         return
-    group, ctrl_c = _PEERS.get("control"), _PEERS.setdefault("ctrl_c", [])
-    flags = torch.tensor([bool(problem), bool(ctrl_c)], dtype=torch.int64)
+    group, pending = _PEERS.get("control"), _STOP["pending"]
+    flags = torch.tensor([bool(problem), max(pending, default=0)], dtype=torch.int64)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     if flags[0]:
         said = [None] * world_size()
@@ -257,14 +299,15 @@ def _agree(problem=""):
         first = next(r for r, p in enumerate(said) if p)
         raise SharedError(f"rank {first}: {said[first]}")
     if flags[1]:
-        ctrl_c.clear()
+        pending.clear()
+        _STOP["by"] = int(flags[1])
         raise KeyboardInterrupt
 
 
 def next_batch(stream):
     """next(stream). Under torchrun every process also learns whether another could not read its
-    share (a UserError) or got Ctrl-C, and all stop at this step: one message, or the training
-    loop's KeyboardInterrupt save. One small CPU collective per step."""
+    share (a UserError) or got a stop signal, and all stop at this step: one message, or the
+    training loop's KeyboardInterrupt save. One small CPU collective per step."""
     if world_size() == 1:
         return next(stream)
     try:
@@ -377,6 +420,10 @@ def prepare_run(cfg, given=(), fixed=()):
 def _prepare_run(cfg, given, fixed):
     out, resume = Path(cfg.out), cfg.resume
     last = out / "last.pt"
+    require(not out.exists() or out.is_dir(), f"--out {out}: is a file, not a folder; pass a "
+            "folder for the run (it is made if missing)")
+    if out.is_dir():  # first: a second start in a folder in use stops here, before any check
+        _lock_run(out)
     ckpt = Path(resume) if resume not in ("", "auto") else None
     ckpt = last if resume == "auto" and last.exists() else ckpt
     require(ckpt is None or ckpt.is_file(), f"--resume {resume}: no such checkpoint file; use "
@@ -390,9 +437,43 @@ def _prepare_run(cfg, given, fixed):
     cfg = resume_config(cfg, ckpt, given, fixed) if ckpt else cfg
     if cfg.overwrite and not own and any((out / n).exists() for n in ("last.pt", "log.jsonl")):
         ckpt = _move_aside(out, ckpt)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent is a file, no permission, a read-only filesystem
+        raise UserError(f"--out {out}: cannot make this folder ({e.strerror}: {e.filename}); pass "
+                        "a folder you can write to") from None
+    _lock_run(out)
     Path(f"{last}.tmp").unlink(missing_ok=True)  # left by a process killed while saving
     return cfg, ckpt
+
+
+_LOCKS = {}  # run folder -> its open lock file, held by this process until it ends
+
+
+def _lock_run(out):
+    """One run per folder: an exclusive flock on out/.lock, held until this process ends. The OS
+    releases it when the process dies, even by SIGKILL or a crash, so a dead run never blocks the
+    next start. The file names the holder, for the refusal of a second start."""
+    if out.resolve() in _LOCKS:  # held already (a second run in one process: tests)
+        return
+    try:
+        f = open(out / ".lock", "a+")  # a+: create if missing, never truncate before the lock
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write in this folder ({e.strerror}); pass a folder "
+                        "you can write to") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "starting up"
+        f.close()
+        raise UserError(f"--out {out}: another run is using this folder ({holder}); wait for it "
+                        "to end or stop it, or pass another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+    f.flush()
+    _LOCKS[out.resolve()] = f
 
 
 def _move_aside(out, ckpt):
@@ -406,7 +487,10 @@ def _move_aside(out, ckpt):
         n += 1
     inside = ckpt is not None and ckpt.resolve().is_relative_to(out.resolve())
     moved = aside / ckpt.resolve().relative_to(out.resolve()) if inside else ckpt
+    lock = _LOCKS.pop(out.resolve(), None)  # its lock goes with it: released, taken anew in out
     out.rename(aside)
+    if lock:
+        lock.close()
     print(f"--overwrite: moved the previous run {out} to {aside} (delete it once not needed)")
     return moved
 
@@ -466,28 +550,32 @@ def read_checkpoint(path, cfg_cls=None, ours=True, map_location="cpu"):
 
 
 @contextlib.contextmanager
-def _sigint_held(deliver=True):
-    """Ctrl-C inside is recorded instead of raised, so a write is never cut short; on leaving,
-    it is delivered once (deliver) or dropped. Only the main thread may set signal handlers."""
-    before = signal.getsignal(signal.SIGINT)
-    if before in (None, signal.SIG_IGN) or threading.current_thread() != threading.main_thread():
+def _signals_held(deliver=True):
+    """Stop signals (Ctrl-C, SIGTERM, SIGUSR1) inside are recorded instead of acted on, so a write
+    is never cut short; on leaving, the first is delivered once (deliver) or dropped. Only the
+    main thread may set signal handlers."""
+    if threading.current_thread() != threading.main_thread():
         yield
         return
-    hits = []
-    signal.signal(signal.SIGINT, lambda *_: hits.append(1))
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    hits, held = [], [sig for sig, h in before.items() if h not in (None, signal.SIG_IGN)]
+    for sig in held:
+        signal.signal(sig, lambda signum, _: hits.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, before)
+        for sig in held:
+            signal.signal(sig, before[sig])
     if hits and deliver:
-        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(hits[0])
 
 
 def save_checkpoint(path, step, cfg, nets, opts, extra=None, losses=None, interrupted=False):
     """Never replaces the last good checkpoint with a broken one: finite losses and tensors only,
-    atomic (temp file + os.replace), Ctrl-C held until the file is complete (then delivered;
-    interrupted=True: this save answers a Ctrl-C, so further ones are dropped)."""
-    with _sigint_held(deliver=not interrupted):
+    atomic (temp file + os.replace), stop signals held until the file is complete (then delivered;
+    interrupted=True: this save answers one, so further ones are dropped). A write that fails (a
+    full disk, a quota, a permission) stops every process with one line; last.pt stays as it was."""
+    with _signals_held(deliver=not interrupted):
         # Every process checks (the losses synced, the weights the same everywhere), so all stop
         # together; rank 0 alone writes.
         check_finite(mean_over_ranks(losses or {}), step, path)
@@ -506,14 +594,40 @@ def save_checkpoint(path, step, cfg, nets, opts, extra=None, losses=None, interr
         if bad is not None:
             raise SharedError(f"step {step}: {bad} is not finite; stopping without saving. Last "
                               f"good checkpoint: {_last_good(path)} (try a lower lr, or --no-amp)")
-        if not is_main():
-            return
-        tmp = Path(f"{path}.tmp")
+        problem = _write_checkpoint(state, Path(path)) if is_main() else ""
+        if world_size() > 1:  # rank 0 alone writes; if it could not, every process stops
+            said = [problem]
+            dist.broadcast_object_list(said, 0, group=_PEERS.get("control"))
+            problem = said[0]
+        if problem:
+            raise SharedError(f"step {step}: {problem}")
+
+
+def _write_checkpoint(state, path):
+    """torch.save to path.tmp, on the disk (fsync: a quota or a network filesystem may refuse the
+    data only then), then renamed over path. -> "" or why it failed; no .tmp is left behind."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return ""
+    except (OSError, RuntimeError) as e:  # torch's writer raises RuntimeError from the OSError
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        why = cause.strerror if cause is not None and cause.strerror else _first_line(e)
         try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+            free = f"{shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free there"
+        except OSError:
+            free = "free space unknown"
+        return (f"cannot write the checkpoint {path} ({why}; {free}); stopping. The last good "
+                f"checkpoint, {_last_good(path)}, is untouched: make room (or fix the folder), "
+                "then continue with --resume auto")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, nets, opts=None, map_location="cpu", restore_rng=True):
@@ -605,6 +719,23 @@ def load_rgb(path):
     except Exception as e:  # a damaged file raises OSError, SyntaxError, ValueError, zlib.error...
         raise UserError(f"{path}: cannot read this image ({type(e).__name__}); "
                         "delete or replace it") from None
+
+
+def load_rgb_files(src, flag="--src"):
+    """An image file, or a folder of images (recursively) -> [(path, RGB image)]. An unreadable
+    file in a folder is named and skipped, as in training; none readable: one line."""
+    path = Path(src)
+    require(path.exists(), f"{flag} {src}: not found; pass an image file or a folder of images")
+    if path.is_file():
+        return [(path, load_rgb(path))]
+    files, images = ImageFiles(path).files, []
+    for f in files:
+        try:
+            images.append((f, load_rgb(f)))
+        except UserError as e:
+            print(f"warning: skipping {e}", file=sys.stderr, flush=True)
+    require(images, f"{flag} {src}: none of its {len(files)} image(s) is readable (see above)")
+    return images
 
 
 def to_tensor_norm():
@@ -804,7 +935,12 @@ class ImageFiles(_Files):
 
 class _Loader(DataLoader):
     """A DataLoader whose worker errors stay one line: DataLoader re-raises a worker's UserError
-    with the worker's whole traceback as the message; keep the original message only."""
+    with the worker's whole traceback as the message; keep the original message only. Its workers
+    ignore the stop signals: a cluster signals every process, and a worker killed by one makes
+    DataLoader raise in the main process, even while it saves; the main process stops them."""
+    def __init__(self, *a, **kw):
+        super().__init__(*a, worker_init_fn=_ignore_stop_signals, **kw)
+
     def __iter__(self):
         it = super().__iter__()
         try:
@@ -815,6 +951,11 @@ class _Loader(DataLoader):
             getattr(it, "_shutdown_workers", lambda: None)()
             raise UserError(msg.strip() if caught.startswith("Caught UserError") else str(e)) \
                 from None
+
+
+def _ignore_stop_signals(worker_id):
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_size, shuffle=True, num_workers=0, device=None, seed=0,
@@ -998,6 +1139,8 @@ class Logger:
     def __init__(self, out, total, every, show=None, panels=None, start=0):
         self.path, self.total, self.every, self.show = Path(out) / "log.jsonl", total, every, show
         self.panels, self.step0, self.t0 = panels, start, time.time()
+        if is_main():
+            set_aside_log_past(self.path, start)
 
     def line(self, step, vals):
         rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
@@ -1017,17 +1160,44 @@ class Logger:
         if not is_main():  # one run, one log: rank 0 writes (the caller synced the losses)
             return
         vals = {k: float(v) for k, v in losses.items()}  # the only host sync of a training step
-        print(self.line(step, vals), flush=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **vals}) + "\n")
+        with _signals_held():  # a stop then saves this step: its line must be in the log, whole
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "time": round(time.time(), 3), **vals}) + "\n")
+            print(self.line(step, vals), flush=True)
 
     def plot(self, path):
         return plot_log(self.path, path, self.panels)
 
 
+def set_aside_log_past(path, step):
+    """log.jsonl holds the run's history once: lines past `step`, where this run starts (the step
+    of the checkpoint it resumes; 0: a fresh start), were written by a run that stopped before its
+    next save, and would be logged again. They leave log.jsonl (so does a line cut short by a
+    killed process); the whole previous file is kept as log.jsonl.old-N, and the console says so."""
+    def step_of(line):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return int(json.loads(line)["step"])
+        return None
+
+    text = path.read_text() if path.is_file() else ""
+    lines = text.splitlines()
+    keep = [ln for ln in lines if step and (s := step_of(ln)) is not None and s <= step]
+    if len(keep) == len(lines) and text.endswith("\n") or not text:
+        return
+    n = 1
+    while (old := path.with_name(f"{path.name}.old-{n}")).exists():
+        n += 1
+    shutil.copyfile(path, old)
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)  # never half a log
+    print(f"{short_path(path)}: {len(lines) - len(keep)} line(s) past step {step}, where this run "
+          f"starts, set aside (the previous log is kept as {old.name})")
+
+
 def read_log(path):
-    """log.jsonl -> {step: {term: value}}, the last line of a step winning (a resumed run may log
-    a step twice); a line cut short by a killed process is skipped; no file yet: {}."""
+    """log.jsonl -> {step: {term: value}}, the last line of a step winning; a line cut short by a
+    killed process is skipped; no file yet: {}."""
     rows, path = {}, Path(path)
     for text in (path.read_text() if path.exists() else "").splitlines():
         with contextlib.suppress(ValueError, KeyError):
@@ -1141,7 +1311,9 @@ def print_summary(script, step, start, seconds, files, oracle=(), commands=(), s
     outputs ([(label, [paths])]; a path in the folder of the one before it is shown by its name;
     missing ones are left out), the toy oracle's lines, the next commands [(command, why)].
     after = (seconds, what): time spent after the last step (figures, the oracle). -> the text"""
-    done = "stopped by Ctrl-C at" if stopped else "done:"
+    done = f"stopped by {STOP_SIGNALS.get(_STOP['by'], 'Ctrl-C')} at" if stopped else "done:"
+    if stopped and continue_command():  # the same command goes on from last.pt
+        commands = [(continue_command(), "continue from here"), *commands]
     since = f", resumed from step {start}" if start else ""
     more = f"; {what} {duration(s)}" if (s := after[0]) >= 1 and (what := after[1]) else ""
     lines = [f"== {script} {done} step {step}: {step - start} steps in {duration(seconds)}{since}"

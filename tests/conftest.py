@@ -3,6 +3,8 @@ import importlib.util
 import io
 import os
 import random
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +39,17 @@ def _few_threads():
     torch.set_num_threads(min(2, int(os.environ.get("OMP_NUM_THREADS") or 2)))
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _stop_handlers():
+    # main_guard(fn) with no argv (the command line) installs stop-signal handlers and records the
+    # command: undone after each test, so later ones start as a fresh process does.
+    before = {sig: signal.getsignal(sig) for sig in common.STOP_SIGNALS}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+    common._STOP.update(by=0, pending=[], command=None)
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -89,3 +102,24 @@ def widest_console_line(show, keys, total):
     line = logger.line(total // 2, dict.fromkeys(keys, -0.0123))
     assert len(line) <= 120 and all(f" {label} -0." in line for label in show), line
     return line
+
+
+def stop_with_signal(argv, sig, nproc=0, group=False, timeout=120):
+    """A training command started as on a cluster (`python SCRIPT ...`, or torchrun with nproc
+    processes), sent `sig` once its first progress line is out -> (exit status, stdout, stderr).
+    group: to every process it started too (data loader workers), as SLURM signals a job step.
+    SIGINT is reset to its default first: a background process would ignore it."""
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    p = subprocess.Popen([sys.executable, *(launch if nproc else []), *map(str, argv)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                         start_new_session=True)  # its own process group
+    seen = []
+    for line in p.stdout:  # ends early if the process dies before its first step
+        seen.append(line)
+        if console_lines(line):
+            break
+    os.killpg(p.pid, sig) if group else p.send_signal(sig)
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, "".join(seen) + out, err

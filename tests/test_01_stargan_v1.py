@@ -1,16 +1,18 @@
 """Tests for 01_stargan_v1.py (StarGAN). Small widths and images except for the parameter counts."""
 import copy
 import inspect
+import json
 import re
 import shutil
+import signal
 
 import pytest
 import torch
 from PIL import Image
 
 from common import CelebAAttrs, UserError, load_checkpoint, save_checkpoint
-from conftest import (LAYOUTS, ROOT, console_lines, load_script, summary_files, widest_console_line,
-                      write_unreadable)
+from conftest import (LAYOUTS, ROOT, console_lines, load_script, stop_with_signal, summary_files,
+                      widest_console_line, write_unreadable)
 from data import toy
 
 S = load_script("01_stargan_v1")
@@ -420,3 +422,43 @@ def test_console_line_fits_120_columns():
     keys = ["D/adv", "D/gp", "D/cls", "G/adv", "G/cls", "G/rec"]
     line = widest_console_line(S.console_terms(S.Config()), keys, S.Config().total_iters)
     assert " G -0.148 " in line  # L_G = adv + λ_cls cls + λ_rec rec = -0.0123 · (1 + 1 + 10)
+
+
+# ---------------------------------------------------------------------------- a cluster stops it
+def test_stop_signal_saves_and_says_how_to_continue(tmp_path):
+    """SIGTERM, a cluster's stop (SLURM at preemption or the time limit, torchrun, Kubernetes),
+    saves like Ctrl-C:
+    last.pt at the step reported, the log up to it, exit status 128 + signal number, and the
+    command that continues the run."""
+    out, flags = tmp_path / "run", ["--img-size", "32", "--g-conv-dim", "4", "--d-conv-dim", "4",
+                                    "--g-repeat-num", "1", "--d-repeat-num", "4", "--batch", "4"]
+    flags += ["--num-workers", "0", "--log-every", "1", "--save-every", "100000", "--sample-every",
+              "100000", "--total-iters", "100000", "--out", str(out)]
+    rc, text, err = stop_with_signal(["01_stargan_v1.py", *flags], signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM, err[-3000:]
+    step = int(re.search(r"stopped by SIGTERM at step (\d+)", text)[1])
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == step >= 1
+    steps = [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, step + 1))
+    assert f"python 01_stargan_v1.py {' '.join(flags)} --resume auto" in text
+
+
+def test_sample_names_and_skips_unreadable_src_files(tmp_path, capsys):
+    """sample --src FOLDER: an unreadable file is named and skipped, as training does; the run
+    fails (one line) only when no file is readable."""
+    cfg, names = small(out=str(tmp_path)), ["Black_Hair", "Blond_Hair", "Brown_Hair", "Male",
+                                             "Young"]
+    G, D, _, _ = nets(cfg)
+    save_checkpoint(tmp_path / "last.pt", 1, cfg, {"G": G, "D": D}, {},
+                    {"names": [names], "multi": [True]})
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (20, 24), (200, 40, 40)).save(src / "a.png")
+    write_unreadable(src / "b.png", "random")
+    S.main(["sample", "--out", str(tmp_path), "--src", str(src)])
+    said = capsys.readouterr()
+    assert f"warning: skipping {src / 'b.png'}: cannot read this image" in said.err
+    assert f"wrote {tmp_path / 'sample_own.jpg'}: 1 images x " in said.out  # the readable one
+    write_unreadable(src / "a.png", "empty")
+    with pytest.raises(UserError, match=f"--src {src}: none of its 2 image"):
+        S.main(["sample", "--out", str(tmp_path), "--src", str(src)])

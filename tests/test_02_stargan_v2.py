@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+import signal
 import struct
 from pathlib import Path
 
@@ -14,14 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (LAYOUTS, console_lines, load_script, summary_files, widest_console_line,
-                      write_unreadable)
+from conftest import (LAYOUTS, console_lines, load_script, stop_with_signal, summary_files,
+                      widest_console_line, write_unreadable)
 
 m = load_script("02_stargan_v2")
 from common import UserError, load_checkpoint, save_checkpoint  # noqa: E402 (after sys.path)
 from common import strip_prefixes as common_strip  # noqa: E402
 from data import fan as data_fan  # noqa: E402
 from data import toy  # noqa: E402 (our own toy data and its oracle)
+
 
 def tiny_cfg(**kw):
     base = dict(img_size=32, dim_in=8, max_conv_dim=16, mapping_dim=16, num_domains=3, batch=2,
@@ -661,3 +663,44 @@ def test_console_line_fits_120_columns():
     # L_G = adv + λ_sty sty − λ_ds ds + λ_cyc cyc, with λ_ds the logged value (-0.0123 here)
     g = -0.0123 * (1 + cfg.lambda_sty + cfg.lambda_cyc) - (-0.0123) * (-0.0123)
     assert f" G {g:.3g} " in line
+
+
+# ---------------------------------------------------------------------------- a cluster stops it
+def test_stop_signal_saves_and_says_how_to_continue(tmp_path):
+    """SIGUSR1, SLURM's warning before the time limit (sbatch --signal=USR1@s), saves like
+    Ctrl-C: last.pt at the step reported, the log up to it, exit status 128 + signal number, and
+    the command that continues the run."""
+    out = tmp_path / "run"
+    flags = ["--dim-in", "4", "--max-conv-dim", "8", "--mapping-dim", "16", "--batch", "2"]
+    flags += ["--num-workers", "2", "--log-every", "1", "--save-every", "100000", "--sample-every",
+              "100000", "--total-iters", "100000", "--out", str(out)]
+    # To the loader's workers too, as SLURM signals every process: the main process stops them.
+    rc, text, err = stop_with_signal(["02_stargan_v2.py", *flags], signal.SIGUSR1, group=True)
+    assert rc == 128 + signal.SIGUSR1, err[-3000:]
+    step = int(re.search(r"stopped by SIGUSR1 at step (\d+)", text)[1])
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == step >= 1
+    steps = [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, step + 1))
+    assert f"python 02_stargan_v2.py {' '.join(flags)} --resume auto" in text
+
+
+def test_sample_names_and_skips_unreadable_src_files(tmp_path, capsys):
+    """sample --src FOLDER: an unreadable file is named and skipped, as training does; the run
+    fails (one line) only when no file is readable."""
+    cfg = tiny_cfg(out=str(tmp_path))
+    nets, ema = m.build_nets(cfg)
+    save_checkpoint(tmp_path / "last.pt", 1, cfg, {k + "_ema": v for k, v in vars(ema).items()}, {})
+    src = tmp_path / "src"
+    src.mkdir()
+    from PIL import Image
+    for name in ("a.png", "c.png"):
+        Image.new("RGB", (40, 30), (20, 90, 200)).save(src / name)
+    write_unreadable(src / "b.png", "text")
+    m.main(["sample", "--ckpt", str(tmp_path / "last.pt"), "--src", str(src), "--n-styles", "1"])
+    assert f"warning: skipping {src / 'b.png'}: cannot read this image" in capsys.readouterr().err
+    with Image.open(tmp_path / "sample" / "latent.png") as grid:  # the 2 readable sources
+        assert grid.width == 2 * 64 + 3  # 32 px enlarged ×2, 1 px padding
+    for name in ("a.png", "c.png"):
+        write_unreadable(src / name, "empty")
+    with pytest.raises(UserError, match=f"--src {src}: none of its 3 image"):
+        m.main(["sample", "--ckpt", str(tmp_path / "last.pt"), "--src", str(src)])

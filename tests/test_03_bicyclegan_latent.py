@@ -1,14 +1,15 @@
 """Tests for 03_bicyclegan_latent.py (BicycleGAN). CPU only, small widths except the param counts."""
 import json
 import re
+import signal
 from dataclasses import replace
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import (console_lines, load_script, summary_files, widest_console_line,
-                      write_unreadable)
+from conftest import (console_lines, load_script, stop_with_signal, summary_files,
+                      widest_console_line, write_unreadable)
 
 bg = load_script("03_bicyclegan_latent")
 SMALL = dict(ngf=8, nef=8, ndf=8, img_size=64, batch=2, num_workers=0, amp=False)
@@ -357,3 +358,20 @@ def test_console_line_fits_120_columns():
     keys = ["G_GAN", "G_GAN2", "G_L1", "kl", "z_L1", "D", "D2", "lr"]
     line = widest_console_line(bg.CONSOLE, keys, bg.Config().total_iters)
     assert " GE -0.0615 " in line  # the five weighted terms G and E minimise
+
+
+# ---------------------------------------------------------------------------- a cluster stops it
+def test_stop_signal_saves_and_says_how_to_continue(tmp_path):
+    """SIGUSR1, SLURM's warning before the time limit (sbatch --signal=USR1@s), saves like
+    Ctrl-C: last.pt at the step reported, the log up to it, exit status 128 + signal number, and
+    the command that continues the run."""
+    out, flags = tmp_path / "run", ["--ngf", "8", "--nef", "8", "--ndf", "8", "--batch", "2"]
+    flags += ["--num-workers", "0", "--log-every", "1", "--save-every", "100000", "--sample-every",
+              "100000", "--total-iters", "100000", "--out", str(out)]
+    rc, text, err = stop_with_signal(["03_bicyclegan_latent.py", *flags], signal.SIGUSR1)
+    assert rc == 128 + signal.SIGUSR1, err[-3000:]
+    step = int(re.search(r"stopped by SIGUSR1 at step (\d+)", text)[1])
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == step >= 1
+    steps = [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, step + 1))
+    assert f"python 03_bicyclegan_latent.py {' '.join(flags)} --resume auto" in text

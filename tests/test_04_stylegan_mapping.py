@@ -5,13 +5,19 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (console_lines, load_script, summary_files, widest_console_line,
-                      write_unreadable)
+from conftest import (ROOT, console_lines, load_script, stop_with_signal, summary_files,
+                      widest_console_line, write_unreadable)
 from PIL import Image
 
 import common
@@ -531,3 +537,63 @@ def test_oracle_reads_noise_and_can_fail():
 def test_console_line_fits_120_columns():
     line = widest_console_line(m.console_terms(m.Config()), ["D/adv", "D/r1", "G/adv"], 400_000)
     assert " D -0.0738 " in line  # L_D = adv + γ/2 · R1 = -0.0123 + 5 · -0.0123
+
+
+# ---------------------------------------------------------------------------- a cluster stops it
+def test_stop_signal_saves_and_says_how_to_continue(tmp_path):
+    """SIGTERM, a cluster's stop (SLURM at preemption or the time limit, torchrun, Kubernetes),
+    saves like Ctrl-C:
+    last.pt at the step reported, the log up to it, exit status 128 + signal number, and the
+    command that continues the run."""
+    out, flags = tmp_path / "run", list(TINY_FLAGS)
+    flags += ["--num-workers", "0", "--log-every", "1", "--save-every", "100000", "--sample-every",
+              "100000", "--total-iters", "100000", "--out", str(out)]
+    rc, text, err = stop_with_signal(["04_stylegan_mapping.py", *flags], signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM, err[-3000:]
+    step = int(re.search(r"stopped by SIGTERM at step (\d+)", text)[1])
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == step >= 1
+    steps = [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, step + 1))
+    assert f"python 04_stylegan_mapping.py {' '.join(flags)} --resume auto" in text
+
+
+def test_resumed_log_holds_each_step_once(image_folder, tmp_path, capsys, monkeypatch):
+    """A run killed after logging steps 3-4 but saving step 2: the resume sets those lines aside
+    (and a line cut short), so log.jsonl holds steps 1-4 once; a fresh start never appends."""
+    monkeypatch.setattr(m, "figures", lambda *a: [])  # the end-of-run figures: not tested here
+    out, log = tmp_path / "run", tmp_path / "run" / "log.jsonl"
+    flags = ["--data", str(image_folder), "--out", str(out), *TINY_FLAGS, "--log-every", "1",
+             "--sample-every", "100"]
+    m.main(flags + ["--total-iters", "2"])
+    killed = "".join(json.dumps({"step": s, "D": 9.0}) + "\n" for s in (3, 4)) + '{"step": 5, "D'
+    log.write_text(log.read_text() + killed)
+    capsys.readouterr()
+    m.main(flags + ["--total-iters", "4", "--resume", "auto"])
+    rows = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r.get("D") != 9.0 for r in rows)
+    assert f"{log}: 3 line(s) past step 2, where this run starts, set aside" in capsys.readouterr().out
+    assert (out / "log.jsonl.old-1").read_text().endswith(killed)
+    (out / "last.pt").unlink()  # as if the run had stopped before its first save
+    m.main(flags + ["--total-iters", "1"])
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1]
+
+
+def test_failed_save_stops_with_one_line_and_keeps_last_pt(image_folder, tmp_path, monkeypatch):
+    """A disk that fills up (a file-size limit: writes past it fail with EFBIG, as ENOSPC or a
+    quota would): exit status 2, one line naming the file, the cause and the free space; the last
+    good last.pt untouched and no last.pt.tmp left."""
+    monkeypatch.setattr(m, "figures", lambda *a: [])  # the end-of-run figures: not tested here
+    flags = ["--data", image_folder, *TINY_FLAGS, "--log-every", "1", "--sample-every", "100"]
+    m.main([*map(str, flags), "--out", str(tmp_path / "a"), "--total-iters", "2"])
+    run = shutil.copytree(tmp_path / "a", tmp_path / "run")  # this process holds a's lock
+    before = (run / "last.pt").read_bytes()
+    limit = len(before) // 2
+    r = subprocess.run([sys.executable, "04_stylegan_mapping.py", *map(str, flags), "--out", run,
+                        "--total-iters", "3", "--resume", "auto"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit,) * 2))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert re.fullmatch(rf"error: step 3: cannot write the checkpoint {run / 'last.pt'} \(File too "
+                        rf"large; [0-9.]+ GiB free there\); stopping. The last good checkpoint, "
+                        rf"{run / 'last.pt'}, is untouched: .* --resume auto\n", r.stderr)
+    assert (run / "last.pt").read_bytes() == before and not (run / "last.pt.tmp").exists()

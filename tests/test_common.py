@@ -1,10 +1,14 @@
 """common.py and data/toy.py: readers, checkpoints, CLI, toy data + oracle, bad input, metrics."""
 import dataclasses
+import errno
 import json
 import multiprocessing
+import os
 import random
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -326,10 +330,10 @@ def test_checkpoint_strips_prefixes_and_is_atomic(tmp_path, monkeypatch):
     before = (tmp_path / "last.pt").read_bytes()
 
     def crash(obj, f, *a, **k):
-        open(f, "wb").write(b"half")
+        f.write(b"half")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError):
         common.save_checkpoint(tmp_path / "last.pt", 2, Cfg(), {"G": net}, {})
     assert (tmp_path / "last.pt").read_bytes() == before
 
@@ -387,9 +391,9 @@ def test_overwrite_moves_the_old_run_aside(tmp_path, capsys):
     (out / "log.jsonl").write_text('{"step": 1}\n')
     (out / "samples" / "000001.png").write_bytes(b"png")
     assert common.prepare_run(run_cfg(out, overwrite=True)) == (run_cfg(out, overwrite=True), None)
-    assert out.is_dir() and not any(out.iterdir())  # a clean folder: no old log, no old samples
+    assert [p.name for p in out.iterdir()] == [".lock"]  # a clean folder: its lock, no old log
     old = tmp_path / "run.old-1"
-    assert {p.name for p in old.iterdir()} == {"last.pt", "log.jsonl", "samples"}
+    assert {p.name for p in old.iterdir()} == {".lock", "last.pt", "log.jsonl", "samples"}
     assert f"moved the previous run {out} to {old}" in capsys.readouterr().out
     save_run(out)
     _, ckpt = common.prepare_run(run_cfg(out, overwrite=True, resume=str(out / "last.pt")))
@@ -397,7 +401,8 @@ def test_overwrite_moves_the_old_run_aside(tmp_path, capsys):
     backup = out / "backup.pt"
     backup.write_bytes(ckpt.read_bytes())
     _, ckpt = common.prepare_run(run_cfg(out, overwrite=True, resume=str(backup)))
-    assert ckpt == tmp_path / "run.old-2" / "backup.pt" and not any(out.iterdir())
+    assert ckpt == tmp_path / "run.old-2" / "backup.pt" and [p.name for p in out.iterdir()] == [
+        ".lock"]
 
 
 def test_ctrl_c_during_save_is_held_until_the_file_is_complete(tmp_path, monkeypatch):
@@ -708,16 +713,16 @@ def test_console_line_fits_and_its_first_line_has_a_rate(tmp_path, monkeypatch, 
     first = capsys.readouterr().out.strip()
     # 50 steps in 10 s from the start: 5 it/s, 1950 steps to go = 390 s; G/x absent: left out
     assert first == "step 50/2000 | 5.00 it/s | ETA 0:06:30 | D 0.6 gp 0.01 G 1.25"
-    logger = common.Logger(tmp_path, 2000, 50)  # default: every term while they fit
-    now[0] = 1040.0
+    logger = common.Logger(tmp_path, 2000, 50, start=50)  # default: every term while they fit
+    now[0] = 1025.0
     logger.log(100, {f"term{i}": float(i) for i in range(40)})  # the rest: only in the log
     line = capsys.readouterr().out.strip()
     assert len(line) <= 120 and "term0 0" in line and "term39" not in line
-    assert line.startswith("step 100/2000 | 3.33 it/s | ETA 0:09:30 |")  # 100 steps in 30 s
+    assert line.startswith("step 100/2000 | 3.33 it/s | ETA 0:09:30 |")  # 50 steps in 15 s
     logged = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert logged[0]["extra"] == 7.0 and logged[1]["term39"] == 39.0  # every term is logged
     logger = common.Logger(tmp_path, 400_000, 100, start=1000)  # resumed: the rate counts from
-    now[0] = 2040.0  # the step it resumed at
+    now[0] = 2025.0  # the step it resumed at
     assert logger.line(3000, {}) == "step 3000/400000 | 2.00 it/s | ETA 55:08:20 |"
 
 
@@ -790,3 +795,86 @@ def test_small_grids_are_enlarged_and_labelled(tmp_path):
     common.save_gif(frames, tmp_path / "a.gif")
     with Image.open(tmp_path / "a.gif") as gif:
         assert gif.size == (160, 64) and gif.n_frames == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# A long run on a shared cluster: one run per folder, a full disk, an --out that is no folder
+# ---------------------------------------------------------------------------------------------------
+HOLD = """import sys, time; sys.path.insert(0, sys.argv[1]); import common
+from test_common import run_cfg
+common.prepare_run(run_cfg(sys.argv[2])); print('holding', flush=True); time.sleep(60)"""
+
+
+def test_one_run_per_folder_and_a_dead_run_never_blocks(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(Path(__file__).parent), str(out)],
+                              cwd=common.ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        for cfg in (run_cfg(out), run_cfg(out, resume="auto"), run_cfg(out, overwrite=True)):
+            with pytest.raises(UserError) as e:
+                common.prepare_run(cfg)
+            assert str(e.value) == (f"--out {out}: another run is using this folder (host "
+                                    f"{socket.gethostname()}, pid {holder.pid}); wait for it to end "
+                                    "or stop it, or pass another --out")
+    finally:
+        holder.kill()  # SIGKILL: no chance to clean up; the OS releases its lock
+        holder.wait()
+    assert common.prepare_run(run_cfg(out)) == (run_cfg(out), None)
+    assert (out / ".lock").read_text() == f"host {socket.gethostname()}, pid {os.getpid()}\n"
+
+
+def test_out_that_is_a_file_or_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("not a folder")
+    with pytest.raises(UserError, match=f"^--out {tmp_path}/f: is a file, not a folder; pass a"):
+        common.prepare_run(run_cfg(tmp_path / "f"))
+    with pytest.raises(UserError, match=f"^--out {tmp_path}/f/run: cannot make this folder "
+                       f"\\(Not a directory: {tmp_path}/f/run\\)"):
+        common.prepare_run(run_cfg(tmp_path / "f" / "run"))
+    assert (tmp_path / "f").read_text() == "not a folder"
+
+
+def test_failed_save_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    net, real_save, last = torch.nn.Linear(2, 2), torch.save, tmp_path / "last.pt"
+    common.save_checkpoint(last, 1, Cfg(), {"G": net}, {})
+    before = last.read_bytes()
+
+    def disk_full(obj, f, *a, **k):  # as torch's writer fails: a RuntimeError from the OSError
+        Path(f).write_bytes(b"half") if isinstance(f, (str, Path)) else f.write(b"half")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError) as e:
+        common.save_checkpoint(last, 2, Cfg(), {"G": net}, {})
+    free = shutil.disk_usage(tmp_path).free / 2**30
+    assert re.fullmatch(rf"step 2: cannot write the checkpoint {last} \(No space left on device; "
+                        rf"[0-9.]+ GiB free there\); stopping. The last good checkpoint, {last}, "
+                        r"is untouched: make room \(or fix the folder\), then continue with "
+                        r"--resume auto", str(e.value))
+    assert float(re.search(r"([0-9.]+) GiB free", str(e.value))[1]) == pytest.approx(free, abs=0.1)
+    assert last.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    (tmp_path / "last.pt").unlink()  # no good checkpoint yet: "none yet"
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(
+        OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))))  # a quota refuses at the sync
+    with pytest.raises(UserError, match=r"\(Disk quota exceeded; .* checkpoint, none yet, is"):
+        common.save_checkpoint(last, 3, Cfg(), {"G": net}, {})
+    assert not any(tmp_path.iterdir())
+
+
+def test_log_lines_past_the_checkpoint_are_set_aside(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"step": s, "loss": s / 10}) for s in (1, 2, 3, 4)]
+    log.write_text("\n".join(lines) + '\n{"step": 5, "lo')  # a killed run: step 5 cut short
+    common.Logger(tmp_path, 10, 1, start=2)  # resumes from a checkpoint of step 2
+    assert log.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    assert (tmp_path / "log.jsonl.old-1").read_text().startswith("\n".join(lines))
+    assert capsys.readouterr().out == (f"{log}: 3 line(s) past step 2, where this run starts, set "
+                                       "aside (the previous log is kept as log.jsonl.old-1)\n")
+    common.Logger(tmp_path, 10, 1, start=2).log(3, {"loss": 0.5})
+    assert common.read_log(log) == {1: {"loss": 0.1}, 2: {"loss": 0.2}, 3: {"loss": 0.5}}
+    assert "set aside" not in capsys.readouterr().out  # nothing past step 2 the second time
+    common.Logger(tmp_path, 10, 1, start=0)  # a fresh start: nothing of an earlier run stays
+    assert log.read_text() == "" and (tmp_path / "log.jsonl.old-2").exists()

@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ import torch.multiprocessing as mp
 
 import common
 from common import UserError
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, stop_with_signal
 
 WORLD, TOL = 2, 1e-5
 
@@ -299,7 +300,7 @@ def test_torchrun_toy_run_then_one_process_resume(tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("oracle @ 4") == 1  # one console: rank 0 prints
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # one run folder
-    assert sorted(p.name for p in run.iterdir()) == ["last.pt", "log.jsonl", "samples"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "last.pt", "log.jsonl", "samples"]
     assert [json.loads(ln)["step"] for ln in (run / "log.jsonl").read_text().splitlines()] == [2, 4]
     saved = torch.load(run / "last.pt", weights_only=True)
     assert saved["step"] == 4 and saved["world"] == WORLD and saved["config"]["batch"] == 2
@@ -319,3 +320,22 @@ def test_torchrun_toy_run_then_one_process_resume(tmp_path, capsys):
     assert logs[0].keys() == logs[1].keys() and logs[0]["step"] == 6
     for k in set(logs[0]) - {"step", "time"}:
         assert logs[0][k] == pytest.approx(logs[1][k], rel=1e-2), k
+
+
+def test_torchrun_stop_signal_saves_once_at_one_step(tmp_path):
+    """SIGTERM to torchrun, as SLURM or Kubernetes stop a job: torchrun passes it on, every process
+    stops at the same step (agreed in next_batch), rank 0 saves that step and prints once how to
+    continue. (torchrun itself then ends with its own traceback and status.)"""
+    run = tmp_path / "run"
+    flags = ["--dim-in", "4", "--max-conv-dim", "8", "--mapping-dim", "16", "--batch", "2",
+             "--num-workers", "0", "--device", "cpu", "--log-every", "1", "--save-every",
+             "100000", "--sample-every", "100000", "--total-iters", "100000", "--out", str(run)]
+    _, text, err = stop_with_signal(["02_stargan_v2.py", *flags], signal.SIGTERM, nproc=WORLD)
+    said = re.findall(r"stopped by SIGTERM at step (\d+)", text)
+    assert len(said) == 1, err[-3000:]  # one console: rank 0's
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert saved["step"] == int(said[0]) >= 1 and saved["world"] == WORLD
+    steps = [json.loads(ln)["step"] for ln in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, saved["step"] + 1))
+    assert f"torchrun --nproc_per_node {WORLD} 02_stargan_v2.py {' '.join(flags)} --resume auto" \
+        in text
