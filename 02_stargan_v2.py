@@ -528,6 +528,33 @@ def translate_all(G, x_src, styles, fan=None, chunk=64):
                       for x, s in zip(x_src.split(chunk), styles.split(chunk))])
 
 
+def fixed_batch(x, y, names):
+    """The sample grids' fixed inputs, a val split of any size: per domain up to 2 sources, then up
+    to 2 other images as references; a domain of 1 image gives it as both (and says so once)."""
+    src, ref = [], []
+    for k, name in enumerate(names):
+        idx = (y == k).nonzero()[:, 0].tolist()
+        n = min(2, (len(idx) + 1) // 2)  # 3 images: 2 sources, 1 reference
+        src, ref = src + idx[:n], ref + (idx[n:n + 2] or idx[:1])
+        if len(idx) == 1:
+            print(f"samples: val/{name} holds 1 image; it is both a source and a reference in "
+                  "the sample grids (add images to see them apart)")
+    return x[src], y[src], x[ref], y[ref]  # (N, 3, H, W), (N,), (R, 3, H, W), (R,)
+
+
+def cycle_refs(y_src, y_ref, K):
+    """For each source, a reference of the next domain that has one (cycling through its
+    references): the cycle strip then shows translations, as official's random references do."""
+    pick = []
+    for i, k in enumerate(y_src.tolist()):
+        for step in range(1, K + 1):  # the next domain, or the one after...
+            refs = (y_ref == (k + step) % K).nonzero()[:, 0]
+            if len(refs):
+                pick.append(refs[(y_src[:i] == k).sum() % len(refs)])
+                break
+    return torch.stack(pick)  # (N,) indices into the references
+
+
 def ref_rows(G, x_src, x_ref, s_ref, masks=None):
     """Reference grid rows: a white cell + the sources, then per reference: it + translations."""
     rows = [torch.ones_like(x_src[:1]), x_src]
@@ -544,15 +571,18 @@ def save_masks(x_src, masks, path):
 
 
 @torch.no_grad()
-def write_samples(ema, fixed, out, tag, cfg, fan=None, n_z=5):
-    """EMA nets on a fixed batch: cycle strip, latent grids (ψ 0.5, 0.7, 1), reference grid,
-    and with w_hpf > 0 the FAN's face masks of the sources."""
+def write_samples(ema, fixed, out, tag, cfg, fan=None, n_z=5, names=()):
+    """EMA nets on a fixed batch (fixed_batch): cycle strip, latent grids (ψ 0.5, 0.7, 1),
+    reference grid, and with w_hpf > 0 the FAN's face masks of the sources. Rows are labelled
+    with the domain names (default: their indices)."""
     x_src, y_src, x_ref, y_ref = fixed
     G, mapping, E, N, K = ema.G, ema.mapping, ema.E, len(x_src), cfg.num_domains
-    masks = masks_of(fan, x_src)
-    x_fake = G(x_src, E(x_ref, y_ref), masks)
+    names = list(names) or [str(k) for k in range(K)]
+    masks, pick = masks_of(fan, x_src), cycle_refs(y_src, y_ref, K)
+    x_fake = G(x_src, E(x_ref[pick], y_ref[pick]), masks)
     x_rec = G(x_fake, E(x_src, y_src), masks_of(fan, x_fake))
-    save_grid(torch.cat([x_src, x_ref, x_fake, x_rec]), out / f"{tag}_cycle.png", nrow=N)
+    save_grid(torch.cat([x_src, x_ref[pick], x_fake, x_rec]), out / f"{tag}_cycle.png", nrow=N,
+              rows=["source", "reference", "translated", "cycle"])
     if masks is not None:
         save_masks(x_src, masks, out / f"{tag}_masks.png")
     gen, device = torch.Generator().manual_seed(0), x_src.device
@@ -563,9 +593,10 @@ def write_samples(ema, fixed, out, tag, cfg, fan=None, n_z=5):
     for psi in (0.5, 0.7, 1.0):  # rows: sources, then one row per (domain, z)
         s_psi = torch.lerp(s_avg[:, None], s_lat, psi).flatten(0, 1)  # (K n_z, S)
         rows = [x_src] + [G(x_src, s.expand(N, -1), masks) for s in s_psi]
-        save_grid(torch.cat(rows), out / f"{tag}_latent_psi{psi:.1f}.png", nrow=N)
+        save_grid(torch.cat(rows), out / f"{tag}_latent_psi{psi:.1f}.png", nrow=N,
+                  rows=["sources"] + [f"{n} z{j}" for n in names for j in range(n_z)])
     save_grid(ref_rows(G, x_src, x_ref, E(x_ref, y_ref), masks), out / f"{tag}_reference.png",
-              N + 1)
+              N + 1, rows=["sources"] + [f"style of {names[k]}" for k in y_ref.tolist()])
 
 
 @torch.no_grad()
@@ -770,8 +801,7 @@ def train(cfg, given=()):
                                 num_workers=cfg.num_workers, name=name)
                     for d, name in ((src_set, "src"), (ref_set, "ref"))))
     x, y = stack_split(root, "val", cfg.img_size, per_domain=4)  # fixed: samples compare over steps
-    src = torch.arange(len(y)) % 4 < 2  # per domain: 2 sources, then 2 references
-    fixed = [t.to(device) for t in (x[src], y[src], x[~src], y[~src])]
+    fixed = [t.to(device) for t in fixed_batch(x, y, src_set.domains)]
     logger = Logger(out, cfg.total_iters, cfg.log_every, console_terms(cfg), start=step)
     t0, losses, scores = time.time(), {}, None
     print(f"{sum(p.numel() for p in nets.G.parameters()):,} G params | data {short_path(root)} "
@@ -790,7 +820,8 @@ def train(cfg, given=()):
                 logger.log(step, losses)
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
             if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
-                write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg, fan)
+                write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg, fan,
+                              names=src_set.domains)
                 logger.plot(out / "samples" / "losses.png")  # beside the samples
                 if toy and step < cfg.total_iters:
                     oracle_scores(ema, root, cfg, device, step, fan)
