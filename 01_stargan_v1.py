@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
+from torch.utils.data import Subset
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import (CelebAAttrs, DomainFolder, FACE_ATTRS, ImageFiles, Logger, UserError, autocast,
@@ -232,6 +233,16 @@ def make_sources(cfg):
         yield Source(sets[0].attr_names if multi else sets[0].domains, multi, *sets)
 
 
+def fixed_rows(data, n=8):
+    """The fixed debug batch: the first n images (CelebA), or each domain's images in turn, so
+    every domain shows, whatever the sizes of the val folders."""
+    y = getattr(data, "targets", None)
+    if y is None:
+        return list(range(min(n, len(data))))
+    rank = [y[:i].count(t) for i, t in enumerate(y)]  # the image's place in its domain
+    return sorted(range(len(y)), key=lambda i: (rank[i], y[i]))[:n]
+
+
 def as_label(y, multi, n, logits=False):  # (B, n) float labels from attributes, indices, logits
     y = (y > 0 if multi else y.argmax(1)) if logits else y
     return y.float() if multi else F.one_hot(y, n).float()
@@ -416,8 +427,8 @@ def train(cfg, device, given=()):
     # One batch per dataset and step, a pure function of (seed, step, rank): resume is exact
     streams = zip(*(step_loader(s.train, cfg.batch, cfg.seed, step, num_workers=cfg.num_workers,
                                 device=device, name=str(k)) for k, s in enumerate(sources)))
-    x_fix, y_fix = next(iter(make_loader(sources[0].test, min(8, len(sources[0].test)),
-                                         shuffle=False)))  # fixed debug batch, as official
+    rows = fixed_rows(sources[0].test)  # fixed debug batch, as official
+    x_fix, y_fix = next(iter(make_loader(Subset(sources[0].test, rows), len(rows), False)))
     x_fix, c_fix = x_fix.to(device), as_label(y_fix, sources[0].multi, sizes[0]).to(device)
     logger = Logger(cfg.out, cfg.total_iters, cfg.log_every, console_terms(cfg), start=step)
     t0, losses, stopped = time.time(), {}, False
