@@ -45,12 +45,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
 from common import (DomainFolder, FAN, ImageFiles, InceptionPool, Logger, LPIPS, ReferencePairs,
-                    UserError, align_faces, autocast, average_gradients, check_finite, check_flags,
-                    check_same_weights, frechet_distance, init_distributed, is_main,
-                    load_checkpoint, load_fan, load_rgb, main_guard, mean_over_ranks, next_batch,
-                    parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
-                    read_npz, read_scenes, require, resolve_data, save_checkpoint, save_gif,
-                    save_grid, seed_everything, shard_draw, short_path, sig3, step_loader,
+                    SaveTimer, UserError, align_faces, autocast, average_gradients, check_finite,
+                    check_flags, check_same_weights, check_save, frechet_distance,
+                    init_distributed, is_main, load_checkpoint, load_fan, load_rgb, main_guard,
+                    mean_over_ranks, next_batch, parse_config, pick_device, prepare_run,
+                    print_summary, read_checkpoint, read_npz, read_scenes, report_crash, require,
+                    resolve_data, rng_untouched, save_checkpoint, save_gif, save_grid,
+                    seed_everything, shard_draw, short_path, sig3, start_line, step_loader,
                     strip_prefixes, to_tensor_norm, world_size)
 
 # ----------------------------------------------------------------------------
@@ -96,6 +97,7 @@ class Config:
     log_every: int = 10              # print/log losses every N steps
     sample_every: int = 5000         # write sample grids from the EMA nets every N steps
     save_every: int = 10000          # write out/last.pt every N steps
+    save_minutes: float = 30.0       # and every N minutes of wall time (0: by steps only)
 
 
 PRESETS = {
@@ -804,11 +806,26 @@ def train(cfg, given=()):
     fixed = [t.to(device) for t in fixed_batch(x, y, src_set.domains)]
     logger = Logger(out, cfg.total_iters, cfg.log_every, console_terms(cfg), start=step)
     t0, losses, scores = time.time(), {}, None
-    print(f"{sum(p.numel() for p in nets.G.parameters()):,} G params | data {short_path(root)} "
-          f"| {len(src_set)} images, domains {src_set.domains} | device {device} | from step {step}"
-          + (f" | {world_size()} processes × batch {cfg.batch}" if world_size() > 1 else "")
-          + (f" | face masks from {cfg.wing}" if fan is not None else ""))
+    print(start_line(cfg, device, step, f"{sum(p.numel() for p in nets.G.parameters()):,} G "
+                     f"params", f"data {short_path(root)}", f"{len(src_set)} images, domains "
+                     f"{src_set.domains}", *([f"face masks from {cfg.wing}"] if fan else [])))
+
+    def progress(step):  # rank 0: sample grids, loss curves, the toy oracle; training RNG kept
+        with rng_untouched(device):
+            write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg, fan,
+                          names=src_set.domains)
+            logger.plot(out / "samples" / "losses.png")  # beside the samples
+            if toy and step < cfg.total_iters:
+                oracle_scores(ema, root, cfg, device, step, fan)
+
     try:
+        # Before the first step, all the loop does later, once: its problems show in the first
+        # minute, and the first grid shows the untrained nets.
+        if is_main():
+            progress(step)
+        check_save(last, step, cfg, all_nets, optims)
+        saves = SaveTimer(cfg.save_every, cfg.save_minutes, cfg.total_iters, cfg.log_every)
+        logger.t0 = time.time()  # its it/s and ETA: training steps only
         while step < cfg.total_iters:
             # Not converted to channels_last: NHWC weights make cuDNN's convs run NHWC anyway.
             src, ref = next_batch(batches)  # torchrun: a data error or Ctrl-C stops all here
@@ -820,16 +837,15 @@ def train(cfg, given=()):
                 logger.log(step, losses)
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
             if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
-                write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg, fan,
-                              names=src_set.domains)
-                logger.plot(out / "samples" / "losses.png")  # beside the samples
-                if toy and step < cfg.total_iters:
-                    oracle_scores(ema, root, cfg, device, step, fan)
-            if step % cfg.save_every == 0 or step == cfg.total_iters:
+                progress(step)
+            if saves.due(step):  # every save_every steps and every save_minutes
                 save_checkpoint(last, step, cfg, all_nets, optims, losses=losses)
     except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
         save_checkpoint(last, step, cfg, all_nets, optims, losses=losses, interrupted=True)
         print()  # after the ^C
+    except Exception as e:  # a bug: last.pt is left as it was (never a half-done step)
+        report_crash(e, step, last)
+        raise
     else:  # after Ctrl-C the user wants out at once: no oracle
         scores = oracle_scores(ema, root, cfg, device, step, fan) if toy and is_main() else None
     if not is_main():  # torchrun: rank 0 reports for the whole run
@@ -896,7 +912,8 @@ def main(argv=None):
         cfg, ns = parse_config(Config, PRESETS, ["--preset", "celeba_hq", *argv], __doc__, modes,
                                EXTRA)
     check_flags(cfg, positive="batch lr f_lr total_iters ds_iter log_every sample_every "
-                "save_every", nonneg="num_workers weight_decay", unit="beta1 beta2 ema_beta")
+                "save_every", nonneg="num_workers weight_decay save_minutes",
+                unit="beta1 beta2 ema_beta")
     require(cfg.img_size >= 8 and cfg.img_size & (cfg.img_size - 1) == 0, f"--img-size "
             f"{cfg.img_size}: must be a power of two ≥ 8 (E and D halve it down to 4×4)")
     return {"sample": sample, "eval": evaluate, "align": align}.get(
