@@ -625,11 +625,10 @@ def train(cfg, device, given=()):
         # problems show in the first minute, and the first grid shows the untrained G.
         if is_main():
             progress(step)
-            with rng_untouched(device):
-                if cfg.data in ("", "toy"):
-                    lines = oracle_lines(oracle_scores(G_ema, cfg, device)
-                                         | figure_scores(G_ema, cfg, device))
-                    print(f"oracle @ {step}: " + "\n    ".join(lines))
+            if cfg.data in ("", "toy"):
+                with rng_untouched(device):
+                    scores = oracle_scores(G_ema, cfg, device) | figure_scores(G_ema, cfg, device)
+                print(f"oracle @ {step}: " + "\n    ".join(oracle_lines(scores)))
         check_save(last, step, cfg, nets, opts)
         saves = SaveTimer(cfg.save_every, cfg.save_minutes, cfg.total_iters, cfg.log_every)
         logger.t0 = time.time()  # its it/s and ETA: training steps only
