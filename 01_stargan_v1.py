@@ -28,14 +28,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
+from torch.utils.data import Subset
 
-from common import (CelebAAttrs, DomainFolder, FACE_ATTRS, Logger, UserError, autocast,
-                    average_gradients, check_finite, check_flags, check_same_weights, flop_counter,
-                    gather_batch, infinite, init_distributed, is_main, load_checkpoint,
-                    load_rgb_files, main_guard, make_loader, mean_over_ranks, next_batch, own_rng,
-                    parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
-                    read_faces, require, resolve_data, save_checkpoint, save_grid, seed_everything,
-                    shard_draw, short_path, sig3, step_loader, to_tensor_norm, world_size)
+from common import (CelebAAttrs, DomainFolder, FACE_ATTRS, Logger, SaveTimer, UserError, autocast,
+                    average_gradients, check_finite, check_flags, check_same_weights, check_save,
+                    flop_counter, gather_batch, infinite, init_distributed, is_main,
+                    load_checkpoint, load_rgb_files, main_guard, make_loader, mean_over_ranks,
+                    next_batch, own_rng, parse_config, pick_device, prepare_run, print_summary,
+                    read_checkpoint, read_faces, report_crash, require, resolve_data,
+                    save_checkpoint, save_grid, seed_everything, shard_draw, short_path, sig3,
+                    start_line, step_loader, to_tensor_norm, world_size)
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -71,6 +73,7 @@ class Config:
     log_every: int = 100  # iterations between log lines
     sample_every: int = 1000  # iterations between sample grids
     save_every: int = 10000  # iterations between checkpoints
+    save_minutes: float = 30.0  # and minutes of wall time between them (0: by iterations only)
     bench: bool = False  # time training iterations on random data instead of training
     compile: bool = False  # torch.compile G (D stays eager: WGAN-GP's double backward)
     bench_iters: int = 20  # timed iterations for --bench
@@ -229,6 +232,16 @@ def make_sources(cfg):
         sets = [CelebAAttrs(root, list(cfg.attrs), s, image_transform(cfg.img_size, s)) if multi
                 else DomainFolder(root, s, image_transform(cfg.img_size, s)) for s in splits]
         yield Source(sets[0].attr_names if multi else sets[0].domains, multi, *sets)
+
+
+def fixed_rows(data, n=8):
+    """The fixed debug batch: the first n images (CelebA), or each domain's images in turn, so
+    every domain shows, whatever the sizes of the val folders."""
+    y = getattr(data, "targets", None)
+    if y is None:
+        return list(range(min(n, len(data))))
+    rank = [y[:i].count(t) for i, t in enumerate(y)]  # the image's place in its domain
+    return sorted(range(len(y)), key=lambda i: (rank[i], y[i]))[:n]
 
 
 def as_label(y, multi, n, logits=False):  # (B, n) float labels from attributes, indices, logits
@@ -415,12 +428,29 @@ def train(cfg, device, given=()):
     # One batch per dataset and step, a pure function of (seed, step, rank): resume is exact
     streams = zip(*(step_loader(s.train, cfg.batch, cfg.seed, step, num_workers=cfg.num_workers,
                                 device=device, name=str(k)) for k, s in enumerate(sources)))
-    x_fix, y_fix = next(iter(make_loader(sources[0].test, min(8, len(sources[0].test)),
-                                         shuffle=False)))  # fixed debug batch, as official
+    rows = fixed_rows(sources[0].test)  # fixed debug batch, as official
+    x_fix, y_fix = next(iter(make_loader(Subset(sources[0].test, rows), len(rows), False)))
     x_fix, c_fix = x_fix.to(device), as_label(y_fix, sources[0].multi, sizes[0]).to(device)
     logger = Logger(cfg.out, cfg.total_iters, cfg.log_every, console_terms(cfg), start=step)
     t0, losses, stopped = time.time(), {}, False
+    print(start_line(cfg, device, step, *(f"{len(s.train)} images, labels {' '.join(s.names)}"
+                                          for s in sources)))
+
+    def progress(step, oracle=False):  # rank 0: the grid, the loss curves; training RNG kept
+        with own_rng(device):
+            save_translations(G, x_fix, c_fix, sources, last.parent / f"sample_{step:06d}.jpg")
+            logger.plot(last.parent / "losses.png")  # beside the samples
+            if oracle and (judge := oracle_judge(cfg, sources[0])):
+                translation_scores(G, sources[0], sizes, judge, f"oracle @ {step}")
+
     try:
+        # Before the first step, all the loop (and its end) does later, once: problems show in
+        # the first minute, and the first grid shows the untrained G.
+        if is_main():
+            progress(step, oracle=True)
+        check_save(last, step, cfg, nets, opts, extra)
+        saves = SaveTimer(cfg.save_every, cfg.save_minutes, cfg.total_iters, cfg.log_every)
+        logger.t0 = time.time()  # its it/s and ETA: training steps only
         while step < cfg.total_iters:
             for optim, lr0 in ((opt_g, cfg.g_lr), (opt_d, cfg.d_lr)):  # one param group each
                 optim.param_groups[0]["lr"] = lr_at(step, lr0, cfg)
@@ -437,15 +467,15 @@ def train(cfg, device, given=()):
                 logger.log(step, losses)
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
             if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
-                with own_rng(device):  # draws nothing from the training generators
-                    save_translations(G, x_fix, c_fix, sources,
-                                      last.parent / f"sample_{step:06d}.jpg")
-                logger.plot(last.parent / "losses.png")  # beside the samples
-            if step % cfg.save_every == 0 or step == cfg.total_iters:
+                progress(step)
+            if saves.due(step):  # every save_every iterations and every save_minutes
                 save_checkpoint(last, step, cfg, nets, opts, extra, losses)
     except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
         save_checkpoint(last, step, cfg, nets, opts, extra, losses, interrupted=True)
         stopped = True
+    except Exception as e:  # a bug: last.pt is left as it was (never a half-done step)
+        report_crash(e, step, last)
+        raise
     if not is_main():  # torchrun: rank 0 reports for the whole run
         return
     judge = None if stopped else oracle_judge(cfg, sources[0])  # after Ctrl-C: out at once
@@ -496,7 +526,7 @@ def main(argv=None):
              (("--train-classifier",), dict(action="store_true", help="eval: train ResNet-18"))]
     cfg, ns = parse_config(Config, PRESETS, argv, __doc__, ("train", "sample", "eval"), extra)
     check_flags(cfg, positive="batch g_lr d_lr n_critic total_iters decay_iters log_every "
-                "sample_every save_every", nonneg="num_workers", unit="beta1 beta2")
+                "sample_every save_every", nonneg="num_workers save_minutes", unit="beta1 beta2")
     if cfg.bench or ns.mode == "train":  # under torchrun: this process's GPU (or the CPU)
         device = init_distributed(cfg.device)
         return bench(cfg, device) if cfg.bench else train(cfg, device, ns.given)

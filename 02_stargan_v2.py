@@ -43,13 +43,15 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from torchvision.utils import make_grid
 
-from common import (DomainFolder, ImageFiles, Logger, ReferencePairs, UserError, autocast,
-                    average_gradients, check_finite, check_flags, check_same_weights, flop_counter,
-                    init_distributed, is_main, load_checkpoint, load_rgb, load_rgb_files,
-                    main_guard, mean_over_ranks, next_batch, own_rng, parse_config, pick_device,
-                    prepare_run, print_summary, read_checkpoint, read_scenes, require, resolve_data,
-                    save_checkpoint, save_gif, save_grid, seed_everything, shard_draw, short_path,
-                    sig3, step_loader, strip_prefixes, to_tensor_norm, world_size)
+
+from common import (DomainFolder, ImageFiles, Logger, ReferencePairs, SaveTimer, UserError,
+                    autocast, average_gradients, check_finite, check_flags, check_same_weights,
+                    check_save, flop_counter, init_distributed, is_main, load_checkpoint, load_rgb,
+                    load_rgb_files, main_guard, mean_over_ranks, next_batch, own_rng, parse_config,
+                    pick_device, prepare_run, print_summary, read_checkpoint, read_scenes,
+                    report_crash, require, resolve_data, save_checkpoint, save_gif, save_grid,
+                    seed_everything, shard_draw, short_path, sig3, start_line, step_loader,
+                    strip_prefixes, to_tensor_norm, world_size)
 from data.fan import FAN, align_faces, load_fan, read_npz
 from data.metrics import InceptionPool, LPIPS, frechet_distance
 
@@ -96,6 +98,7 @@ class Config:
     log_every: int = 10              # print/log losses every N steps
     sample_every: int = 5000         # write sample grids from the EMA nets every N steps
     save_every: int = 10000          # write out/last.pt every N steps
+    save_minutes: float = 30.0       # and every N minutes of wall time (0: by steps only)
 
 
 PRESETS = {
@@ -528,6 +531,33 @@ def translate_all(G, x_src, styles, fan=None, chunk=64):
                       for x, s in zip(x_src.split(chunk), styles.split(chunk))])
 
 
+def fixed_batch(x, y, names):
+    """The sample grids' fixed inputs, a val split of any size: per domain up to 2 sources, then up
+    to 2 other images as references; a domain of 1 image gives it as both (and says so once)."""
+    src, ref = [], []
+    for k, name in enumerate(names):
+        idx = (y == k).nonzero()[:, 0].tolist()
+        n = min(2, (len(idx) + 1) // 2)  # 3 images: 2 sources, 1 reference
+        src, ref = src + idx[:n], ref + (idx[n:n + 2] or idx[:1])
+        if len(idx) == 1:
+            print(f"samples: val/{name} holds 1 image; it is both a source and a reference in "
+                  "the sample grids (add images to see them apart)")
+    return x[src], y[src], x[ref], y[ref]  # (N, 3, H, W), (N,), (R, 3, H, W), (R,)
+
+
+def cycle_refs(y_src, y_ref, K):
+    """For each source, a reference of the next domain that has one (cycling through its
+    references): the cycle strip then shows translations, as official's random references do."""
+    pick = []
+    for i, k in enumerate(y_src.tolist()):
+        for step in range(1, K + 1):  # the next domain, or the one after...
+            refs = (y_ref == (k + step) % K).nonzero()[:, 0]
+            if len(refs):
+                pick.append(refs[(y_src[:i] == k).sum() % len(refs)])
+                break
+    return torch.stack(pick)  # (N,) indices into the references
+
+
 def ref_rows(G, x_src, x_ref, s_ref, masks=None):
     """Reference grid rows: a white cell + the sources, then per reference: it + translations."""
     rows = [torch.ones_like(x_src[:1]), x_src]
@@ -544,15 +574,18 @@ def save_masks(x_src, masks, path):
 
 
 @torch.no_grad()
-def write_samples(ema, fixed, out, tag, cfg, fan=None, n_z=5):
-    """EMA nets on a fixed batch: cycle strip, latent grids (ψ 0.5, 0.7, 1), reference grid,
-    and with w_hpf > 0 the FAN's face masks of the sources."""
+def write_samples(ema, fixed, out, tag, cfg, fan=None, n_z=5, names=()):
+    """EMA nets on a fixed batch (fixed_batch): cycle strip, latent grids (ψ 0.5, 0.7, 1),
+    reference grid, and with w_hpf > 0 the FAN's face masks of the sources. Rows are labelled
+    with the domain names (default: their indices)."""
     x_src, y_src, x_ref, y_ref = fixed
     G, mapping, E, N, K = ema.G, ema.mapping, ema.E, len(x_src), cfg.num_domains
-    masks = masks_of(fan, x_src)
-    x_fake = G(x_src, E(x_ref, y_ref), masks)
+    names = list(names) or [str(k) for k in range(K)]
+    masks, pick = masks_of(fan, x_src), cycle_refs(y_src, y_ref, K)
+    x_fake = G(x_src, E(x_ref[pick], y_ref[pick]), masks)
     x_rec = G(x_fake, E(x_src, y_src), masks_of(fan, x_fake))
-    save_grid(torch.cat([x_src, x_ref, x_fake, x_rec]), out / f"{tag}_cycle.png", nrow=N)
+    save_grid(torch.cat([x_src, x_ref[pick], x_fake, x_rec]), out / f"{tag}_cycle.png", nrow=N,
+              rows=["source", "reference", "translated", "cycle"])
     if masks is not None:
         save_masks(x_src, masks, out / f"{tag}_masks.png")
     gen, device = torch.Generator().manual_seed(0), x_src.device
@@ -563,9 +596,10 @@ def write_samples(ema, fixed, out, tag, cfg, fan=None, n_z=5):
     for psi in (0.5, 0.7, 1.0):  # rows: sources, then one row per (domain, z)
         s_psi = torch.lerp(s_avg[:, None], s_lat, psi).flatten(0, 1)  # (K n_z, S)
         rows = [x_src] + [G(x_src, s.expand(N, -1), masks) for s in s_psi]
-        save_grid(torch.cat(rows), out / f"{tag}_latent_psi{psi:.1f}.png", nrow=N)
+        save_grid(torch.cat(rows), out / f"{tag}_latent_psi{psi:.1f}.png", nrow=N,
+                  rows=["sources"] + [f"{n} z{j}" for n in names for j in range(n_z)])
     save_grid(ref_rows(G, x_src, x_ref, E(x_ref, y_ref), masks), out / f"{tag}_reference.png",
-              N + 1)
+              N + 1, rows=["sources"] + [f"style of {names[k]}" for k in y_ref.tolist()])
 
 
 @torch.no_grad()
@@ -770,15 +804,29 @@ def train(cfg, given=()):
                                 num_workers=cfg.num_workers, name=name)
                     for d, name in ((src_set, "src"), (ref_set, "ref"))))
     x, y = stack_split(root, "val", cfg.img_size, per_domain=4)  # fixed: samples compare over steps
-    src = torch.arange(len(y)) % 4 < 2  # per domain: 2 sources, then 2 references
-    fixed = [t.to(device) for t in (x[src], y[src], x[~src], y[~src])]
+    fixed = [t.to(device) for t in fixed_batch(x, y, src_set.domains)]
     logger = Logger(out, cfg.total_iters, cfg.log_every, console_terms(cfg), start=step)
     t0, losses, scores = time.time(), {}, None
-    print(f"{sum(p.numel() for p in nets.G.parameters()):,} G params | data {short_path(root)} "
-          f"| {len(src_set)} images, domains {src_set.domains} | device {device} | from step {step}"
-          + (f" | {world_size()} processes × batch {cfg.batch}" if world_size() > 1 else "")
-          + (f" | face masks from {cfg.wing}" if fan is not None else ""))
+    print(start_line(cfg, device, step, f"{sum(p.numel() for p in nets.G.parameters()):,} G "
+                     f"params", f"data {short_path(root)}", f"{len(src_set)} images, domains "
+                     f"{src_set.domains}", *([f"face masks from {cfg.wing}"] if fan else [])))
+
+    def progress(step):  # rank 0: sample grids, loss curves, the toy oracle; training RNG kept
+        with own_rng(device):
+            write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg, fan,
+                          names=src_set.domains)
+            logger.plot(out / "samples" / "losses.png")  # beside the samples
+            if toy and step < cfg.total_iters:
+                oracle_scores(ema, root, cfg, device, step, fan)
+
     try:
+        # Before the first step, all the loop does later, once: its problems show in the first
+        # minute, and the first grid shows the untrained nets.
+        if is_main():
+            progress(step)
+        check_save(last, step, cfg, all_nets, optims)
+        saves = SaveTimer(cfg.save_every, cfg.save_minutes, cfg.total_iters, cfg.log_every)
+        logger.t0 = time.time()  # its it/s and ETA: training steps only
         while step < cfg.total_iters:
             # Not converted to channels_last: NHWC weights make cuDNN's convs run NHWC anyway.
             src, ref = next_batch(batches)  # torchrun: a data error or Ctrl-C stops all here
@@ -790,16 +838,15 @@ def train(cfg, given=()):
                 logger.log(step, losses)
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
             if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
-                with own_rng(device):  # draws nothing from the training generators
-                    write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg, fan)
-                    if toy and step < cfg.total_iters:
-                        oracle_scores(ema, root, cfg, device, step, fan)
-                logger.plot(out / "samples" / "losses.png")  # beside the samples
-            if step % cfg.save_every == 0 or step == cfg.total_iters:
+                progress(step)
+            if saves.due(step):  # every save_every steps and every save_minutes
                 save_checkpoint(last, step, cfg, all_nets, optims, losses=losses)
     except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
         save_checkpoint(last, step, cfg, all_nets, optims, losses=losses, interrupted=True)
         print()  # after the ^C
+    except Exception as e:  # a bug: last.pt is left as it was (never a half-done step)
+        report_crash(e, step, last)
+        raise
     else:  # after Ctrl-C the user wants out at once: no oracle
         scores = oracle_scores(ema, root, cfg, device, step, fan) if toy and is_main() else None
     if not is_main():  # torchrun: rank 0 reports for the whole run
@@ -867,7 +914,8 @@ def main(argv=None):
         cfg, ns = parse_config(Config, PRESETS, ["--preset", "celeba_hq", *argv], __doc__, modes,
                                EXTRA)
     check_flags(cfg, positive="batch lr f_lr total_iters ds_iter log_every sample_every "
-                "save_every", nonneg="num_workers weight_decay", unit="beta1 beta2 ema_beta")
+                "save_every", nonneg="num_workers weight_decay save_minutes",
+                unit="beta1 beta2 ema_beta")
     require(cfg.img_size >= 8 and cfg.img_size & (cfg.img_size - 1) == 0, f"--img-size "
             f"{cfg.img_size}: must be a power of two ≥ 8 (E and D halve it down to 4×4)")
     return {"sample": sample, "eval": evaluate, "align": align}.get(

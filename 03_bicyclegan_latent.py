@@ -30,13 +30,14 @@ from torch.utils.data import Subset
 from torch.func import functional_call
 from torchvision import transforms as T
 
-from common import (AlignedPairs, IMAGE_SUFFIXES, ImageFiles, Logger, UserError, autocast,
-                    average_gradients, check_finite, check_flags, check_same_weights, epoch_rows,
-                    flop_counter, init_distributed, is_main, load_checkpoint, main_guard,
-                    make_loader, mean_over_ranks, next_batch, own_rng, parse_config, pick_device,
-                    prepare_run, print_summary, read_checkpoint, read_shapes, require, resolve_data,
-                    save_checkpoint, save_gif, save_grid, seed_everything, shard_draw, sig3,
-                    world_size)
+
+from common import (AlignedPairs, IMAGE_SUFFIXES, ImageFiles, Logger, SaveTimer, UserError,
+                    autocast, average_gradients, check_finite, check_flags, check_same_weights,
+                    check_save, epoch_rows, flop_counter, init_distributed, is_main,
+                    load_checkpoint, main_guard, make_loader, mean_over_ranks, next_batch, own_rng,
+                    parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
+                    read_shapes, report_crash, require, resolve_data, save_checkpoint, save_gif,
+                    save_grid, seed_everything, shard_draw, sig3, start_line, world_size)
 from data.metrics import LPIPS
 
 # ----------------------------------------------------------------------------
@@ -69,6 +70,7 @@ class Config:
     log_every: int = 100  # print + log.jsonl every N steps
     sample_every: int = 5000  # sample grid every N steps
     save_every: int = 5000  # checkpoint every N steps
+    save_minutes: float = 30.0  # and every N minutes of wall time (0: by steps only)
     num_workers: int = 4  # data loader workers (official: 4 threads)
     amp: bool | None = None  # bf16 autocast: default CUDA only; --amp on the CPU too
     bench: bool = False  # time training on synthetic data instead of training
@@ -457,7 +459,24 @@ def train(cfg, given=()):
     z_fix = torch.randn(5, cfg.nz, generator=torch.Generator().manual_seed(1)).to(device)
     logger = Logger(out, cfg.total_iters, cfg.log_every, CONSOLE, PANELS, start=step)
     losses, t0, stopped = {}, time.time(), False
+    print(start_line(cfg, device, step))
+
+    def progress(step):  # rank 0: the sample grid, the loss curves; training RNG kept
+        with own_rng(device):
+            sample_grid(nets, A_fix, B_fix, z_fix, out / "samples" / f"{step:07d}.png")
+            logger.plot(out / "samples" / "losses.png")  # beside the samples
+
     try:
+        # Before the first step, all the loop (and its end) does later, once: problems show in
+        # the first minute, and the first grid shows the untrained G.
+        if is_main():
+            progress(step)
+            with own_rng(device):
+                if line := toy_oracle(nets, cfg, device):
+                    print(f"oracle @ {step}: {line}")
+        check_save(last, step, cfg, nets, opts)
+        saves = SaveTimer(cfg.save_every, cfg.save_minutes, cfg.total_iters, cfg.log_every)
+        logger.t0 = time.time()  # its it/s and ETA: training steps only
         while step < cfg.total_iters:
             for group in (g for o in opts.values() for g in o.param_groups):
                 group["lr"] = lr_at(step, cfg)
@@ -469,23 +488,20 @@ def train(cfg, given=()):
                 logger.log(step, {**losses, "lr": lr_at(step - 1, cfg)})
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
             if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
-                with own_rng(device):  # draws nothing from the training generators
-                    sample_grid(nets, A_fix, B_fix, z_fix, out / "samples" / f"{step:07d}.png")
-                logger.plot(out / "samples" / "losses.png")  # beside the samples
-            if step % cfg.save_every == 0 or step == cfg.total_iters:
+                progress(step)
+            if saves.due(step):  # every save_every steps and every save_minutes
                 save_checkpoint(last, step, cfg, nets, opts, losses=losses)
     except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
         save_checkpoint(last, step, cfg, nets, opts, losses=losses, interrupted=True)
         print()  # a new line after the ^C
         stopped = True
+    except Exception as e:  # a bug: last.pt is left as it was (never a half-done step)
+        report_crash(e, step, last)
+        raise
     if not is_main():  # torchrun: rank 0 reports for the whole run
         return nets
-    line = ""
-    if cfg.data in ("", "toy") and not stopped:  # after Ctrl-C the user wants out at once
-        A, B = fixed_inputs(cfg, device, 100)
-        with own_rng(device):  # the same z for the same weights
-            line = oracle_line(oracle_scores(random_outputs(nets["G"], A, cfg.nz, 20), B))
-        nets["G"].train()
+    with own_rng(device):  # the same z for the same weights
+        line = "" if stopped else toy_oracle(nets, cfg, device)  # after Ctrl-C: out at once
     me = Path(__file__).name
     print_summary(me, step, start, time.time() - t0, [
         ("samples", sorted((out / "samples").glob("0*.png"))[-1:]),
@@ -496,6 +512,17 @@ def train(cfg, given=()):
         (f"python {me} --out {out} --resume auto --total-iters {2 * cfg.total_iters}",
          "train on")], stopped)
     return nets
+
+
+def toy_oracle(nets, cfg, device):
+    """The toy oracle's line on 100 val inputs × 20 random z ("" for other data); G stays in
+    train mode."""
+    if cfg.data not in ("", "toy"):
+        return ""
+    A, B = fixed_inputs(cfg, device, 100)
+    line = oracle_line(oracle_scores(random_outputs(nets["G"], A, cfg.nz, 20), B))
+    nets["G"].train()
+    return line
 
 
 def bench(cfg):
@@ -587,7 +614,7 @@ def main(argv=None):
     extra = ((("--ckpt",), dict(default="", help="sample/eval checkpoint (default out/last.pt)")),)
     cfg, ns = parse_config(Config, PRESETS, argv, __doc__, ("train", "sample", "eval"), extra)
     check_flags(cfg, positive="lr total_iters log_every sample_every save_every",
-                nonneg="num_workers")
+                nonneg="num_workers save_minutes")
     if cfg.bench:
         return bench(cfg)
     if ns.mode == "train":

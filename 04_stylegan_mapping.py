@@ -32,13 +32,14 @@ import torchvision.transforms as T
 from torch.utils.data import Subset
 from torchvision.utils import make_grid
 
-from common import (ImageFiles, Logger, SHAPES, UserError, autocast, average_gradients,
-                    check_finite, check_flags, check_same_weights, epoch_rows, flop_counter,
-                    init_distributed, is_main, load_checkpoint, main_guard, make_loader,
-                    mean_over_ranks, next_batch, own_rng, parse_config, pick_device, prepare_run,
-                    print_summary, read_checkpoint, read_shapes, require, resolve_data,
-                    save_checkpoint, save_gif, save_grid, seed_everything, shard_draw, sig3,
-                    to_tensor_norm, world_size)
+
+from common import (ImageFiles, Logger, SaveTimer, SHAPES, UserError, autocast, average_gradients,
+                    check_finite, check_flags, check_same_weights, check_save, epoch_rows,
+                    flop_counter, init_distributed, is_main, load_checkpoint, main_guard,
+                    make_loader, mean_over_ranks, next_batch, own_rng, parse_config, pick_device,
+                    prepare_run, print_summary, read_checkpoint, read_shapes, report_crash, require,
+                    resolve_data, save_checkpoint, save_gif, save_grid, seed_everything, shard_draw,
+                    sig3, start_line, to_tensor_norm, world_size)
 from data.metrics import LPIPS
 
 # ----------------------------------------------------------------------------
@@ -73,6 +74,7 @@ class Config:
     log_every: int = 100  # print/log every N steps
     sample_every: int = 2000  # save a sample grid every N steps
     save_every: int = 5000  # write last.pt every N steps
+    save_minutes: float = 30.0  # and every N minutes of wall time (0: by steps only)
     num_workers: int = 4  # DataLoader workers
     amp: bool | None = None  # bf16 autocast: default CUDA only; --amp on the CPU too
     bench: bool = False  # time bench_iters training steps on random data instead of training
@@ -608,11 +610,30 @@ def train(cfg, device, given=()):
     nets, opts = {"G": G, "D": D, "G_ema": G_ema}, {"G": opt_G, "D": opt_D}
     step = start = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
     check_same_weights(nets)  # torchrun: one run, every process from the same weights
-    batches = real_batches(make_dataset(cfg), cfg, device, step)
+    dataset = make_dataset(cfg)
+    batches = real_batches(dataset, cfg, device, step)
     logger = Logger(out, cfg.total_iters, cfg.log_every, console_terms(cfg), start=step)
     last, losses, t0, stopped = out / "last.pt", {}, time.time(), False
     z_fixed = torch.randn(16, cfg.w_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    print(start_line(cfg, device, step, f"{len(dataset)} images below {dataset.folders[0]}"))
+
+    def progress(step):  # rank 0: the sample grid, the loss curves; training RNG kept
+        with own_rng(device):
+            save_grid(G_ema(z_fixed.to(device)), out / f"sample_{step:06d}.png", 4)
+            logger.plot(out / "losses.png")  # beside the samples, redrawn from log.jsonl
+
     try:
+        # Before the first step, all the loop (and its end: the oracle) does later, once:
+        # problems show in the first minute, and the first grid shows the untrained G.
+        if is_main():
+            progress(step)
+            if cfg.data in ("", "toy"):
+                with own_rng(device):
+                    scores = oracle_scores(G_ema, cfg, device) | figure_scores(G_ema, cfg, device)
+                print(f"oracle @ {step}: " + "\n    ".join(oracle_lines(scores)))
+        check_save(last, step, cfg, nets, opts)
+        saves = SaveTimer(cfg.save_every, cfg.save_minutes, cfg.total_iters, cfg.log_every)
+        logger.t0 = time.time()  # its it/s and ETA: training steps only
         while step < cfg.total_iters:
             x_real = next_batch(batches)  # torchrun: a data error or Ctrl-C stops all here
             losses = d_step(G, D, opt_D, x_real, cfg)
@@ -624,14 +645,15 @@ def train(cfg, device, given=()):
                 logger.log(step, losses)
                 check_finite(losses, step, last)  # never train on for thousands of nan steps
             if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
-                with own_rng(device):  # G_ema's noise: not from the training generators
-                    save_grid(G_ema(z_fixed.to(device)), out / f"sample_{step:06d}.png", 4)
-                logger.plot(out / "losses.png")  # beside the samples, redrawn from log.jsonl
-            if step % cfg.save_every == 0 or step == cfg.total_iters:
+                progress(step)
+            if saves.due(step):  # every save_every steps and every save_minutes
                 save_checkpoint(last, step, cfg, nets, opts, losses=losses)
     except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
         save_checkpoint(last, step, cfg, nets, opts, losses=losses, interrupted=True)
         stopped = True
+    except Exception as e:  # a bug: last.pt is left as it was (never a half-done step)
+        report_crash(e, step, last)
+        raise
     if is_main():  # torchrun: rank 0 reports for the whole run
         with own_rng(device):  # the figures' noise: the same for the same weights
             finish(G_ema.eval(), cfg, device, out, (start, step, time.time() - t0), stopped)
@@ -693,7 +715,7 @@ def main(argv=None):
     require(len(cfg.betas) == 2, f"--betas {' '.join(map(str, cfg.betas))}: Adam needs two values "
             "(β1 β2), e.g. --betas 0.0 0.99")
     check_flags(cfg, positive="batch lr mapping_lr_mul total_iters log_every sample_every "
-                "save_every", nonneg="num_workers", unit="betas")
+                "save_every", nonneg="num_workers save_minutes", unit="betas")
     seed_everything(cfg.seed)
     if cfg.bench or ns.mode == "train":  # under torchrun: this process's GPU (or the CPU)
         device = init_distributed(cfg.device)

@@ -162,6 +162,10 @@ def parse_config(cfg_cls, presets, argv=None, doc="", modes=("train",), extra=()
         guess, toy = Path(data.rstrip("/")).name, data in ("", "toy") and "toy" in presets
         ns.preset = guess if guess in presets else ("toy" if toy else None)
     values, ns.given = {**presets.get(ns.preset, {}), **given}, tuple(given)  # given: see resume
+    # Default loader workers: at most one per usable CPU (more only compete, and torch warns)
+    workers = next((f.default for f in fields if f.name == "num_workers"), None)
+    if workers is not None and "num_workers" not in given:
+        values["num_workers"] = min(values.get("num_workers", workers), usable_cpus())
     return cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}), ns
 
 
@@ -226,6 +230,15 @@ def use_device(device):
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     return device
+
+
+def usable_cpus():
+    """The CPUs this process may run on (taskset, a container's or a job's cpuset), not the
+    machine's: the default of --num-workers is capped at it."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def autocast(device, amp):
@@ -393,7 +406,7 @@ def check_same_weights(nets):
 
 # ---- Run folder and checkpoints: one file holds the whole training state
 # Settings of this invocation and machine, not of the run: never taken from a checkpoint.
-LOCAL = ("out", "resume", "overwrite", "device", "bench", "bench_iters")
+LOCAL = ("out", "resume", "overwrite", "device", "bench", "bench_iters", "num_workers")
 
 
 def prepare_run(cfg, given=(), fixed=()):
@@ -687,6 +700,78 @@ def check_finite(losses, step, last_ckpt=None):
             raise SharedError(f"step {step}: loss term '{k}' is {float(v)}; stopping without "
                               f"saving. Last good checkpoint: {_last_good(last_ckpt)} (try a lower "
                               "lr, or --no-amp)")
+
+
+def check_save(path, step, cfg, nets, opts, extra=None):
+    """Before the first step: a whole checkpoint is written beside `path` (as the loop will write
+    it), read back (as a resume will) and removed, so an unwritable --out, a full disk or a state
+    that cannot be reloaded shows now, not at the first save. Costs one save and one load."""
+    probe, problem = Path(f"{path}.tmp"), ""  # the name prepare_run clears if we are killed
+    try:
+        save_checkpoint(probe, step, cfg, nets, opts, extra)
+        if is_main():
+            read_checkpoint(probe, type(cfg))
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        problem = (f"--out {Path(path).parent}: cannot write a checkpoint there ({why}); free "
+                   "some space, fix the permissions, or pass another --out")
+    except UserError as e:
+        problem = str(e)
+    finally:
+        if is_main():
+            probe.unlink(missing_ok=True)
+    _agree(problem)  # torchrun: every process stops here together
+    require(not problem, problem)
+
+
+class SaveTimer:
+    """due(step): write last.pt now? Every `every` steps, at the last step, and when `minutes` of
+    wall time (0: never) have passed since the last save or the start, so a crash or a kill never
+    costs more than that. Under torchrun saving is collective, so every process must answer
+    alike: rank 0's clock decides, told to the others at the log steps (one small broadcast on
+    the CPU group, where the losses are synced anyway)."""
+    clock = staticmethod(time.monotonic)  # tests patch it
+
+    def __init__(self, every, minutes, total, log_every):
+        self.every, self.seconds, self.total, self.log_every = every, minutes * 60, total, log_every
+        self.t0 = self.clock()
+
+    def due(self, step):
+        now = self.clock()
+        late = self.seconds > 0 and now - self.t0 >= self.seconds
+        if world_size() > 1:
+            if step % self.log_every:
+                late = False
+            else:
+                flag = torch.tensor([int(late)])
+                dist.broadcast(flag, 0, group=_PEERS.get("control"))
+                late = bool(flag)
+        if late or step % self.every == 0 or step == self.total:
+            self.t0 = now
+            return True
+        return False
+
+
+def report_crash(e, step, last):
+    """In a training loop's `except Exception`: an unexpected error (a bug, not bad input, a nan
+    or a lost peer, which have their own one-line messages) gets one line naming where the run
+    stopped and the checkpoint it left untouched; the caller re-raises: the traceback follows."""
+    if isinstance(e, (UserError, dist.DistError)):
+        return
+    where = f"rank {rank()}: " if world_size() > 1 else ""
+    age = f" (saved {duration(time.time() - Path(last).stat().st_mtime)} ago; --resume auto " \
+        "goes on from it)" if Path(last).exists() else ""
+    print(f"error: {where}{type(e).__name__} after step {step}; nothing was saved since. Last "
+          f"good checkpoint: {_last_good(last)}{age}. Traceback, for a bug report:",
+          file=sys.stderr, flush=True)
+
+
+def start_line(cfg, device, step, *parts):
+    """The line a training run starts with: what it trains, where, from which step, with how many
+    loader workers (of the CPUs it may use) and, under torchrun, processes."""
+    world = [f"{world_size()} processes × batch {cfg.batch}"] if world_size() > 1 else []
+    return " | ".join([*parts, f"device {device}", f"from step {step}", f"{cfg.num_workers} "
+                       f"loader workers ({usable_cpus()} CPUs)", *world])
 
 
 # ---- Data: readers for the real on-disk formats (the toy sets use the same formats)

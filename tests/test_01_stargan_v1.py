@@ -462,3 +462,29 @@ def test_sample_names_and_skips_unreadable_src_files(tmp_path, capsys):
     write_unreadable(src / "a.png", "empty")
     with pytest.raises(UserError, match=f"--src {src}: none of its 2 image"):
         S.main(["sample", "--out", str(tmp_path), "--src", str(src)])
+
+
+# ---------------------------------------------------------------------------- small val splits
+@pytest.mark.parametrize("layout", [(1, 1), (2, 3), (9, 1)])
+def test_any_val_layout_gives_matching_grids(layout, tmp_path, monkeypatch):
+    """The fixed batch takes the val images of each domain in turn (up to 8): every domain shows
+    up, even when the first one alone could fill the batch. Rows: one per image, each the image
+    and its translations. Once: the first 8 files, all of the first domain."""
+    root = tmp_path / "two"
+    toy.write_shapes(root, 16, n_train=4, n_val=max(layout), seed=0)
+    for split in ("train", "val"):
+        shutil.rmtree(root / split / "triangle")
+    for d, n in zip(("circle", "square"), layout):
+        for f in sorted((root / "val" / d).iterdir())[n:]:
+            f.unlink()
+    grids, real = [], S.save_grid
+    monkeypatch.setattr(S, "save_grid", lambda x, path, nrow, **kw: (
+        grids.append((x.detach().cpu().clone(), nrow)), real(x, path, nrow, **kw)))
+    S.main(TINY + ["--data", str(root), "--out", str(tmp_path / "a"), "--total-iters", "1"])
+    images, nrow = grids[-1]
+    n = min(8, sum(layout))
+    assert nrow == 1 + 2 and len(images) == n * nrow  # the image, then one column per domain
+    read = toy.read_shapes(images.view(n, nrow, *images.shape[1:])[:, 0].float())["domain"]
+    turns = sorted((r, k) for k, c in enumerate(layout) for r in range(c))[:n]  # round robin
+    want = sorted(k for _, k in turns)
+    assert sorted(read.tolist()) == want

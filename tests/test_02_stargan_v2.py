@@ -704,3 +704,46 @@ def test_sample_names_and_skips_unreadable_src_files(tmp_path, capsys):
         write_unreadable(src / name, "empty")
     with pytest.raises(UserError, match=f"--src {src}: none of its 3 image"):
         m.main(["sample", "--ckpt", str(tmp_path / "last.pt"), "--src", str(src)])
+
+
+# ---------------------------------------------------------------------------- small val splits
+def spy_grids(monkeypatch, module):
+    """Record every save_grid call of a script: {file name: (images, nrow, row labels)}."""
+    grids, real = {}, module.save_grid
+
+    def spy(images, path, nrow, rows=(), cols=()):
+        grids[Path(path).name] = (images.detach().cpu().clone(), nrow, list(rows))
+        real(images, path, nrow, rows, cols)
+    monkeypatch.setattr(module, "save_grid", spy)
+    return grids
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1), (2, 2, 2), (3, 3, 3), (1, 4, 3)])
+def test_any_val_layout_gives_matching_grids(layout, tmp_path, monkeypatch, capsys):
+    """Any val split the reader accepts: per domain up to 2 sources and 2 references; each
+    reference row is labelled with its domain and shows an image of it; a domain with 1 image
+    gives both and says so once. Once crashed with 3 per domain and misaligned with 1."""
+    toy.write_scenes(tmp_path, 16, n_train=2, n_val=4, seed=0)
+    domains = sorted(p.name for p in (tmp_path / "val").iterdir())
+    for d, n in zip(domains, layout):
+        for f in sorted((tmp_path / "val" / d).iterdir())[n:]:
+            f.unlink()
+    grids = spy_grids(monkeypatch, m)
+    m.main(RUN + ["--data", str(tmp_path), "--img-size", "16", "--out", str(tmp_path / "run"),
+                  "--total-iters", "1", "--batch", "2", "--num-workers", "0"])
+    n_src = [min(2, (c + 1) // 2) for c in layout]
+    n_ref = [min(2, c - s) or 1 for c, s in zip(layout, n_src)]
+    N, R = sum(n_src), sum(n_ref)
+    images, nrow, rows = grids["000001_cycle.png"]
+    assert (len(images), nrow, len(rows)) == (4 * N, N, 4)
+    images, nrow, rows = grids["000001_reference.png"]
+    assert (len(images), nrow, len(rows)) == ((R + 1) * (N + 1), N + 1, R + 1)
+    want = [d for d, n in zip(domains, n_ref) for _ in range(n)]
+    assert [r.split()[-1] for r in rows[1:]] == want
+    refs = images.view(R + 1, N + 1, *images.shape[1:])[1:, 0]  # first cell of each ref row
+    assert [domains[k] for k in toy.read_scenes(refs)["domain"].tolist()] == want
+    images, nrow, rows = grids["000001_latent_psi1.0.png"]
+    assert (len(images), nrow, len(rows)) == ((1 + 3 * 5) * N, N, 1 + 3 * 5)
+    out = capsys.readouterr().out
+    for d, c in zip(domains, layout):
+        assert out.count(f"val/{d} holds 1 image") == (c == 1), out
