@@ -583,11 +583,13 @@ def _signals_held(deliver=True):
         signal.raise_signal(hits[0])
 
 
-def save_checkpoint(path, step, cfg, nets, opts, extra=None, losses=None, interrupted=False):
+def save_checkpoint(path, step, cfg, nets, opts, extra=None, losses=None, interrupted=False,
+                    last_good=None):
     """Never replaces the last good checkpoint with a broken one: finite losses and tensors only,
     atomic (temp file + os.replace), stop signals held until the file is complete (then delivered;
     interrupted=True: this save answers one, so further ones are dropped). A write that fails (a
-    full disk, a quota, a permission) stops every process with one line; last.pt stays as it was."""
+    full disk, a quota, a permission) stops every process with one line; last.pt stays as it was.
+    last_good: the checkpoint the messages name as kept (default: path; check_save's probe)."""
     with _signals_held(deliver=not interrupted):
         # Every process checks (the losses synced, the weights the same everywhere), so all stop
         # together; rank 0 alone writes.
@@ -606,8 +608,9 @@ def save_checkpoint(path, step, cfg, nets, opts, extra=None, losses=None, interr
                    None)
         if bad is not None:
             raise SharedError(f"step {step}: {bad} is not finite; stopping without saving. Last "
-                              f"good checkpoint: {_last_good(path)} (try a lower lr, or --no-amp)")
-        problem = _write_checkpoint(state, Path(path)) if is_main() else ""
+                              f"good checkpoint: {_last_good(last_good or path)} (try a lower lr, "
+                              "or --no-amp)")
+        problem = _write_checkpoint(state, Path(path), last_good or path) if is_main() else ""
         if world_size() > 1:  # rank 0 alone writes; if it could not, every process stops
             said = [problem]
             dist.broadcast_object_list(said, 0, group=_PEERS.get("control"))
@@ -616,7 +619,7 @@ def save_checkpoint(path, step, cfg, nets, opts, extra=None, losses=None, interr
             raise SharedError(f"step {step}: {problem}")
 
 
-def _write_checkpoint(state, path):
+def _write_checkpoint(state, path, last_good):
     """torch.save to path.tmp, on the disk (fsync: a quota or a network filesystem may refuse the
     data only then), then renamed over path. -> "" or why it failed; no .tmp is left behind."""
     tmp = path.with_name(f"{path.name}.tmp")
@@ -637,7 +640,7 @@ def _write_checkpoint(state, path):
         except OSError:
             free = "free space unknown"
         return (f"cannot write the checkpoint {path} ({why}; {free}); stopping. The last good "
-                f"checkpoint, {_last_good(path)}, is untouched: make room (or fix the folder), "
+                f"checkpoint, {_last_good(last_good)}, is untouched: make room (or fix the folder), "
                 "then continue with --resume auto")
     finally:
         tmp.unlink(missing_ok=True)
@@ -708,7 +711,7 @@ def check_save(path, step, cfg, nets, opts, extra=None):
     that cannot be reloaded shows now, not at the first save. Costs one save and one load."""
     probe, problem = Path(f"{path}.tmp"), ""  # the name prepare_run clears if we are killed
     try:
-        save_checkpoint(probe, step, cfg, nets, opts, extra)
+        save_checkpoint(probe, step, cfg, nets, opts, extra, last_good=path)
         if is_main():
             read_checkpoint(probe, type(cfg))
     except OSError as e:

@@ -581,7 +581,8 @@ def test_resumed_log_holds_each_step_once(image_folder, tmp_path, capsys, monkey
 def test_failed_save_stops_with_one_line_and_keeps_last_pt(image_folder, tmp_path, monkeypatch):
     """A disk that fills up (a file-size limit: writes past it fail with EFBIG, as ENOSPC or a
     quota would): exit status 2, one line naming the file, the cause and the free space; the last
-    good last.pt untouched and no last.pt.tmp left."""
+    good last.pt untouched and no last.pt.tmp left. The resumed run meets it before its first
+    step, in the start-of-run check (common.check_save), which writes a whole checkpoint."""
     monkeypatch.setattr(m, "figures", lambda *a: [])  # the end-of-run figures: not tested here
     flags = ["--data", image_folder, *TINY_FLAGS, "--log-every", "1", "--sample-every", "100"]
     m.main([*map(str, flags), "--out", str(tmp_path / "a"), "--total-iters", "2"])
@@ -593,7 +594,7 @@ def test_failed_save_stops_with_one_line_and_keeps_last_pt(image_folder, tmp_pat
                        text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit,) * 2))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert re.fullmatch(rf"error: step 3: cannot write the checkpoint {run / 'last.pt'} \(File too "
-                        rf"large; [0-9.]+ GiB free there\); stopping. The last good checkpoint, "
-                        rf"{run / 'last.pt'}, is untouched: .* --resume auto\n", r.stderr)
+    assert re.fullmatch(rf"error: step 2: cannot write the checkpoint {run / 'last.pt.tmp'} "
+                        rf"\(File too large; [0-9.]+ GiB free there\); stopping. The last good "
+                        rf"checkpoint, {run / 'last.pt'}, is untouched: .* --resume auto\n", r.stderr)
     assert (run / "last.pt").read_bytes() == before and not (run / "last.pt.tmp").exists()
