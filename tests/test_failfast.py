@@ -123,8 +123,9 @@ def test_an_unwritable_out_stops_before_the_first_step(tmp_path, monkeypatch):
     def full(*a, **kw):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(common.torch, "save", full)
-    with pytest.raises(UserError, match=rf"^--out {tmp_path / 'run'}: cannot write a checkpoint "
-                                        r"there \(No space left on device\); free some space"):
+    with pytest.raises(UserError, match=rf"^step 0: cannot write the checkpoint "
+                                        rf"{tmp_path / 'run' / 'last.pt.tmp'} \(No space left on "
+                                        r"device; [0-9.]+ GiB free there\); stopping"):
         m.main(flags + ["--out", str(tmp_path / "run"), "--total-iters", "5", "--save-every", "2"])
     assert not steps and not list((tmp_path / "run").glob("last.pt*"))
 
