@@ -547,15 +547,16 @@ def fixed_batch(x, y, names):
 
 def cycle_refs(y_src, y_ref, K):
     """For each source, a reference of the next domain that has one (cycling through its
-    references): the cycle strip then shows translations, as official's random references do."""
+    references): the cycle strip then shows translations, as official's random references do.
+    y_src, y_ref: lists of domain indices (host-side: no GPU sync) -> a list of reference rows."""
     pick = []
-    for i, k in enumerate(y_src.tolist()):
+    for i, k in enumerate(y_src):
         for step in range(1, K + 1):  # the next domain, or the one after...
-            refs = (y_ref == (k + step) % K).nonzero()[:, 0]
-            if len(refs):
-                pick.append(refs[(y_src[:i] == k).sum() % len(refs)])
+            refs = [j for j, d in enumerate(y_ref) if d == (k + step) % K]
+            if refs:
+                pick.append(refs[y_src[:i].count(k) % len(refs)])
                 break
-    return torch.stack(pick)  # (N,) indices into the references
+    return pick
 
 
 def ref_rows(G, x_src, x_ref, s_ref, masks=None):
@@ -574,14 +575,16 @@ def save_masks(x_src, masks, path):
 
 
 @torch.no_grad()
-def write_samples(ema, fixed, out, tag, cfg, fan=None, n_z=5, names=()):
+def write_samples(ema, fixed, out, tag, cfg, fan=None, n_z=5, names=(), labels=None):
     """EMA nets on a fixed batch (fixed_batch): cycle strip, latent grids (ψ 0.5, 0.7, 1),
     reference grid, and with w_hpf > 0 the FAN's face masks of the sources. Rows are labelled
-    with the domain names (default: their indices)."""
+    with the domain names (default: their indices). labels: y_src and y_ref as lists, read once
+    by the caller (default: read here, a GPU sync)."""
     x_src, y_src, x_ref, y_ref = fixed
     G, mapping, E, N, K = ema.G, ema.mapping, ema.E, len(x_src), cfg.num_domains
     names = list(names) or [str(k) for k in range(K)]
-    masks, pick = masks_of(fan, x_src), cycle_refs(y_src, y_ref, K)
+    src_labels, ref_labels = labels or (y_src.tolist(), y_ref.tolist())
+    masks, pick = masks_of(fan, x_src), cycle_refs(src_labels, ref_labels, K)
     x_fake = G(x_src, E(x_ref[pick], y_ref[pick]), masks)
     x_rec = G(x_fake, E(x_src, y_src), masks_of(fan, x_fake))
     save_grid(torch.cat([x_src, x_ref[pick], x_fake, x_rec]), out / f"{tag}_cycle.png", nrow=N,
@@ -599,7 +602,7 @@ def write_samples(ema, fixed, out, tag, cfg, fan=None, n_z=5, names=()):
         save_grid(torch.cat(rows), out / f"{tag}_latent_psi{psi:.1f}.png", nrow=N,
                   rows=["sources"] + [f"{n} z{j}" for n in names for j in range(n_z)])
     save_grid(ref_rows(G, x_src, x_ref, E(x_ref, y_ref), masks), out / f"{tag}_reference.png",
-              N + 1, rows=["sources"] + [f"style of {names[k]}" for k in y_ref.tolist()])
+              N + 1, rows=["sources"] + [f"style of {names[k]}" for k in ref_labels])
 
 
 @torch.no_grad()
@@ -804,7 +807,9 @@ def train(cfg, given=()):
                                 num_workers=cfg.num_workers, name=name)
                     for d, name in ((src_set, "src"), (ref_set, "ref"))))
     x, y = stack_split(root, "val", cfg.img_size, per_domain=4)  # fixed: samples compare over steps
-    fixed = [t.to(device) for t in fixed_batch(x, y, src_set.domains)]
+    fixed = fixed_batch(x, y, src_set.domains)
+    labels = fixed[1].tolist(), fixed[3].tolist()  # the grids' labels, read once on the CPU
+    fixed = [t.to(device) for t in fixed]
     logger = Logger(out, cfg.total_iters, cfg.log_every, console_terms(cfg), start=step)
     t0, losses, scores = time.time(), {}, None
     print(start_line(cfg, device, step, f"{sum(p.numel() for p in nets.G.parameters()):,} G "
@@ -814,7 +819,7 @@ def train(cfg, given=()):
     def progress(step):  # rank 0: sample grids, loss curves, the toy oracle; training RNG kept
         with own_rng(device):
             write_samples(ema, fixed, out / "samples", f"{step:06d}", cfg, fan,
-                          names=src_set.domains)
+                          names=src_set.domains, labels=labels)
             logger.plot(out / "samples" / "losses.png")  # beside the samples
             if toy and step < cfg.total_iters:
                 oracle_scores(ema, root, cfg, device, step, fan)

@@ -171,7 +171,9 @@ def test_stargan_v2(preset, amp, channels_last, gpu, grids, monkeypatch):
         y = torch.randint(K, (2, B), device=CUDA)
         logs = m.train_step(nets, ema, optims, (x[0], y[0], x[1], x[2], y[1]), 7, cfg, fan)
         check_terms({k: v for k, v in logs.items() if k != "G/lambda_ds"})
-        m.write_samples(ema, (x[0], y[0], x[1], y[1]), common.Path("s"), "000001", cfg, fan)
+        labels = [0, K - 1], [1, 0]  # read on the CPU by the loop (fixed_batch)
+        m.write_samples(ema, (x[0], y[0], x[1], y[1]), common.Path("s"), "000001", cfg, fan,
+                        labels=labels)
     names = {p.name for p in seen}
     assert {"000001_cycle.png", "000001_reference.png", "000001_latent_psi1.0.png"} <= names
     assert ("000001_masks.png" in names) == (fan is not None)
