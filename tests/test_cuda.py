@@ -3,7 +3,7 @@ skipped without CUDA). Every script at its real size (01 at 128 px, 02/03/04 at 
 widths) trains 3 iterations on small synthetic data with bf16 autocast on and off, saves, resumes
 to a 4th iteration and runs `sample`; 02's CelebA-HQ generator runs with FAN masks; the 02 toy
 trains 300 iterations in fp32 (seeds 0 and 1) and in bf16, and the loss averages are compared
-(bf16_misses); the `--bench` line of every script is printed at the end. Well under 10 minutes on
+(gap); the `--bench` line of every script is printed at the end. Well under 10 minutes on
 one H100/H200. The CPU suite's fake-CUDA tier (test_fake_cuda.py) checks devices and dtypes of the
 same paths without a GPU; this file checks what needs one: kernels, backward passes, memory, speed.
 
@@ -117,26 +117,33 @@ def toy_means(out, amp, seed, device=DEVICE):
     return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k not in ("step", "time")}
 
 
-def bf16_misses(fp32, fp32_other_seed, bf16):
-    """The criterion: bf16 may differ from fp32 (same seed) by no more than fp32 differs from
-    itself under another seed, × 3, + 10 % + 0.01. GAN runs diverge step by step under any change
-    of rounding, so per-step losses cannot be compared; averages can, and the other seed measures
-    how far they may drift. -> [(term, fp32, bf16, allowed)] for each term that misses."""
-    allowed = {k: 3 * abs(fp32_other_seed[k] - fp32[k]) + 0.1 * abs(fp32[k]) + 0.01 for k in fp32}
-    return [(k, fp32[k], bf16[k], allowed[k]) for k in fp32 if abs(bf16[k] - fp32[k]) > allowed[k]]
+def gap(a, b):
+    """How far two runs' loss averages lie apart: per term |a − b| / (|a| + |b| + 0.02), in [0, 1)
+    -> (mean over terms, max over terms, the term of the max). GAN runs diverge step by step under
+    any change of rounding, so per-step losses cannot be compared; averages can."""
+    r = {k: abs(a[k] - b[k]) / (abs(a[k]) + abs(b[k]) + 0.02) for k in a if k != "G/lambda_ds"}
+    worst = max(r, key=r.get)
+    return sum(r.values()) / len(r), r[worst], worst
+
+
+# The criterion: gap(fp32, other) has mean ≤ 0.15 and max ≤ 0.5. Chosen from five 300-iteration
+# runs of the 02 toy on the CPU (CPU bf16 autocast): fp32 seeds 1 and 2 against seed 0 gave
+# mean 0.063 / 0.096, max 0.17 / 0.29; bf16 0.071 / 0.16; a broken bf16 path (R1 logged but not
+# applied) 0.21 / 0.79.
+GAP_MEAN, GAP_MAX = 0.15, 0.5
 
 
 def test_02_toy_bf16_trains_like_fp32(tmp_path, capsys):
-    """The 02 toy for TOY_ITERS iterations: fp32 seeds 0 and 1, bf16 seed 0 (bf16_misses). On the
-    CPU (its bf16 autocast) a third fp32 seed passed the criterion and so did bf16, and a bf16 path
-    that logged R1 without applying it failed: figures in the closing note of the issue."""
+    """The 02 toy for TOY_ITERS iterations: fp32 seeds 0 and 1, bf16 seed 0. fp32 against itself
+    under another seed must pass the criterion too, or the criterion is wrong for this GPU."""
     fp32, other, bf16 = (toy_means(tmp_path / f"{amp}{seed}", amp, seed) for amp, seed in (
         ("--no-amp", 0), ("--no-amp", 1), ("--amp", 0)))
+    seeds, amp = gap(fp32, other), gap(fp32, bf16)
     with capsys.disabled():  # shown without -s: part of what the check reports
-        print("\n02 toy, term: fp32 / fp32 seed 1 / bf16, mean of the last", TAIL, "iterations")
-        for k in fp32:
-            print(f"  {k}: {fp32[k]:.4f} / {other[k]:.4f} / {bf16[k]:.4f}")
-    assert not bf16_misses(fp32, other, bf16)
+        print(f"\n02 toy, gap to fp32 (mean, max, term): fp32 seed 1 {seeds[0]:.3f} {seeds[1]:.3f} "
+              f"{seeds[2]} | bf16 {amp[0]:.3f} {amp[1]:.3f} {amp[2]}")
+    assert seeds[0] <= GAP_MEAN and seeds[1] <= GAP_MAX, f"fp32 vs fp32 seed 1: {seeds}"
+    assert amp[0] <= GAP_MEAN and amp[1] <= GAP_MAX, f"bf16 vs fp32: {amp}"
 
 
 @pytest.mark.parametrize("name", sorted(REAL))
