@@ -226,6 +226,8 @@ def use_device(device):
     would run fp32 convolutions in TF32 (a 10-bit mantissa) unless told not to; --no-amp is the
     faithful path, the arithmetic of the papers' GPUs. bf16 autocast is unaffected."""
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the current GPU (set_device wants an index)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -131,9 +131,15 @@ def test_resume_from_a_machine_with_more_gpus(monkeypatch):
 
 def test_device_flag_makes_that_gpu_current_and_fp32_exact(monkeypatch):
     current = []
+
+    def set_device(d):  # torch's rule: a device with an index (torch.device("cuda") raises)
+        if torch.device(d).index is None:
+            raise ValueError(f"Expected a torch.device with a specified index, but got: {d}")
+        current.append(torch.device(d))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's default
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     assert common.pick_device("cuda:1") == torch.device("cuda", 1)
@@ -141,6 +147,8 @@ def test_device_flag_makes_that_gpu_current_and_fp32_exact(monkeypatch):
     assert torch.backends.cudnn.allow_tf32 is False  # --no-amp: IEEE fp32 convolutions
     assert torch.backends.cuda.matmul.allow_tf32 is False
     assert common.pick_device("cpu") == torch.device("cpu") and len(current) == 1
+    for name in ("auto", "cuda"):  # the default, and a GPU without an index: the current one
+        assert common.pick_device(name) == torch.device("cuda", 0) == current[-1]
 
 
 def test_04_compile_reaches_what_the_steps_call(monkeypatch):
