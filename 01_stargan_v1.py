@@ -146,17 +146,6 @@ class Discriminator(nn.Module):
         return self.conv1(h), self.conv2(h).flatten(1)  # (B, 1, H/2^R, W/2^R), (B, c_dim)
 
 
-def load_official(path, net):
-    """Official *-G.ckpt / *-D.ckpt (yunjey/stargan) into our G / D; IN running stats dropped."""
-    state, stats = read_checkpoint(path, ours=False), ("running_mean", "running_var", "_tracked")
-    try:
-        net.load_state_dict({k: v for k, v in state.items() if not k.endswith(stats)})
-    except (RuntimeError, TypeError, AttributeError) as e:  # a file of another kind
-        raise UserError(f"{path}: not a checkpoint of this script, nor an official *-G.ckpt "
-                        f"for these --attrs ({str(e).splitlines()[0][:120]})") from None
-    return net
-
-
 # ----------------------------------------------------------------------------
 # 3. Losses
 # ----------------------------------------------------------------------------
@@ -170,10 +159,9 @@ def adv_loss_g(src_fake):
     return -src_fake.mean()
 
 
-def gradient_penalty(D, x_real, x_fake):
-    """Eq. (8): E[(‖∇_x̂ D_src(x̂)‖₂ − 1)²], x̂ uniformly on lines between real and fake samples."""
-    # (B, 1, 1, 1); under torchrun this process's rows of the global batch's draw
-    alpha = shard_draw(lambda n: torch.rand(n, 1, 1, 1, device=x_real.device), x_real.size(0))
+def gradient_penalty(D, x_real, x_fake, alpha):
+    """Eq. (8): E[(‖∇_x̂ D_src(x̂)‖₂ − 1)²], x̂ = α x + (1 − α) G(x, c) on lines between real and
+    fake samples; alpha (B, 1, 1, 1) ~ U[0, 1], drawn by the caller."""
     # x_fake is bf16 under autocast, x_real fp32: lerp (no autocast rule) needs one dtype
     x_hat = torch.lerp(x_fake.detach().to(x_real.dtype), x_real, alpha).requires_grad_(True)
     src = D(x_hat)[0]
@@ -260,7 +248,9 @@ def d_step(G, D, opt_d, x_real, c_org, c_trg, cfg, k=0, sizes=(), multi=True):
         (src_real, cls_real), (src_fake, _) = D(x_real), D(x_fake)  # (B, 1, h, w), (B, ΣA)
         loss_adv = adv_loss_d(src_real.float(), src_fake.float())  # = −L_adv without the GP term
         loss_cls = cls_loss(known_logits(cls_real, k, sizes), c_org, multi)  # Eq. (2), real x
-        loss_gp = gradient_penalty(D, x_real, x_fake)
+        # α (B, 1, 1, 1); under torchrun this process's rows of the global batch's draw
+        alpha = shard_draw(lambda n: torch.rand(n, 1, 1, 1, device=x_real.device), len(x_real))
+        loss_gp = gradient_penalty(D, x_real, x_fake, alpha)
     loss = loss_adv + cfg.lambda_gp * loss_gp + cfg.lambda_cls * loss_cls  # −L_adv + λ_cls L_cls^r
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
@@ -318,6 +308,17 @@ def build(cfg, sizes, device):
 # ----------------------------------------------------------------------------
 # 6. Sampling
 # ----------------------------------------------------------------------------
+def load_official(path, net):
+    """Official *-G.ckpt / *-D.ckpt (yunjey/stargan) into our G / D; IN running stats dropped."""
+    state, stats = read_checkpoint(path, ours=False), ("running_mean", "running_var", "_tracked")
+    try:
+        net.load_state_dict({k: v for k, v in state.items() if not k.endswith(stats)})
+    except (RuntimeError, TypeError, AttributeError) as e:  # a file of another kind
+        raise UserError(f"{path}: not a checkpoint of this script, nor an official *-G.ckpt "
+                        f"for these --attrs ({str(e).splitlines()[0][:120]})") from None
+    return net
+
+
 def target_labels(c_org, names, multi, combo=False):
     """Official create_labels: one target per label, hair exclusive, other attributes flipped."""
     excl = [j for j, a in enumerate(names) if a in HAIR or not multi]  # one-hot among these

@@ -292,67 +292,9 @@ def he_init(module):
     return module
 
 
-def build_nets(cfg, device="cpu"):
-    """Nets G, mapping, E, D (He init) and EMA copies of G, F, E (Deviation: copied after init)."""
-    c, fmt = cfg, torch.channels_last if cfg.channels_last else torch.contiguous_format
-    nets = SimpleNamespace(**{k: he_init(net).to(device, memory_format=fmt) for k, net in dict(
-        G=Generator(c.img_size, c.style_dim, c.max_conv_dim, c.w_hpf, c.dim_in),
-        mapping=MappingNetwork(c.latent_dim, c.style_dim, c.num_domains, c.mapping_dim),
-        E=StyleEncoder(c.img_size, c.style_dim, c.num_domains, c.max_conv_dim, c.dim_in),
-        D=Discriminator(c.img_size, c.num_domains, c.max_conv_dim, c.dim_in)).items()})
-    ema = SimpleNamespace(**{k: copy.deepcopy(getattr(nets, k)).requires_grad_(False)
-                             for k in ("G", "mapping", "E")})
-    for net in (nets.G, nets.mapping, nets.E) if cfg.compile else ():
-        net.compile()  # in place: state_dict names unchanged; the EMA copies stay eager
-    return nets, ema
-
-
-def face_net(cfg, device, random_ok=False):
-    """The frozen FAN whose face masks G's high-pass skips use when w_hpf > 0; None otherwise."""
-    if cfg.w_hpf <= 0:
-        return None
-    if random_ok and not Path(cfg.wing).is_file():  # --bench: the time, not the masks, counts
-        return FAN().to(device)
-    require(Path(cfg.wing).is_file(), f"--w-hpf {cfg.w_hpf}: the high-pass skips need face masks "
-            f"from the FAN weights, not found at {cfg.wing}; run `python data/download.py wing` "
-            "(or pass --wing PATH), or leave the skips out with --w-hpf 0")
-    return load_fan(cfg.wing, device)
-
-
 def masks_of(fan, x):
     """FAN face masks of x for G's high-pass skips, or None when G has none (w_hpf = 0)."""
     return fan.masks(x) if fan is not None else None
-
-
-def load_official(path, nets):
-    """Official {'generator': sd, ...} into {"G": net, ...}, entry by entry by name and shape. Both
-    release generations load: 2020 files have no 'hpf.filter' (a constant, kept from ours; it became
-    a buffer in 2021), `module.` prefixes (nn.DataParallel) are dropped, and *_nets_ema.ckpt files
-    have no discriminator (D is then left as it is)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, truncated, not a torch file
-        raise UserError(f"--official-ckpt {path}: cannot read ({e.__class__.__name__}); "
-                        "pass a *_nets_ema.ckpt from the StarGAN v2 release") from None
-    require(isinstance(ckpt, dict) and "generator" in ckpt, f"--official-ckpt {path}: not a "
-            "StarGAN v2 release file (no 'generator' entry); pass a *_nets_ema.ckpt")
-    fix = "pass the matching --preset (afhq / celeba_hq) and --img-size"
-    for ours, net in nets.items():
-        theirs = OFFICIAL_NAMES[ours]
-        if theirs not in ckpt and ours == "D":
-            continue
-        require(theirs in ckpt, f"--official-ckpt {path}: no '{theirs}' entry (has {list(ckpt)})")
-        src, dst = strip_prefixes(ckpt[theirs]), net.state_dict()
-        if "hpf.filter" in dst and "hpf.filter" not in src:  # a 2020 release file
-            src["hpf.filter"] = dst["hpf.filter"]
-        missing, extra = [k for k in dst if k not in src], [k for k in src if k not in dst]
-        diff = "; ".join(t for t in (missing and f"lacks {missing[:3]}",
-                                     extra and f"has unexpected {extra[:3]}") if t)
-        require(not diff, f"--official-ckpt {path}: {theirs} {diff}; {fix}")
-        for key, value in src.items():
-            require(value.shape == dst[key].shape, f"--official-ckpt {path}: {theirs}.{key} is "
-                    f"{tuple(value.shape)}, ours {tuple(dst[key].shape)}; {fix}")
-        net.load_state_dict(src)
 
 
 # ----------------------------------------------------------------------------
@@ -454,6 +396,33 @@ def stack_split(root, split, img_size, per_domain=None):
 # ----------------------------------------------------------------------------
 # 5. Steps
 # ----------------------------------------------------------------------------
+def build_nets(cfg, device="cpu"):
+    """Nets G, mapping, E, D (He init) and EMA copies of G, F, E (Deviation: copied after init)."""
+    c, fmt = cfg, torch.channels_last if cfg.channels_last else torch.contiguous_format
+    nets = SimpleNamespace(**{k: he_init(net).to(device, memory_format=fmt) for k, net in dict(
+        G=Generator(c.img_size, c.style_dim, c.max_conv_dim, c.w_hpf, c.dim_in),
+        mapping=MappingNetwork(c.latent_dim, c.style_dim, c.num_domains, c.mapping_dim),
+        E=StyleEncoder(c.img_size, c.style_dim, c.num_domains, c.max_conv_dim, c.dim_in),
+        D=Discriminator(c.img_size, c.num_domains, c.max_conv_dim, c.dim_in)).items()})
+    ema = SimpleNamespace(**{k: copy.deepcopy(getattr(nets, k)).requires_grad_(False)
+                             for k in ("G", "mapping", "E")})
+    for net in (nets.G, nets.mapping, nets.E) if cfg.compile else ():
+        net.compile()  # in place: state_dict names unchanged; the EMA copies stay eager
+    return nets, ema
+
+
+def face_net(cfg, device, random_ok=False):
+    """The frozen FAN whose face masks G's high-pass skips use when w_hpf > 0; None otherwise."""
+    if cfg.w_hpf <= 0:
+        return None
+    if random_ok and not Path(cfg.wing).is_file():  # --bench: the time, not the masks, counts
+        return FAN().to(device)
+    require(Path(cfg.wing).is_file(), f"--w-hpf {cfg.w_hpf}: the high-pass skips need face masks "
+            f"from the FAN weights, not found at {cfg.wing}; run `python data/download.py wing` "
+            "(or pass --wing PATH), or leave the skips out with --w-hpf 0")
+    return load_fan(cfg.wing, device)
+
+
 def apply_grads(loss, terms, optims, names):
     """Backprop into the parameters of `names` only, step their optimizers; detached terms."""
     for o in optims.values():
@@ -524,6 +493,37 @@ def build_optims(nets, cfg):
 # ----------------------------------------------------------------------------
 # 6. Sampling
 # ----------------------------------------------------------------------------
+def load_official(path, nets):
+    """Official {'generator': sd, ...} into {"G": net, ...}, entry by entry by name and shape. Both
+    release generations load: 2020 files have no 'hpf.filter' (a constant, kept from ours; it became
+    a buffer in 2021), `module.` prefixes (nn.DataParallel) are dropped, and *_nets_ema.ckpt files
+    have no discriminator (D is then left as it is)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated, not a torch file
+        raise UserError(f"--official-ckpt {path}: cannot read ({e.__class__.__name__}); "
+                        "pass a *_nets_ema.ckpt from the StarGAN v2 release") from None
+    require(isinstance(ckpt, dict) and "generator" in ckpt, f"--official-ckpt {path}: not a "
+            "StarGAN v2 release file (no 'generator' entry); pass a *_nets_ema.ckpt")
+    fix = "pass the matching --preset (afhq / celeba_hq) and --img-size"
+    for ours, net in nets.items():
+        theirs = OFFICIAL_NAMES[ours]
+        if theirs not in ckpt and ours == "D":
+            continue
+        require(theirs in ckpt, f"--official-ckpt {path}: no '{theirs}' entry (has {list(ckpt)})")
+        src, dst = strip_prefixes(ckpt[theirs]), net.state_dict()
+        if "hpf.filter" in dst and "hpf.filter" not in src:  # a 2020 release file
+            src["hpf.filter"] = dst["hpf.filter"]
+        missing, extra = [k for k in dst if k not in src], [k for k in src if k not in dst]
+        diff = "; ".join(t for t in (missing and f"lacks {missing[:3]}",
+                                     extra and f"has unexpected {extra[:3]}") if t)
+        require(not diff, f"--official-ckpt {path}: {theirs} {diff}; {fix}")
+        for key, value in src.items():
+            require(value.shape == dst[key].shape, f"--official-ckpt {path}: {theirs}.{key} is "
+                    f"{tuple(value.shape)}, ours {tuple(dst[key].shape)}; {fix}")
+        net.load_state_dict(src)
+
+
 @torch.no_grad()
 def translate_all(G, x_src, styles, fan=None, chunk=64):
     """G(x_src, styles) in chunks (memory), clamped: x_src (N, 3, H, W), styles (N, S)."""

@@ -96,7 +96,7 @@ class UnetBlock(nn.Module):
     """U-Net level: [LReLU] Conv4s2 [IN] -> inner levels -> ReLU ConvT4s2 [IN | Tanh] [Dropout]."""
     def __init__(self, in_nc, outer_nc, inner_nc, nz, inner=None, outermost=False, dropout=False):
         super().__init__()
-        self.nz, self.inner, self.outermost = nz, inner, outermost
+        self.nz, self.inner, self.outermost, self.outer_nc = nz, inner, outermost, outer_nc
         innermost = inner is None  # its down-conv output is 1x1: no norm
         down = [nn.Conv2d(in_nc + nz, inner_nc, 4, 2, 1)]
         if not outermost:
@@ -104,17 +104,20 @@ class UnetBlock(nn.Module):
         up_in = inner_nc if innermost else inner_nc * 2  # inner levels return cat(up, skip)
         up = [nn.ReLU(), nn.ConvTranspose2d(up_in, outer_nc, 4, 2, 1)]
         up += [nn.Tanh()] if outermost else [nn.InstanceNorm2d(outer_nc)]
-        up += [Dropout(0.5)] if dropout else []
         self.down, self.up = nn.Sequential(*down), nn.Sequential(*up)
+        self.dropout = Dropout(0.5) if dropout else None  # after `up`, as official's last layer
 
-    def forward(self, x, z):
-        """x (B, C, H, W), z (B, nz) tiled if nz > 0 -> (B, outer_nc [+ C], H, W)"""
+    def forward(self, x, z, masks=None):
+        """x (B, C, H, W), z (B, nz) tiled if nz > 0, masks: an iterator over the Dropout keep
+        masks, innermost first (None: drawn here) -> (B, outer_nc [+ C], H, W)"""
         B, C, H, W = x.shape
         xz = torch.cat([x, z[:, :, None, None].expand(-1, -1, H, W)], 1) if self.nz else x
         h = self.down(xz)  # (B, inner_nc, H/2, W/2); xz is (B, C + nz, H, W)
         if self.inner is not None:
-            h = self.inner(h, z)  # (B, 2*inner_nc, H/2, W/2)
+            h = self.inner(h, z, masks)  # (B, 2*inner_nc, H/2, W/2)
         h = self.up(h)  # (B, outer_nc, H, W)
+        if self.dropout is not None:
+            h = self.dropout(h, None if masks is None else next(masks))
         if self.outermost:
             return h
         # Official quirk: without z the in-place LeakyReLU of `down` also rewrites x, so in the
@@ -124,14 +127,14 @@ class UnetBlock(nn.Module):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout, except that the mask is drawn for the whole global batch and under torchrun each
-    process keeps its rows (common.shard_draw): N processes × B then train as one × N·B does. The
-    same code at any N, on any device: F.dropout is a fused kernel with its own RNG use on CUDA."""
-    def forward(self, x):
+    """nn.Dropout whose keep mask (0/1, x's shape) may come from the caller: the training step
+    draws every mask of a G pass in one place (Generator.dropout_masks), so that under torchrun
+    each process can keep its rows of the global batch's draw. The same arithmetic at any N, on
+    any device (F.dropout is a fused kernel with its own RNG use on CUDA)."""
+    def forward(self, x, keep=None):
         if not self.training:
             return x
-        keep = shard_draw(lambda n: torch.empty(n, *x.shape[1:], device=x.device,
-                                                dtype=x.dtype).bernoulli_(1 - self.p), len(x))
+        keep = torch.empty_like(x).bernoulli_(1 - self.p) if keep is None else keep.to(x.dtype)
         return x * (keep / (1 - self.p))  # what F.dropout computes on the CPU
 
 
@@ -150,9 +153,21 @@ class Generator(nn.Module):
                               nz if where_add == "all" or i == 0 else 0, block, i == 0, drop)
         self.model = block
 
-    def forward(self, A, z):
-        """A (B, 1, H, W) in [-1, 1], z (B, nz) -> (B, 3, H, W) in [-1, 1]"""
-        return self.model(A, z)
+    def forward(self, A, z, masks=None):
+        """A (B, 1, H, W) in [-1, 1], z (B, nz), masks: dropout_masks(B, H, W) or None (drawn
+        inside) -> (B, 3, H, W) in [-1, 1]"""
+        return self.model(A, z, None if masks is None else iter(masks))
+
+    def dropout_masks(self, batch, H, W, device=None):
+        """Keep masks (batch, C, H/2^i, W/2^i), 1 with probability 1 − p, one per Dropout of an
+        (H, W) input, in the order forward applies them (innermost first); [] without Dropout."""
+        blocks, block, level = [], self.model, 0
+        while block is not None:  # outermost (level 0, H × W) to innermost
+            blocks += [(block.dropout, (batch, block.outer_nc, H >> level, W >> level))] * bool(
+                block.dropout)
+            block, level = block.inner, level + 1
+        return [torch.empty(shape, device=device).bernoulli_(1 - drop.p)
+                for drop, shape in reversed(blocks)]
 
 
 class ResBlock(nn.Module):
@@ -207,23 +222,6 @@ class MultiScaleD(nn.Module):
         return [self.scales[0](x), self.scales[1](self.down(x))]
 
 
-def build_nets(cfg, device):
-    """G, E, D, D2 with the official init: xavier_normal_(gain 0.02) weights, zero biases."""
-    require(cfg.img_size >= 64 and cfg.img_size & (cfg.img_size - 1) == 0,
-            f"--img-size {cfg.img_size}: use a power of two >= 64 (both PatchGAN scales need it)")
-    require(cfg.where_add in ("all", "input"), "--where-add must be 'all' or 'input'")
-    nets = dict(G=Generator(cfg.input_nc, cfg.output_nc, cfg.nz, cfg.ngf, cfg.img_size,
-                            cfg.where_add, cfg.dropout),
-                E=Encoder(cfg.output_nc, cfg.nz, cfg.nef, cfg.img_size),
-                D=MultiScaleD(cfg.output_nc, cfg.ndf), D2=MultiScaleD(cfg.output_nc, cfg.ndf))
-    for m in (m for net in nets.values() for m in net.modules()):  # official init
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.xavier_normal_(m.weight, gain=0.02)
-            nn.init.zeros_(m.bias)
-    for net in nets.values() if cfg.compile else ():
-        net.compile()  # in place: the state_dict keeps its names
-    return {k: net.to(device) for k, net in nets.items()}
-
 # ----------------------------------------------------------------------------
 # 3. Losses
 # ----------------------------------------------------------------------------
@@ -233,11 +231,9 @@ def lsgan_loss(preds, target):
 
 
 def kl_loss(mu, logvar):
-    """KL(N(mu, sigma^2) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - e^logvar), summed (official).
-    Summed over the global batch: under torchrun each process holds 1/N of the sum and the
-    gradients are averaged over processes, hence × N."""
-    return -0.5 * torch.sum(1 + logvar.float() - mu.float() ** 2 - logvar.float().exp()) \
-        * world_size()
+    """KL(N(mu, sigma^2) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - e^logvar), summed over the
+    batch and the nz dimensions (official)."""
+    return -0.5 * torch.sum(1 + logvar.float() - mu.float() ** 2 - logvar.float().exp())
 
 
 def l1_loss(x, y):
@@ -343,8 +339,11 @@ def forward(nets, A, B, nz):
     eps = shard_draw(lambda n: torch.randn(n, nz, device=A.device, dtype=mu.dtype), half)
     z_enc = mu + torch.exp(0.5 * logvar) * eps  # reparameterisation
     z_rand = shard_draw(lambda n: torch.randn(n, nz, device=A.device), half)  # (B/2, nz)
-    x_enc = nets["G"](A_enc, z_enc)  # (B/2, 3, H, W) B_hat, should reconstruct B_enc
-    x_rand = nets["G"](A_enc, z_rand)  # (B/2, 3, H, W)
+    H, W = A.shape[2:]  # the dropout masks of the two G passes: [(B/2, C, h, w), ...] each
+    drop_enc = shard_draw(lambda n: nets["G"].dropout_masks(n, H, W, A.device), half)
+    drop_rand = shard_draw(lambda n: nets["G"].dropout_masks(n, H, W, A.device), half)
+    x_enc = nets["G"](A_enc, z_enc, drop_enc)  # (B/2, 3, H, W) B_hat, should reconstruct B_enc
+    x_rand = nets["G"](A_enc, z_rand, drop_rand)  # (B/2, 3, H, W)
     return dict(B_enc=B_enc, B_rand=B_rand, mu=mu, logvar=logvar, z_rand=z_rand, x_enc=x_enc,
                 x_rand=x_rand)
 
@@ -354,7 +353,9 @@ def ge_losses(nets, fw, cfg):
     loss = dict(G_GAN=lsgan_loss(frozen_call(nets["D"], fw["x_enc"]), 1.0),  # L_GAN^VAE (cVAE-GAN)
                 G_GAN2=lsgan_loss(frozen_call(nets["D2"], fw["x_rand"]), 1.0))  # L_GAN (cLR-GAN)
     loss["G_L1"] = cfg.lambda_l1 * l1_loss(fw["x_enc"], fw["B_enc"])
-    loss["kl"] = cfg.lambda_kl * kl_loss(fw["mu"], fw["logvar"])
+    # Summed over the global batch: under torchrun each process holds 1/N of the sum and the
+    # gradients are averaged over processes, hence × N
+    loss["kl"] = cfg.lambda_kl * kl_loss(fw["mu"], fw["logvar"]) * world_size()
     # §3: L1^latent trains G only (if E learnt from it too, G and E could hide z in the image
     # rather than learn modes): its gradient passes through E into G, never into E's weights.
     mu2, _ = frozen_call(nets["E"], fw["x_rand"])  # (B/2, nz), E's mean (official point estimate)
@@ -398,6 +399,24 @@ def lr_at(step, cfg):
     """Official 'linear' policy in iterations: constant, then 1 - k / (n_decay + 1) in 2nd half."""
     n_const = cfg.total_iters // 2
     return cfg.lr * (1.0 - max(0, step + 1 - n_const) / (cfg.total_iters - n_const + 1))
+
+
+def build_nets(cfg, device):
+    """G, E, D, D2 with the official init: xavier_normal_(gain 0.02) weights, zero biases."""
+    require(cfg.img_size >= 64 and cfg.img_size & (cfg.img_size - 1) == 0,
+            f"--img-size {cfg.img_size}: use a power of two >= 64 (both PatchGAN scales need it)")
+    require(cfg.where_add in ("all", "input"), "--where-add must be 'all' or 'input'")
+    nets = dict(G=Generator(cfg.input_nc, cfg.output_nc, cfg.nz, cfg.ngf, cfg.img_size,
+                            cfg.where_add, cfg.dropout),
+                E=Encoder(cfg.output_nc, cfg.nz, cfg.nef, cfg.img_size),
+                D=MultiScaleD(cfg.output_nc, cfg.ndf), D2=MultiScaleD(cfg.output_nc, cfg.ndf))
+    for m in (m for net in nets.values() for m in net.modules()):  # official init
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.xavier_normal_(m.weight, gain=0.02)
+            nn.init.zeros_(m.bias)
+    for net in nets.values() if cfg.compile else ():
+        net.compile()  # in place: the state_dict keeps its names
+    return {k: net.to(device) for k, net in nets.items()}
 
 
 def build_opts(nets, cfg, device):

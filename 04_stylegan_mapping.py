@@ -228,6 +228,18 @@ class Generator(nn.Module):
         """z (B, Z) -> images (B, 3, R, R)."""
         return self.synthesis(self.styles(z, psi, cutoff), noise)
 
+    def mixed_styles(self, z, z2=None, crossover=None):
+        """§3.1 style mixing regularisation: w = f(z) for every layer, but from `crossover` on
+        f(z2) takes over (z2 None: no mixing). z, z2 (B, Z) -> ws (B, L, W), w (B, W)."""
+        w = self.mapping(z)  # (B, W)
+        ws = w[:, None].expand(-1, self.synthesis.num_layers, -1)  # (B, L, W)
+        return (ws if z2 is None else style_mix(ws, self.mapping(z2)[:, None], crossover)), w
+
+    @torch.no_grad()
+    def update_w_avg(self, w_mean, beta):
+        """App. B: the running average w̄ ← β w̄ + (1 − β) mean_batch f(z); w_mean (W,)."""
+        self.w_avg.lerp_(w_mean.to(self.w_avg.dtype), 1 - beta)
+
 
 def minibatch_stddev(x, group=4):
     """ProGAN §3: std of each feature over a group of 4 (official; rosinality: the whole batch),
@@ -235,7 +247,8 @@ def minibatch_stddev(x, group=4):
     within each process's batch (B = --batch), as in the official multi-GPU code (per GPU)."""
     B, C, H, W = x.shape
     G = min(group, B)
-    require(B % G == 0, f"--batch {B}: must be a multiple of the minibatch-stddev group ({group})")
+    if B % G:
+        raise ValueError(f"batch {B}: not a multiple of the minibatch-stddev group ({group})")
     y = x.float().reshape(G, -1, C, H, W)  # (G, B/G, C, H, W)
     y = (y - y.mean(0)).pow(2).mean(0).add(1e-8).sqrt().mean((1, 2, 3))  # (B/G,)
     return torch.cat([x, y.to(x.dtype).repeat(G)[:, None, None, None].expand(B, 1, H, W)], 1)
@@ -318,23 +331,17 @@ def real_batches(dataset, cfg, device, step):
 # ----------------------------------------------------------------------------
 # 5. Steps
 # ----------------------------------------------------------------------------
-def mixed_styles(G, z, mixing_prob):
-    """§3.1 style mixing regularisation (official): with probability p a second latent takes over
-    from a random crossover layer in [1, L), one per minibatch (rosinality: per block)."""
-    L, w = G.synthesis.num_layers, G.mapping(z)  # w (B, W)
-    ws = w[:, None].expand(-1, L, -1)  # (B, L, W)
-    if torch.rand(()) < mixing_prob:  # CPU generator: no GPU sync, restored on resume
-        z2 = shard_draw(lambda n: torch.randn(n, z.shape[1], device=z.device), len(z))  # (B, Z)
-        ws = style_mix(ws, G.mapping(z2)[:, None], int(torch.randint(1, L, ())))
-    return ws, w
-
-
 def draw_latents(G, batch, cfg, device):
-    """z (B, Z), then (after style mixing's draws) the noise images; under torchrun this process's
-    rows of the global batch's draws (common.shard_draw), so N × B train as one × N·B."""
+    """A G pass's randomness, all of it drawn here: z; with probability p a second latent z2 and a
+    crossover layer in [1, L), one per minibatch (§3.1, official; rosinality: per block); the noise
+    images. Under torchrun this process's rows of the global batch's draws (common.shard_draw),
+    so N × B train as one × N·B. z, z2 (B, Z); noise: L maps (B, 1, H, W)."""
     z = shard_draw(lambda n: torch.randn(n, cfg.w_dim, device=device), batch)
-    ws, w = mixed_styles(G, z, cfg.mixing_prob)
-    return ws, w, shard_draw(lambda n: G.synthesis.make_noise(n, device), batch)
+    z2 = crossover = None
+    if torch.rand(()) < cfg.mixing_prob:  # CPU generator: no GPU sync, restored on resume
+        z2 = shard_draw(lambda n: torch.randn(n, cfg.w_dim, device=device), batch)
+        crossover = int(torch.randint(1, G.synthesis.num_layers, ()))
+    return z, z2, crossover, shard_draw(lambda n: G.synthesis.make_noise(n, device), batch)
 
 
 def d_step(G, D, opt_D, x_real, cfg):
@@ -342,8 +349,8 @@ def d_step(G, D, opt_D, x_real, cfg):
     x_real = x_real.detach().requires_grad_(True)
     with autocast(x_real.device, cfg.amp):
         with torch.no_grad():
-            ws, _, noise = draw_latents(G, x_real.shape[0], cfg, x_real.device)
-            x_fake = G.synthesis(ws, noise)  # (B, 3, R, R)
+            z, z2, crossover, noise = draw_latents(G, x_real.shape[0], cfg, x_real.device)
+            x_fake = G.synthesis(G.mixed_styles(z, z2, crossover)[0], noise)  # (B, 3, R, R)
         real_logits, fake_logits = D(x_real).float(), D(x_fake).float()  # (B,)
     loss_adv, loss_r1 = d_logistic(real_logits, fake_logits), r1_penalty(real_logits, x_real)
     opt_D.zero_grad(set_to_none=True)
@@ -358,14 +365,15 @@ def g_step(G, D, opt_G, batch, cfg, device):
     1 − β). Official updates w̄ in the D pass too; we don't, so the D step leaves G untouched."""
     D.requires_grad_(False)  # no D weight gradients: faster, and D cannot change
     with autocast(device, cfg.amp):
-        ws, w, noise = draw_latents(G, batch, cfg, device)
+        z, z2, crossover, noise = draw_latents(G, batch, cfg, device)
+        ws, w = G.mixed_styles(z, z2, crossover)  # (B, L, W), (B, W)
         loss = g_nonsaturating(D(G.synthesis(ws, noise)).float())
     opt_G.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients(opt_G)  # torchrun: the global batch's gradient
     opt_G.step()
     D.requires_grad_(True)
-    G.w_avg.lerp_(mean_over_ranks(w.detach().to(G.w_avg.dtype).mean(0)), 1 - cfg.w_avg_beta)
+    G.update_w_avg(mean_over_ranks(w.detach().float().mean(0)), cfg.w_avg_beta)  # global batch
     return {"G/adv": loss.detach()}
 
 
@@ -716,6 +724,8 @@ def main(argv=None):
             "(β1 β2), e.g. --betas 0.0 0.99")
     check_flags(cfg, positive="batch lr mapping_lr_mul total_iters log_every sample_every "
                 "save_every", nonneg="num_workers save_minutes", unit="betas")
+    require(cfg.batch % min(4, cfg.batch) == 0, f"--batch {cfg.batch}: D's minibatch-stddev layer "
+            "takes groups of 4; use a multiple of 4 (or 1, 2, 3)")
     seed_everything(cfg.seed)
     if cfg.bench or ns.mode == "train":  # under torchrun: this process's GPU (or the CPU)
         device = init_distributed(cfg.device)

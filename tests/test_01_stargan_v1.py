@@ -130,11 +130,20 @@ class LinearCritic(torch.nn.Module):
         return (self.scale * (x.flatten(1) @ self.u)).view(-1, 1, 1, 1), None
 
 
+class SquareCritic(torch.nn.Module):  # D_src(x) = ½‖x‖²: ∇ = x, so the penalty reads where x̂ lies
+    def forward(self, x):
+        return 0.5 * x.flatten(1).pow(2).sum(1).view(-1, 1, 1, 1), None
+
+
 def test_gradient_penalty_values():
     x_real, x_fake = torch.randn(5, 3, 8, 8), torch.randn(5, 3, 8, 8)
-    assert S.gradient_penalty(LinearCritic(1.0), x_real, x_fake).item() == pytest.approx(0, abs=1e-6)
-    assert S.gradient_penalty(LinearCritic(3.0), x_real, x_fake).item() == pytest.approx(4.0)
-    assert S.gradient_penalty(LinearCritic(0.0), x_real, x_fake).item() == pytest.approx(1.0)
+    alpha = torch.rand(5, 1, 1, 1)
+    for scale, gp in ((1.0, 0.0), (3.0, 4.0), (0.0, 1.0)):  # (‖∇‖ − 1)² with ‖∇‖ = scale
+        assert S.gradient_penalty(LinearCritic(scale), x_real, x_fake, alpha).item() == \
+            pytest.approx(gp, abs=1e-5)
+    x_hat = alpha * x_real + (1 - alpha) * x_fake  # x̂ = α x + (1 − α) x̃, per sample
+    expect = ((x_hat.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    torch.testing.assert_close(S.gradient_penalty(SquareCritic(), x_real, x_fake, alpha), expect)
 
 
 def test_classification_and_reconstruction_losses():

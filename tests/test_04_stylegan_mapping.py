@@ -139,17 +139,19 @@ def test_style_mixing_uses_two_ws_across_crossover():
     ws1, ws2 = torch.randn(2, L, 4), torch.randn(2, L, 4)
     mixed = m.style_mix(ws1, ws2, 2)
     assert torch.equal(mixed[:, :2], ws1[:, :2]) and torch.equal(mixed[:, 2:], ws2[:, 2:])
-    z = torch.randn(3, cfg.w_dim)
-    crossovers = set()
-    for _ in range(20):
-        ws, w = m.mixed_styles(G, z, mixing_prob=1.0)
+    crossovers, cpu = set(), torch.device("cpu")
+    for _ in range(20):  # the step's draws: z, then (p = 1) z2 and the crossover
+        z, z2, crossover, _ = m.draw_latents(G, 3, tiny_cfg(mixing_prob=1.0), cpu)
+        ws, w = G.mixed_styles(z, z2, crossover)
         first = (ws == w[:, None]).all(-1).all(0)  # (L,) layers that use f(z)
         c = int(first.sum())
-        assert 1 <= c < L and first[:c].all() and not first[c:].any()  # a prefix, then w2
-        assert (ws[:, c:] == ws[:, c:c + 1]).all()  # one second w for all later layers
+        assert c == crossover and 1 <= c < L and first[:c].all() and not first[c:].any()
+        assert torch.equal(ws[:, c:], G.mapping(z2)[:, None].expand(-1, L - c, -1))  # then f(z2)
         crossovers.add(c)
     assert len(crossovers) > 1  # the crossover layer is random
-    ws, w = m.mixed_styles(G, z, mixing_prob=0.0)
+    z, z2, crossover, _ = m.draw_latents(G, 3, tiny_cfg(mixing_prob=0.0), cpu)
+    assert z2 is None and crossover is None
+    ws, w = G.mixed_styles(z)
     assert torch.equal(ws, w[:, None].expand_as(ws))
 
 
@@ -177,7 +179,7 @@ def test_losses_signs_and_r1():
     torch.testing.assert_close(r1, a.pow(2).sum())
 
 
-def test_minibatch_stddev_groups_of_four():
+def test_minibatch_stddev_groups_of_four(tmp_path):
     x = torch.randn(8, 3, 2, 2)
     out = m.minibatch_stddev(x)
     assert out.shape == (8, 4, 2, 2)
@@ -185,8 +187,11 @@ def test_minibatch_stddev_groups_of_four():
     expect = (group0.var(0, unbiased=False) + 1e-8).sqrt().mean()
     torch.testing.assert_close(out[0, 3], expect.expand(2, 2))
     torch.testing.assert_close(out[6, 3], expect.expand(2, 2))
-    with pytest.raises(common.UserError, match="--batch"):
+    with pytest.raises(ValueError, match="batch 6: not a multiple of the minibatch-stddev group"):
         m.minibatch_stddev(torch.randn(6, 3, 2, 2))
+    with pytest.raises(common.UserError, match="--batch 6: .* multiple of 4"):  # before any step
+        m.main(["--batch", "6", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 def test_steps_change_only_their_nets():
@@ -253,7 +258,8 @@ def test_g_step_w_avg_and_ema_with_non_default_betas():
             p.add_(torch.randn_like(p))
     w_avg0, G0 = G.w_avg.clone(), copy.deepcopy(G)
     torch.manual_seed(0)
-    _, w, _ = m.draw_latents(G0, cfg.batch, cfg, dev)  # the w that g_step draws
+    z, z2, crossover, _ = m.draw_latents(G0, cfg.batch, cfg, dev)  # what g_step draws
+    _, w = G0.mixed_styles(z, z2, crossover)
     torch.manual_seed(0)
     m.g_step(G, D, opt_G, cfg.batch, cfg, dev)
     torch.testing.assert_close(G.w_avg, 0.8 * w_avg0 + 0.2 * w.mean(0))

@@ -180,4 +180,23 @@ def test_03_dropout_is_one_path_at_any_n(monkeypatch):
     drop = bg.Dropout(0.5)
     torch.manual_seed(5)
     assert torch.equal(drop(x), expected)
-    assert torch.equal(drop.eval()(x), x)
+    keep = (torch.rand_like(x) < 0.5).float()  # a mask drawn by the caller is the one applied
+    assert torch.equal(drop(x, keep), x * keep * 2)
+    assert torch.equal(drop.eval()(x), x) and torch.equal(drop(x, keep), x)
+
+
+def test_03_step_drawn_dropout_masks_are_the_ones_forward_would_draw():
+    """The step draws G's dropout masks up front (Generator.dropout_masks) so that torchrun can
+    shard them; in one process they are the numbers G's forward draws itself: same shapes, same
+    order (innermost level first), so the trajectory is that of plain dropout."""
+    bg = load_script("03_bicyclegan_latent")
+    torch.manual_seed(0)
+    G = bg.Generator(ngf=4, img_size=128).train()  # 7 levels; dropout in the 2 under the innermost
+    A, z = torch.rand(3, 1, 128, 128) * 2 - 1, torch.randn(3, 8)
+    torch.manual_seed(7)
+    masks = G.dropout_masks(3, 128, 128)
+    assert [tuple(m.shape) for m in masks] == [(3, 32, 4, 4), (3, 32, 8, 8)]  # inner first
+    x_given = G(A, z, masks)
+    torch.manual_seed(7)
+    assert torch.equal(x_given, G(A, z))  # drawn inside: the same numbers
+    assert not torch.equal(x_given, G(A, z, G.dropout_masks(3, 128, 128)))  # masks matter
