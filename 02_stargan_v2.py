@@ -16,10 +16,9 @@ Eval:    python 02_stargan_v2.py eval --ckpt runs/stargan_v2_toy/last.pt [--rand
 Align:   python 02_stargan_v2.py align --src my_faces/ --out aligned/   # faces like CelebA-HQ
 Builds on: 01's one G for many domains (here y picks a branch of F and E and an output of D); 03's
 latent cycle, on styles (s → G → E(x_fake) ≈ s) with diversity from z; 04's mapping network, AdaIN.
-Expected: default toy run (1500 steps, 16 px): the sky (domain) is reached in 100 % of
-translations (latent and reference) and the object keeps the source's position in 82-87 %, but
-not its shape: it comes out a rounded blob (shape kept 29-30 %, chance 35 %); its colour follows
-the reference (error 0.09).
+Expected: default toy run (1500 steps, 16 px): the sky (domain) is reached in 100 % of translations
+(latent and reference); the object keeps the source's position in 82-87 % but not its shape, a
+rounded blob (shape kept 29-30 %, chance 35 %); its colour follows the reference (error 0.09).
 Official quirks (clovaai/stargan-v2 core/solver.py, core/model.py) and what we do:
 - Deviation: EMA copies start as copies of the He-initialised nets (official: default init, as it
   deep-copies before init): irrelevant after 100k steps, but it would spoil short runs.
