@@ -10,10 +10,12 @@ D_cls → D's two outputs, m → mask vector. Shapes: B batch, H = W size, A lab
   python 01_stargan_v1.py sample --ckpt stargan_v1_celeba_128/200000-G.ckpt --src pics/  # official
   python 01_stargan_v1.py eval --out runs/toy --train-classifier       # ResNet-18 + oracle scores
   python 01_stargan_v1.py --bench                                       # one line: it/s, TFLOP/s
-Measured, default toy run (2000 it, 2-core CPU, fresh clone, load 1.0-1.5): 1 min 04 s; the oracle
-reads the target in Black/Blond/Brown_Hair 84.0/100/94.0 %, Male 99.5 %, Young 93.5 % of
-translations (99.0 % readable); grid: runs/stargan_v1/sample_002000.jpg. GPU: not measured yet.
-Params (128 px, A = 5): G 8,430,528, D 44,762,048 (= official).
+Builds on: nothing here; first in the reading order 01 → 03 → 04 → 02. It teaches one G for
+many domains, G(x, c) with the target label c, which 02 keeps.
+Expected: default toy run (2000 steps, 32 px; grids in runs/stargan_v1/): the oracle reads the
+target attribute in 84.0/100/94.0 % (Black/Blond/Brown_Hair), 99.5 % (Male), 93.5 % (Young) of
+translations, and 99.0 % of them are readable.
+Copied: parameter counts equal the official ones (128 px, A = 5): G 8,430,528, D 44,762,048.
 Deviations: IN keeps no running stats (official tracks, never uses them); the lr decays linearly
 to 0 over the last 100k iterations as in the paper (official code: -0.1 % in all); toy: 4x lr.
 """

@@ -14,12 +14,11 @@ Sample:  python 02_stargan_v2.py sample --ckpt runs/stargan_v2_toy/last.pt --src
          --domain 1   |  ... sample --preset afhq --official-ckpt 100000_nets_ema.ckpt --src ...
 Eval:    python 02_stargan_v2.py eval --ckpt runs/stargan_v2_toy/last.pt [--random-weights]
 Align:   python 02_stargan_v2.py align --src my_faces/ --out aligned/   # faces like CelebA-HQ
-Measured (toy scenes 16×16, 2-core CPU, fresh clone, load 1.8): 1500 steps in 2 min 36 s (1 thread
-on a busy machine: 280 s). Oracle at step 1500: domain (sky) accuracy 1.00 latent / 1.00 ref
-(target 0.9); the object is read at the source's place in 85 % / 87 % of translations (error < 0.05
-of the side; chance error 0.14) but comes out a rounded blob (shape kept 0.30 / 0.29, chance 0.35);
-colour error vs ref 0.09. (While every reference was its source image, a sampler bug: position kept
-0.48 / 0.48, colour error 0.16.) No GPU figures: no GPU was lent so far.
+Builds on: 01's one G for many domains (here y picks a branch of F and E and an output of D); 03's
+latent cycle, on styles (s → G → E(x_fake) ≈ s) with diversity from z; 04's mapping network, AdaIN.
+Expected: default toy run (1500 steps, 16 px): the sky (domain) is reached in 100 % of translations
+(latent and reference); the object keeps the source's position in 82-87 % but not its shape, a
+rounded blob (shape kept 29-30 %, chance 35 %); its colour follows the reference (error 0.09).
 Official quirks (clovaai/stargan-v2 core/solver.py, core/model.py) and what we do:
 - Deviation: EMA copies start as copies of the He-initialised nets (official: default init, as it
   deep-copies before init): irrelevant after 100k steps, but it would spoil short runs.

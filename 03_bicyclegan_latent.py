@@ -11,9 +11,11 @@ Photos:   python 03_bicyclegan_latent.py --data data/afhq    (A = edge map of B,
 Sample:   python 03_bicyclegan_latent.py sample|eval  (grid + z GIF | LPIPS diversity, L1, oracle)
 Bench:    python 03_bicyclegan_latent.py --bench --preset edges2shoes   (256 px, batch 2)
 GPUs:     torchrun --nproc_per_node 8 03_bicyclegan_latent.py --data data/edges2shoes  # 8 × 2
-Measured (toy default, 3000 steps, idle 2-core CPU, 542 s; no GPU): z picks the colour (std over
-20 z 0.204, real images 0.258) while shape and position follow A (oracle: valid 0.997, shape
-kept 0.83, position error 0.008); encoded-z reconstruction is weaker (L1 0.100).
+Builds on: 01's code tiled over the image and concatenated to G's input (here z, not the label c),
+and 01's reconstruction cycle, moved from the image (x → x_fake → x_rec) to the latent (z → B̂ → ẑ).
+Expected: default toy run (3000 steps, 64 px): z picks the colour (std over 20 z 0.143-0.204,
+real images 0.258) while shape and position follow A (shape kept 78-83 %, position error 0.008,
+99.7 % valid); reconstruction from the encoded z is weaker (L1 0.100).
 Deviations: lr decays per iteration, not per epoch (resume stays exact); the U-Net/encoder depth
 follows img_size (the official code has 128 and 256 variants only); flips happen on the batch.
 """

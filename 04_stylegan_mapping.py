@@ -3,22 +3,23 @@ CVPR 2019, arXiv:1812.04948v3). Read beside §2 (mapping f, AdaIN Eq. (1), noise
 stochastic variation), §4.1 (PPL, Eqs. (2)-(3)), App. B (truncation), App. C (training).
 Symbols: f → mapping; A → AdaIN.affine, y = (y_s, y_b); B → StyleLayer.noise_scale; g → synthesis;
 w̄ → w_avg; ψ → psi; γ → r1_gamma. Shapes: B batch, Z = W latent size, L = 2·log2(R) − 2 layers.
-  python 04_stylegan_mapping.py [--resume auto]   # toy shapes, 32 px, 6 CPU minutes, figures
+  python 04_stylegan_mapping.py [--resume auto]   # toy shapes, 32 px, CPU minutes, figures
   python 04_stylegan_mapping.py --data data/afhq  # 256 px into runs/04_afhq (CelebA: 128 px)
   torchrun --nproc_per_node 8 04_stylegan_mapping.py --data data/afhq --batch 4  # 8 GPUs × 4
   python 04_stylegan_mapping.py sample --out runs/04_toy [--ckpt F]  # Figs. 3, 4, 8 + z/w GIFs
   python 04_stylegan_mapping.py eval --out runs/04_toy    # PPL in Z and W + toy oracle
   python 04_stylegan_mapping.py --bench           # one line: it/s, TFLOP/s
-Measured, toy run (1500 steps, 2-core CPU, OMP_NUM_THREADS=1, load 1.0-1.7): 5 min 50 s + 4 s
-for figures and oracle. Oracle: 98 % of samples read as a valid shape (reals 100 %); B's coarse
-styles bring B's position in 98 % of mixes (chance 6 %), B's fine styles B's colour in 97 %
-(chance 7 %); truncation ψ 1 -> 0 shrinks colour std 0.20 -> 0; noise keeps shape and place in
-99 %. Not learnt yet: shape, 99.8 % of samples read as circles (diversity 0.05, reals 0.67), so
-the mixing's shape score (0.95) is chance. Figures, summary: runs/04_toy/. Params: f 2,101,248;
-1024 px G 26,212,019 (official 26,219,627 less 7,608 in to-RGBs only growing uses), D 23,077,137.
+Builds on: 03's random latent z ~ N(0, I) as the source of diversity; here the mapping f turns z
+into w, which reaches every layer of g through AdaIN instead of being concatenated to the input.
+Expected: default toy run (1500 steps, 32 px; figures in runs/04_toy/): 98-99 % valid shapes;
+B's coarse styles bring B's position in 98 % of mixes (chance 6 %), B's fine styles B's colour in
+97 % (chance 7 %); ψ 1 → 0 shrinks the colour std 0.20 → 0; noise keeps shape and place in 99 %.
+Shape is not learnt yet: 99.8 % read as circles, so the mixing's shape score is chance.
+Params (1024 px): f 2,101,248, G 26,212,019, D 23,077,137.
 Deviation: no progressive growing (ProGAN, StyleGAN start at 4×4 and fade in one resolution at a
 time, as GANs then diverged at 1024 px from scratch); at 32-256 px R1 keeps a fixed-size StyleGAN
-stable (StyleGAN2 dropped growing too), and growing would double the code."""
+stable (StyleGAN2 dropped growing too), and growing would double the code. So G lacks the 7,608
+to-RGB parameters that only growing uses (official 26,219,627)."""
 import dataclasses
 import json
 import math
