@@ -11,7 +11,7 @@ tests go through the real readers in common.py:
           domain = the sky (a vertical gradient per domain); style = object colour; content = the
           object's shape, position and size (must survive a translation). A sky is a global change
           a small generator and discriminator learn in a few CPU minutes; a shape change is not
-          (measured: README, "Hardware and time").
+          (measured: README, "What you will see").
   faces   CelebA-like attributes     root/images/000001.jpg + root/list_attr_celeba.txt (official format)
           aligned "faces" whose Black_Hair / Blond_Hair / Brown_Hair (exclusive; some have grey hair =
           none of the three), Male (a beard) and Young (rosy cheeks) are each one visible factor.
