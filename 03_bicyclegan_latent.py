@@ -421,7 +421,7 @@ def build_nets(cfg, device):
     return {k: net.to(device) for k, net in nets.items()}
 
 
-def build_opts(nets, cfg, device):
+def build_optims(nets, cfg, device):
     """Adam(lr, betas (0.5, 0.999)) for each of G, E, D, D2; fused kernels on CUDA."""
     return {k: torch.optim.Adam(n.parameters(), cfg.lr, betas=(0.5, 0.999),
                                 fused=device.type == "cuda" or None) for k, n in nets.items()}
@@ -472,7 +472,7 @@ def train(cfg, given=()):
     seed_everything(cfg.seed)
     out, last = Path(cfg.out), Path(cfg.out) / "last.pt"
     nets = build_nets(cfg, device)
-    opts = build_opts(nets, cfg, device)
+    opts = build_optims(nets, cfg, device)
     step = start = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
     check_same_weights(nets)  # torchrun: one run, every process from the same weights
     stream = batch_stream(build_dataset(cfg, "train"), cfg, device, step)
@@ -541,9 +541,9 @@ def toy_oracle(nets, cfg, device):
     if cfg.data not in ("", "toy"):
         return ""
     A, B = fixed_inputs(cfg, device, 100)
-    line = oracle_line(oracle_scores(random_outputs(nets["G"], A, cfg.nz, 20), B))
+    lines = oracle_lines(oracle_scores(random_outputs(nets["G"], A, cfg.nz, 20), B))
     nets["G"].train()
-    return line
+    return "\n    ".join(lines)
 
 
 def bench(cfg):
@@ -553,7 +553,7 @@ def bench(cfg):
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier one's
     nets = build_nets(cfg, device)
-    opts = build_opts(nets, cfg, device)
+    opts = build_optims(nets, cfg, device)
     A, B = (torch.rand(cfg.batch, c, s, s, device=device) * 2 - 1 for c in (cfg.input_nc, 3))
     with flop_counter() as counter:
         train_step(nets, opts, A, B, cfg, device)
@@ -622,11 +622,11 @@ def oracle_scores(x, B):
                 color_std_real=truth["color"].std(0).mean().item())
 
 
-def oracle_line(s):
-    """The summary's oracle line (the header's 'Measured' reads the same numbers)."""
-    return (f"valid {s['valid']:.1%} | shape kept {s['shape_kept']:.2f}, position error "
+def oracle_lines(s):
+    """What the oracle read, as lines for the console and the summary."""
+    return [f"valid {s['valid']:.1%} | shape kept {s['shape_kept']:.2f}, position error "
             f"{s['pos_err']:.3f} of the side | colour std over z {s['color_std_over_z']:.3f} "
-            f"(real images {s['color_std_real']:.3f})")
+            f"(real images {s['color_std_real']:.3f})"]
 
 # ----------------------------------------------------------------------------
 # 8. Entry point

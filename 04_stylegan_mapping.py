@@ -292,7 +292,7 @@ def g_nonsaturating(fake_logits):
     return F.softplus(-fake_logits).mean()
 
 
-def r1_penalty(real_logits, x_real):
+def r1_reg(real_logits, x_real):
     """R1 (Mescheder et al. 2018): E‖∇_x D(x)‖² on reals; the caller weights it by γ/2."""
     (grad,) = torch.autograd.grad(real_logits.sum(), x_real, create_graph=True)
     return grad.float().pow(2).sum((1, 2, 3)).mean()
@@ -353,7 +353,7 @@ def d_step(G, D, opt_D, x_real, cfg):
             z, z2, crossover, noise = draw_latents(G, x_real.shape[0], cfg, x_real.device)
             x_fake = G.synthesis(G.mixed_styles(z, z2, crossover)[0], noise)  # (B, 3, R, R)
         real_logits, fake_logits = D(x_real).float(), D(x_fake).float()  # (B,)
-    loss_adv, loss_r1 = d_logistic(real_logits, fake_logits), r1_penalty(real_logits, x_real)
+    loss_adv, loss_r1 = d_logistic(real_logits, fake_logits), r1_reg(real_logits, x_real)
     opt_D.zero_grad(set_to_none=True)
     (loss_adv + cfg.r1_gamma / 2 * loss_r1).backward()
     average_gradients(opt_D)  # torchrun: the global batch's gradient
@@ -379,7 +379,7 @@ def g_step(G, D, opt_G, batch, cfg, device):
 
 
 @torch.no_grad()
-def update_ema(G_ema, G, cfg):
+def ema_update(G_ema, G, cfg):
     """Official EMA of G, half-life ema_kimg k images (β ≈ 0.9978 at batch 32); w̄ is copied.
     The images of a step: the global batch, N processes × batch under torchrun."""
     beta = 0.5 ** (cfg.batch * world_size() / (cfg.ema_kimg * 1000))
@@ -647,7 +647,7 @@ def train(cfg, device, given=()):
             x_real = next_batch(batches)  # torchrun: a data error or Ctrl-C stops all here
             losses = d_step(G, D, opt_D, x_real, cfg)
             losses |= g_step(G, D, opt_G, cfg.batch, cfg, device)
-            update_ema(G_ema, G, cfg)
+            ema_update(G_ema, G, cfg)
             step += 1
             if step % cfg.log_every == 0:
                 losses = mean_over_ranks(losses)  # torchrun: logged and checked on every process
@@ -704,7 +704,7 @@ def bench(cfg, device):
             sync()
             t0 = time.perf_counter()
         d_step(G, D, opt_D, x, cfg), g_step(G, D, opt_G, cfg.batch, cfg, device)
-        update_ema(G_ema, G, cfg)
+        ema_update(G_ema, G, cfg)
     sync()
     rate, N = cfg.bench_iters / (time.perf_counter() - t0), world_size()  # torchrun: global
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if cuda else "n/a"

@@ -86,7 +86,7 @@ BUGS = [
     ("R1 weighted by γ, not γ/2", "04",
      "cfg.r1_gamma / 2 * loss_r1).backward()", "cfg.r1_gamma * loss_r1).backward()"),
     ("train() never updates the EMA", "04",
-     "            update_ema(G_ema, G, cfg)\n            step += 1\n", "            step += 1\n"),
+     "            ema_update(G_ema, G, cfg)\n            step += 1\n", "            step += 1\n"),
 ]
 
 

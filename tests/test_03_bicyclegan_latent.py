@@ -96,7 +96,7 @@ def test_steps_change_only_their_nets():
     cfg = small_cfg()
     dev = torch.device("cpu")
     nets = bg.build_nets(cfg, dev)
-    opts = bg.build_opts(nets, cfg, dev)
+    opts = bg.build_optims(nets, cfg, dev)
     A, B = torch.rand(2, 1, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
     fw = bg.forward(nets, A, B, cfg.nz)
     before = {k: params(n) for k, n in nets.items()}
@@ -159,7 +159,7 @@ def test_train_step_feeds_each_D_its_own_pair(monkeypatch):
     cfg = small_cfg(batch=4)
     dev = torch.device("cpu")
     nets = bg.build_nets(cfg, dev)
-    opts = bg.build_opts(nets, cfg, dev)
+    opts = bg.build_optims(nets, cfg, dev)
     fws, calls, forward, d_step = [], [], bg.forward, bg.d_step
 
     def spy_forward(*a):

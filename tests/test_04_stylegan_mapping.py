@@ -175,7 +175,7 @@ def test_losses_signs_and_r1():
     assert m.g_nonsaturating(hi) < 0.01 < m.g_nonsaturating(lo)  # G wants D(G(z)) high
     a = torch.randn(3, 4, 4)
     x = torch.randn(5, 3, 4, 4, requires_grad=True)
-    r1 = m.r1_penalty((x * a).sum((1, 2, 3)), x)  # linear D: ∇_x D = a for every sample
+    r1 = m.r1_reg((x * a).sum((1, 2, 3)), x)  # linear D: ∇_x D = a for every sample
     torch.testing.assert_close(r1, a.pow(2).sum())
 
 
@@ -212,7 +212,7 @@ def test_steps_change_only_their_nets():
     assert "w_avg" in moved and any(k.startswith("mapping.") for k in moved)
     assert any(k.startswith("synthesis.") for k in moved) and losses["G/adv"] > 0
     e0 = snapshot(G_ema)
-    m.update_ema(G_ema, G, cfg)
+    m.ema_update(G_ema, G, cfg)
     beta = 0.5 ** (cfg.batch / 10_000)
     k = "synthesis.to_rgb.weight"
     torch.testing.assert_close(G_ema.state_dict()[k], beta * e0[k] + (1 - beta) * G.state_dict()[k])
@@ -264,7 +264,7 @@ def test_g_step_w_avg_and_ema_with_non_default_betas():
     m.g_step(G, D, opt_G, cfg.batch, cfg, dev)
     torch.testing.assert_close(G.w_avg, 0.8 * w_avg0 + 0.2 * w.mean(0))
     before, beta = [p.clone() for p in G_ema.parameters()], 0.5 ** (4 / 8)
-    m.update_ema(G_ema, G, cfg)
+    m.ema_update(G_ema, G, cfg)
     for old, p, q in zip(before, G_ema.parameters(), G.parameters()):
         torch.testing.assert_close(p, beta * old + (1 - beta) * q)
     assert torch.equal(G_ema.w_avg, G.w_avg)
@@ -278,7 +278,7 @@ def test_resume_gives_identical_next_losses(tmp_path):
     def step(nets):
         G, D, G_ema, opt_G, opt_D = nets
         out = m.d_step(G, D, opt_D, x, cfg) | m.g_step(G, D, opt_G, 4, cfg, dev)
-        m.update_ema(G_ema, G, cfg)
+        m.ema_update(G_ema, G, cfg)
         return {k: v.item() for k, v in out.items()}
 
     torch.manual_seed(1)

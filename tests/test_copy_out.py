@@ -162,6 +162,6 @@ def test_04_stylegan_mapping():
     same(sg.d_logistic(logits, -logits), ns["d_logistic"](logits2, -logits2))
     same(sg.g_nonsaturating(logits), ns["g_nonsaturating"](logits2))
     x_real = x.detach().requires_grad_(True)
-    same(sg.r1_penalty(D(x_real), x_real), ns["r1_penalty"](D2(x_real), x_real))
+    same(sg.r1_reg(D(x_real), x_real), ns["r1_reg"](D2(x_real), x_real))
     G2.update_w_avg(w.mean(0), 0.9)
     torch.testing.assert_close(G2.w_avg, 0.1 * w.mean(0))

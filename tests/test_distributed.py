@@ -101,7 +101,7 @@ def iteration_03(rows, step=True):
     cfg = bg.Config(img_size=64, ngf=4, nef=4, ndf=4, batch=len(rows), dropout=True)
     torch.manual_seed(0)
     nets = bg.build_nets(cfg, torch.device("cpu"))
-    opts = bg.build_opts(nets, cfg, torch.device("cpu"))
+    opts = bg.build_optims(nets, cfg, torch.device("cpu"))
     if not step:
         return states(nets)
     g = torch.Generator().manual_seed(1)
@@ -136,7 +136,7 @@ def iteration_04(rows, step=True, per_process_d=False):
     D_seen = PerProcessD(D) if per_process_d else D
     m.d_step(G, D_seen, opt_D, x[rows], cfg)
     m.g_step(G, D_seen, opt_G, len(rows), cfg, torch.device("cpu"))
-    m.update_ema(G_ema, G, cfg)
+    m.ema_update(G_ema, G, cfg)
     return states({"G": G, "D": D, "G_ema": G_ema})
 
 

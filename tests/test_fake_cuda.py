@@ -202,7 +202,7 @@ def test_bicyclegan(preset, amp, gpu, grids, monkeypatch):
     gpu.to_gpu(*nets.values())
     B, H = 2, cfg.img_size
     with gpu.enter():
-        opts = bg.build_opts(nets, cfg, CUDA)
+        opts = bg.build_optims(nets, cfg, CUDA)
         flip = torch.rand(B) < 0.5  # the loader's CPU batch, moved and flipped by to_pair
         A, Bimg = bg.to_pair((torch.rand(B, cfg.input_nc, H, H), torch.rand(B, 3, H, H)), cfg,
                              CUDA, flip)
@@ -229,7 +229,7 @@ def test_stylegan(preset, amp, gpu, grids, monkeypatch, tmp_path):
         opt_G, opt_D = (torch.optim.Adam(n.parameters(), fused=True) for n in (G, D))
         x = torch.rand(2, 3, cfg.img_size, cfg.img_size, device=CUDA) * 2 - 1
         check_terms(sg.d_step(G, D, opt_D, x, cfg) | sg.g_step(G, D, opt_G, 2, cfg, CUDA))
-        sg.update_ema(G_ema, G, cfg)
+        sg.ema_update(G_ema, G, cfg)
         with torch.no_grad():
             assert G_ema(torch.randn(4, cfg.w_dim).to(CUDA)).is_cuda  # the sample grid
             if preset == "toy":  # the figures at one size: ~250 passes of g

@@ -99,7 +99,7 @@ def test_03_bicyclegan_fast_path():
     cfg = bg.Config(ngf=8, nef=8, ndf=8, img_size=64, batch=4, num_workers=0)
     cpu = torch.device("cpu")
     nets = bg.build_nets(cfg, cpu)
-    opts = bg.build_opts(nets, cfg, cpu)
+    opts = bg.build_optims(nets, cfg, cpu)
     g = torch.Generator().manual_seed(0)
     A, B = torch.rand(4, 1, 64, 64, generator=g) * 2 - 1, torch.rand(4, 3, 64, 64, generator=g)
 
