@@ -335,14 +335,27 @@ def target_labels(c_org, names, multi, combo=False):
 
 
 @torch.no_grad()
-def save_translations(G, x_real, c_org, sources, path, labels=None):
-    """Per image: x, then G(x, c̃) per masked label (§3.2); default: all targets of all datasets."""
+def target_names(names, multi, combo=False):
+    """Column titles for target_labels' targets: a hair colour is set, another attribute flipped
+    ("±Male"), a domain is set; the combo column sets the first hair colour and flips the rest."""
+    short = [n.replace("_Hair", "") for n in names]
+    titles = [t if n in HAIR or not multi else f"±{t}" for n, t in zip(names, short)]
+    hair = [t for n, t in zip(names, short) if n in HAIR]
+    return titles + ([f"{hair[0] if hair else ''} ±all"] if combo and multi and len(names) > 1 else [])
+
+
+def save_translations(G, x_real, c_org, sources, path, labels=None, titles=None):
+    """Per image: x, then G(x, c̃) per masked label (§3.2); default: all targets of all datasets.
+    The columns are titled (input, then each target); labels given: titles names them."""
     sizes = [len(s.names) for s in sources]
     c0 = [c_org] + [c_org.new_zeros(len(c_org), n) for n in sizes[1:]]  # the others: from all 0
-    labels = labels or [mask_label(c, k, sizes) for k, s in enumerate(sources)
-                        for c in target_labels(c0[k], s.names, s.multi, k == 0)]
+    if labels is None:
+        labels = [mask_label(c, k, sizes) for k, s in enumerate(sources)
+                  for c in target_labels(c0[k], s.names, s.multi, k == 0)]
+        titles = [t for k, s in enumerate(sources) for t in target_names(s.names, s.multi, k == 0)]
     cols = [x_real] + [G(x_real, c) for c in labels]
-    save_grid(torch.stack(cols, 1).flatten(0, 1), path, nrow=len(cols))  # (B·cols, 3, H, W)
+    save_grid(torch.stack(cols, 1).flatten(0, 1), path, nrow=len(cols),  # (B·cols, 3, H, W)
+              cols=["input"] + list(titles or ["target"] * len(labels)))
     print(f"wrote {path}: {len(x_real)} images x {len(cols) - 1} targets")
 
 
@@ -404,7 +417,8 @@ def sample_own(G, D, sources, cfg, ns, device):
         exclusive = [j for j, a in enumerate(names) if not multi or a in HAIR and name in HAIR]
         c[:, exclusive if value == "1" else []] = 0
         c[:, names.index(name)], labels = float(value), [mask_label(c, 0, sizes)]
-    save_translations(G, x_real, c_org, sources, Path(cfg.out) / "sample_own.jpg", labels)
+    save_translations(G, x_real, c_org, sources, Path(cfg.out) / "sample_own.jpg", labels,
+                      [ns.attrs_set.replace("_Hair", "")] if labels else None)
 
 
 # ----------------------------------------------------------------------------

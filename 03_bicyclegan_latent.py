@@ -431,13 +431,15 @@ def build_optims(nets, cfg, device):
 # ----------------------------------------------------------------------------
 @torch.no_grad()
 def sample_grid(nets, A, B, z_fixed, path):
-    """Rows [A, B, G(A, mu(E(B))), G(A, z_1..K)]; eval mode and z = mu, as official test.py."""
+    """Rows [A, B, G(A, mu(E(B))), G(A, z_1..K)]; eval mode and z = mu, as official test.py.
+    Columns titled: input A, target B, enc. z (G(A, μ(E(B))): B's style), z 1..K (random)."""
     G, (N, K) = nets["G"].eval(), (A.shape[0], z_fixed.shape[0])
     x_enc = G(A, nets["E"](B)[0])  # (N, 3, H, W)
     x_rand = G(A.repeat_interleave(K, 0), z_fixed.repeat(N, 1)).view(N, K, *B.shape[1:])
     G.train()
     rows = torch.cat([A.expand_as(B)[:, None], B[:, None], x_enc[:, None], x_rand], 1)
-    save_grid(rows.flatten(0, 1).float(), path, nrow=3 + K)  # (N * (3 + K), 3, H, W)
+    save_grid(rows.flatten(0, 1).float(), path, nrow=3 + K,  # (N * (3 + K), 3, H, W)
+              cols=["input A", "target B", "enc. z", *(f"z {k + 1}" for k in range(K))])
 
 
 @torch.no_grad()

@@ -497,3 +497,15 @@ def test_any_val_layout_gives_matching_grids(layout, tmp_path, monkeypatch):
     turns = sorted((r, k) for k, c in enumerate(layout) for r in range(c))[:n]  # round robin
     want = sorted(k for _, k in turns)
     assert sorted(read.tolist()) == want
+
+
+def test_grid_columns_are_titled_as_target_labels_orders_them():
+    names = ["Black_Hair", "Blond_Hair", "Brown_Hair", "Male", "Young"]
+    c = torch.tensor([[1.0, 0, 0, 1, 0]])
+    targets = S.target_labels(c, names, True, combo=True)
+    titles = S.target_names(names, True, combo=True)
+    assert titles == ["Black", "Blond", "Brown", "±Male", "±Young", "Black ±all"]
+    assert len(titles) == len(targets)
+    assert targets[1][0].tolist() == [0, 1, 0, 1, 0]  # "Blond": that hair colour set
+    assert targets[3][0].tolist() == [1, 0, 0, 0, 0]  # "±Male": flipped
+    assert S.target_names(["cat", "dog"], False) == ["cat", "dog"]  # domains: set, not flipped
