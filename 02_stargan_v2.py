@@ -570,7 +570,8 @@ def save_masks(x_src, masks, path):
     """Rows: the sources, then the masks G uses at 32 px (whole face) and at 64/128 px."""
     grey = [F.interpolate(m, size=x_src.shape[2:], mode="bilinear").expand_as(x_src) * 2 - 1
             for m in masks]  # (N, 3, H, W) each, in [-1, 1] like the images
-    save_grid(torch.cat([x_src, *grey]), path, nrow=len(x_src))
+    save_grid(torch.cat([x_src, *grey]), path, nrow=len(x_src),
+              rows=["source", "mask 32 px", "mask 64+ px"])
 
 
 @torch.no_grad()
@@ -718,12 +719,14 @@ def sample(cfg, ns):
     if ns.ref:
         x_ref = aligned(read_images(ns.ref, cfg.img_size, "--ref").to(device))  # (R, 3, H, W)
         styles = nets.E(x_ref, torch.full((len(x_ref),), ns.domain, device=device))  # (R, S)
-        save_grid(ref_rows(nets.G, x_src, x_ref, styles, masks), out / "reference.png", N + 1)
+        save_grid(ref_rows(nets.G, x_src, x_ref, styles, masks), out / "reference.png", N + 1,
+                  rows=["sources"] + [f"style of ref {r + 1}" for r in range(len(x_ref))])
     else:
         z = torch.randn(ns.n_styles, cfg.latent_dim, device=device)  # (R, Z)
         styles = nets.mapping(z, torch.full((ns.n_styles,), ns.domain, device=device))  # (R, S)
         grid = [x_src] + [nets.G(x_src, s.expand(N, -1), masks) for s in styles]
-        save_grid(torch.cat(grid), out / "latent.png", nrow=N)
+        save_grid(torch.cat(grid), out / "latent.png", nrow=N,
+                  rows=["sources"] + [f"z {r + 1}" for r in range(len(styles))])
     if len(styles) >= 2:  # GIF weights 0, sigmoid(-5..4.5 step 0.5), then 1 × 10 (official video)
         alphas = [0.0] + torch.sigmoid(torch.arange(-5, 5, 0.5)).tolist() + [1.0] * 10
         frames = [make_grid(nets.G(x_src, torch.lerp(s0, s1, a).expand(N, -1), masks).clamp(-1, 1),

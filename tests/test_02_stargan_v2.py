@@ -699,7 +699,8 @@ def test_sample_names_and_skips_unreadable_src_files(tmp_path, capsys):
     m.main(["sample", "--ckpt", str(tmp_path / "last.pt"), "--src", str(src), "--n-styles", "1"])
     assert f"warning: skipping {src / 'b.png'}: cannot read this image" in capsys.readouterr().err
     with Image.open(tmp_path / "sample" / "latent.png") as grid:  # the 2 readable sources
-        assert grid.width == 2 * 64 + 3  # 32 px enlarged ×2, 1 px padding
+        # 2 columns of 32 px enlarged ×2 with 1 px padding, then the row titles on the left
+        assert grid.height == 2 * 64 + 3 and 2 * 64 + 3 + 20 < grid.width < 3 * 64 + 4
     for name in ("a.png", "c.png"):
         write_unreadable(src / name, "empty")
     with pytest.raises(UserError, match=f"--src {src}: none of its 3 image"):
