@@ -30,14 +30,15 @@ import torchvision
 import torchvision.transforms as T
 from torch.utils.data import Subset
 
-from common import (CelebAAttrs, DomainFolder, FACE_ATTRS, Logger, SaveTimer, UserError, autocast,
-                    average_gradients, check_finite, check_flags, check_same_weights, check_save,
-                    flop_counter, gather_batch, infinite, init_distributed, is_main,
-                    load_checkpoint, load_rgb_files, main_guard, make_loader, mean_over_ranks,
+from common import (Logger, SaveTimer, UserError, autocast, average_gradients, check_finite,
+                    check_flags, check_same_weights, check_save, flop_counter, gather_batch,
+                    init_distributed, is_main, load_checkpoint, main_guard, mean_over_ranks,
                     next_batch, own_rng, parse_config, pick_device, prepare_run, print_summary,
-                    read_checkpoint, read_faces, report_crash, require, resolve_data,
-                    save_checkpoint, save_grid, seed_everything, shard_draw, short_path, sig3,
-                    start_line, step_loader, to_tensor_norm, world_size)
+                    read_checkpoint, report_crash, require, save_checkpoint, save_grid,
+                    seed_everything, shard_draw, short_path, sig3, start_line, world_size)
+from data.datasets import (CelebAAttrs, DomainFolder, infinite, load_rgb_files, make_loader,
+                           resolve_data, step_loader, to_tensor_norm)
+from data.toy import FACE_ATTRS, read_faces
 
 # ----------------------------------------------------------------------------
 # 1. Config

@@ -44,16 +44,17 @@ import torchvision.transforms as T
 from torchvision.utils import make_grid
 
 
-from common import (DomainFolder, ImageFiles, Logger, ReferencePairs, SaveTimer, UserError,
-                    autocast, average_gradients, check_finite, check_flags, check_same_weights,
-                    check_save, flop_counter, init_distributed, is_main, load_checkpoint, load_rgb,
-                    load_rgb_files, main_guard, mean_over_ranks, next_batch, own_rng, parse_config,
-                    pick_device, prepare_run, print_summary, read_checkpoint, read_scenes,
-                    report_crash, require, resolve_data, save_checkpoint, save_gif, save_grid,
-                    seed_everything, shard_draw, short_path, sig3, start_line, step_loader,
-                    strip_prefixes, to_tensor_norm, world_size)
+from common import (Logger, SaveTimer, UserError, autocast, average_gradients, check_finite,
+                    check_flags, check_same_weights, check_save, flop_counter, init_distributed,
+                    is_main, load_checkpoint, main_guard, mean_over_ranks, next_batch, own_rng,
+                    parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
+                    report_crash, require, save_checkpoint, save_gif, save_grid, seed_everything,
+                    shard_draw, short_path, sig3, start_line, strip_prefixes, world_size)
+from data.datasets import (DomainFolder, ImageFiles, ReferencePairs, load_rgb, load_rgb_files,
+                           resolve_data, step_loader, to_tensor_norm)
 from data.fan import FAN, align_faces, load_fan, read_npz
 from data.metrics import InceptionPool, LPIPS, frechet_distance
+from data.toy import read_scenes
 
 # ----------------------------------------------------------------------------
 # 1. Config

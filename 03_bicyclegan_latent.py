@@ -31,14 +31,16 @@ from torch.func import functional_call
 from torchvision import transforms as T
 
 
-from common import (AlignedPairs, IMAGE_SUFFIXES, ImageFiles, Logger, SaveTimer, UserError,
-                    autocast, average_gradients, check_finite, check_flags, check_same_weights,
-                    check_save, epoch_rows, flop_counter, init_distributed, is_main,
-                    load_checkpoint, main_guard, make_loader, mean_over_ranks, next_batch, own_rng,
+from common import (Logger, SaveTimer, UserError, autocast, average_gradients, check_finite,
+                    check_flags, check_same_weights, check_save, flop_counter, init_distributed,
+                    is_main, load_checkpoint, main_guard, mean_over_ranks, next_batch, own_rng,
                     parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
-                    read_shapes, report_crash, require, resolve_data, save_checkpoint, save_gif,
-                    save_grid, seed_everything, shard_draw, sig3, start_line, world_size)
+                    report_crash, require, save_checkpoint, save_gif, save_grid, seed_everything,
+                    shard_draw, sig3, start_line, world_size)
+from data.datasets import (AlignedPairs, IMAGE_SUFFIXES, ImageFiles, epoch_rows, make_loader,
+                           resolve_data)
 from data.metrics import LPIPS
+from data.toy import read_shapes
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -303,7 +305,7 @@ def to_pair(batch, cfg, device, flip=None):
 
 def batch_stream(dataset, cfg, device, step):
     """Endless (A, B) batches from `step` on; order and flips are pure functions of (seed, step),
-    and under torchrun each process takes its rows of every global batch (common.epoch_rows)."""
+    and under torchrun each process takes its rows of every global batch (datasets.epoch_rows)."""
     n, b = len(dataset), cfg.batch
     per_epoch, mine = epoch_rows(n, b)
     while True:

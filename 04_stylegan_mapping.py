@@ -33,14 +33,15 @@ from torch.utils.data import Subset
 from torchvision.utils import make_grid
 
 
-from common import (ImageFiles, Logger, SaveTimer, SHAPES, UserError, autocast, average_gradients,
-                    check_finite, check_flags, check_same_weights, check_save, epoch_rows,
-                    flop_counter, init_distributed, is_main, load_checkpoint, main_guard,
-                    make_loader, mean_over_ranks, next_batch, own_rng, parse_config, pick_device,
-                    prepare_run, print_summary, read_checkpoint, read_shapes, report_crash, require,
-                    resolve_data, save_checkpoint, save_gif, save_grid, seed_everything, shard_draw,
-                    sig3, start_line, to_tensor_norm, world_size)
+from common import (Logger, SaveTimer, UserError, autocast, average_gradients, check_finite,
+                    check_flags, check_same_weights, check_save, flop_counter, init_distributed,
+                    is_main, load_checkpoint, main_guard, mean_over_ranks, next_batch, own_rng,
+                    parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
+                    report_crash, require, save_checkpoint, save_gif, save_grid, seed_everything,
+                    shard_draw, sig3, start_line, world_size)
+from data.datasets import ImageFiles, epoch_rows, make_loader, resolve_data, to_tensor_norm
 from data.metrics import LPIPS
+from data.toy import SHAPES, read_shapes
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -298,7 +299,7 @@ def make_dataset(cfg):
 def real_batches(dataset, cfg, device, step):
     """Endless x_real (B, 3, R, R) from `step` on, randomly mirrored (official mirror_augment);
     order and flips are pure functions of (seed, step), so a resumed run sees the same data;
-    under torchrun each process takes its rows of every global batch (common.epoch_rows)."""
+    under torchrun each process takes its rows of every global batch (datasets.epoch_rows)."""
     n, b = len(dataset), cfg.batch
     per_epoch, mine = epoch_rows(n, b)
     while True:
