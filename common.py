@@ -505,12 +505,25 @@ def _move_aside(out, ckpt):
 
 
 def resume_config(cfg, path, given=(), fixed=()):
-    """The config a resumed run trains with. Flags left out keep the checkpoint's values; a given
-    flag that changes one is applied and printed, or refused if in `fixed` (architecture and
-    data: the weights would not fit, or would mean something else). A moved copy of the data
-    (same folder name) is applied. LOCAL settings always come from this invocation."""
-    state, values = read_checkpoint(path, type(cfg)), {}
-    saved, world = state["config"], world_size()
+    """The config a resumed run trains with, by run_config's rule; each applied flag is printed."""
+    state = read_checkpoint(path, type(cfg))
+    cfg, applied = run_config(cfg, state["config"], path, given, fixed)
+    for k, old, new in applied:
+        print(f"resume: {k} {old} -> {new} (applied)")
+    saved, was, world = state["config"], state.get("world", 1), world_size()  # who wrote it
+    if was != world and "batch" in saved:  # --batch is per process
+        print(f"resume: {path} was trained by {was} process(es) × batch {saved['batch']} (global "
+              f"batch {was * saved['batch']}); now {world} × {cfg.batch} = {world * cfg.batch}")
+    return cfg
+
+
+def run_config(cfg, saved, path, given=(), fixed=()):
+    """The one rule for the settings a checkpoint fixes (resume and load_run): a run keeps its own
+    settings (saved), except this command's LOCAL ones and the flags given on its command line,
+    which are applied. A given flag that changes one of `fixed` (the architecture and the data:
+    the weights would not fit, or would mean something else) is refused; a moved copy of the data
+    (same folder name) is applied. -> (cfg, [(name, saved value, applied value)])"""
+    values, applied = {}, []
     for k, old in saved.items():
         old = tuple(old) if isinstance(old, list) else old  # torch.load gives tuples back as lists
         new, flag = getattr(cfg, k), k.replace("_", "-")
@@ -521,14 +534,32 @@ def resume_config(cfg, path, given=(), fixed=()):
             continue
         moved = k.startswith("data") and Path(old or "toy").name == Path(new or "toy").name
         require(k not in fixed or moved, f"--{flag} {new}: {path} was trained with {k} {old}; a "
-                f"resumed run keeps its architecture and data: leave --{flag} out, or start a new "
-                "run (another --out)")
-        print(f"resume: {k} {old} -> {new} (applied)")
-    cfg, was = dataclasses.replace(cfg, **values), state.get("world", 1)  # processes that wrote it
-    if was != world and "batch" in saved:  # --batch is per process
-        print(f"resume: {path} was trained by {was} process(es) × batch {saved['batch']} (global "
-              f"batch {was * saved['batch']}); now {world} × {cfg.batch} = {world * cfg.batch}")
-    return cfg
+                f"run keeps its architecture and data: leave --{flag} out, or start a new run "
+                "(another --out)")
+        applied.append((k, old, new))
+    return dataclasses.replace(cfg, **values), applied
+
+
+def load_run(cfg, ckpt, build, given=(), fixed=(), official=None):
+    """sample / eval -> (cfg, nets, extra) of the run saved in ckpt (default <out>/last.pt). Which
+    setting comes from where is resume's rule (run_config):
+      - the checkpoint: the architecture and the data (`fixed`: a given flag that changes one is
+        refused), and every setting this command line leaves out;
+      - this command: the LOCAL settings (device, workers) and every flag it gives (--seed,
+        --batch, eval sizes); --out, when not given, is the checkpoint's folder.
+    build(cfg, extra) -> {name in the checkpoint: net}, built from that config. official(path,
+    nets) loads a released file (no training state inside) into nets built from this command's
+    cfg; without it such a file is refused. A missing, empty, cut or foreign file: one line."""
+    path = Path(ckpt or Path(cfg.out) / "last.pt")
+    require(path.is_file(), f"{path}: no such checkpoint; train first, or pass --ckpt FILE")
+    state = read_checkpoint(path, type(cfg), ours=official is None)
+    if not {"nets", "config"} <= state.keys():  # a released file: no settings inside
+        return cfg, official(path, build(cfg, {})), {}
+    cfg, extra = run_config(cfg, state["config"], path, given, fixed)[0], state.get("extra", {})
+    cfg = cfg if "out" in given else dataclasses.replace(cfg, out=str(path.parent))
+    nets = build(cfg, extra)
+    _load_checkpoint(path, nets, None, "cpu", restore_rng=False, state=state)
+    return cfg, nets, extra
 
 
 def strip_prefixes(state_dict):
@@ -656,8 +687,8 @@ def load_checkpoint(path, nets, opts=None, map_location="cpu", restore_rng=True)
     return state
 
 
-def _load_checkpoint(path, nets, opts, map_location, restore_rng):
-    state = read_checkpoint(path, map_location=map_location)
+def _load_checkpoint(path, nets, opts, map_location, restore_rng, state=None):
+    state = state or read_checkpoint(path, map_location=map_location)
     try:
         for k, m in nets.items():
             m.load_state_dict(strip_prefixes(state["nets"][k]))

@@ -474,6 +474,66 @@ def test_resume_applies_optimisation_settings_and_refuses_architecture(tmp_path,
 FIXED = ("data", "img_size")
 
 
+@dataclasses.dataclass
+class SampleCfg:
+    out: str = ""  # LOCAL; when not given, the checkpoint's folder
+    device: str = "cpu"  # LOCAL: always this command's
+    img_size: int = 4  # architecture: always the checkpoint's
+    batch: int = 8  # per invocation: this command's when given
+    seed: int = 0  # left out: the run's
+
+
+def build_linear(cfg, extra):  # a net whose shape depends on the architecture field
+    return {"G": torch.nn.Linear(cfg.img_size, 2)}
+
+
+def test_load_run_takes_the_architecture_from_the_checkpoint(tmp_path):
+    run, net = tmp_path / "run", torch.nn.Linear(8, 2)
+    run.mkdir()
+    trained = SampleCfg(out=str(run), device="cuda:3", img_size=8, batch=32, seed=5)
+    common.save_checkpoint(run / "last.pt", 3, trained, {"G": net}, {}, extra={"names": ["a"]})
+    seen = []
+    build = lambda cfg, extra: seen.append(extra) or build_linear(cfg, extra)  # noqa: E731
+    here = SampleCfg(out=str(run), device="cpu", img_size=4, batch=2, seed=0)
+    cfg, nets, extra = common.load_run(here, "", build, given=("batch",), fixed=("img_size",))
+    assert (cfg.img_size, cfg.seed) == (8, 5)  # the architecture; a flag left out
+    assert (cfg.batch, cfg.device) == (2, "cpu")  # a flag given; a LOCAL setting
+    assert seen == [{"names": ["a"]}] == [extra] and torch.equal(nets["G"].weight, net.weight)
+    # --ckpt elsewhere: the outputs go beside it, unless --out is given
+    elsewhere = SampleCfg(out=str(tmp_path / "other"))
+    assert common.load_run(elsewhere, run / "last.pt", build_linear)[0].out == str(run)
+    assert common.load_run(elsewhere, run / "last.pt", build_linear, given=("out",))[0].out == \
+        str(tmp_path / "other")
+    with pytest.raises(UserError, match=r"^--img-size 4: .*run/last.pt was trained with img_size "
+                                        r"8; .*leave --img-size out"):
+        common.load_run(here, "", build_linear, given=("img_size",), fixed=("img_size",))
+
+
+def test_load_run_names_a_bad_file_in_one_line(tmp_path):
+    good = tmp_path / "good.pt"
+    common.save_checkpoint(good, 1, SampleCfg(img_size=8), {"G": torch.nn.Linear(8, 2)}, {})
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:600])
+    common.save_checkpoint(tmp_path / "other.pt", 1, run_cfg(tmp_path), {}, {})  # another script's
+    torch.save({"weight": torch.zeros(2, 4)}, tmp_path / "plain.pt")  # e.g. a released file
+    cases = {"missing.pt": "no such checkpoint; train first, or pass --ckpt FILE",
+             "empty.pt": "cannot read this checkpoint", "cut.pt": "cannot read this checkpoint",
+             "other.pt": "not a checkpoint of this script", "plain.pt": "not a checkpoint of this "
+             "script"}
+    for name, why in cases.items():
+        with pytest.raises(UserError) as e:
+            common.load_run(SampleCfg(), tmp_path / name, build_linear)
+        assert str(e.value).startswith(f"{tmp_path / name}: {why}") and "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"good.pt: not a checkpoint of this script \(.*state_dict"):
+        common.load_run(SampleCfg(), good, lambda cfg, extra: {"G": torch.nn.Linear(3, 2)})
+
+    def official(path, nets):  # a file with no training state, into nets of this command's cfg
+        nets["G"].load_state_dict({"weight": torch.load(path)["weight"], "bias": torch.ones(2)})
+        return nets
+
+    cfg, nets, extra = common.load_run(SampleCfg(), tmp_path / "plain.pt", build_linear,
+                                       official=official)
+    assert cfg == SampleCfg() and extra == {} and nets["G"].bias.tolist() == [1.0, 1.0]
 def test_non_finite_loss_names_step_and_term(tmp_path):
     common.check_finite({"D/real": torch.tensor(0.5)}, 3)
     with pytest.raises(UserError, match=r"step 12: loss term 'G/sty' is nan.*none yet"):
