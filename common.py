@@ -155,7 +155,7 @@ def parse_config(cfg_cls, presets, argv=None, doc="", modes=("train",), extra=()
     if ns.preset is None:  # a --data folder named like a preset, else toy for the toy data
         guess, toy = Path(data.rstrip("/")).name, data in ("", "toy") and "toy" in presets
         ns.preset = guess if guess in presets else ("toy" if toy else None)
-    values, ns.given = {**presets.get(ns.preset, {}), **given}, tuple(given)  # given: see resume
+    values, ns.given = {**presets.get(ns.preset, {}), **given}, tuple(given)  # given: run_config
     # Default loader workers: at most one per usable CPU (more only compete, and torch warns)
     workers = next((f.default for f in fields if f.name == "num_workers"), None)
     if workers is not None and "num_workers" not in given:
@@ -167,8 +167,8 @@ def check_flags(cfg, positive="", nonneg="", unit=""):
     """Values that torch would reject deep inside (or divide by): one line naming the flag and
     its range. Each argument is a space-separated list of field names; tuples: every item."""
     rules = ((positive, lambda v: v > 0, lambda v: "≥ 1" if isinstance(v, int) else "> 0"),
-             (nonneg, lambda v: v >= 0, lambda v: "≥ 0"), (unit, lambda v: 0 <= v < 1,
-                                                          lambda v: "in [0, 1)"))
+             (nonneg, lambda v: v >= 0, lambda v: "≥ 0"),
+             (unit, lambda v: 0 <= v < 1, lambda v: "in [0, 1)"))
     for names, ok, text in rules:
         for name in names.split():
             value = getattr(cfg, name)
@@ -408,7 +408,7 @@ LOCAL = ("out", "resume", "overwrite", "device", "bench", "bench_iters", "num_wo
 def prepare_run(cfg, given=(), fixed=()):
     """-> (cfg, checkpoint to resume or None). All checks come before the folder changes: a run
     in cfg.out is continued (--resume auto, or its own last.pt by path) or, with --overwrite,
-    moved aside; never replaced. given / fixed: see resume_config. Under torchrun rank 0 alone
+    moved aside; never replaced. given / fixed: see run_config. Under torchrun rank 0 alone
     looks at and changes the folder; every process gets its answer (or its error)."""
     if world_size() == 1:
         return _prepare_run(cfg, given, fixed)
@@ -634,9 +634,7 @@ def save_checkpoint(path, step, cfg, nets, opts, extra=None, losses=None, interr
         bad = next((n for n, t in tensors if t.is_floating_point() and not t.isfinite().all()),
                    None)
         if bad is not None:
-            raise SharedError(f"step {step}: {bad} is not finite; stopping without saving. Last "
-                              f"good checkpoint: {_last_good(last_good or path)} (try a lower lr, "
-                              "or --no-amp)")
+            _stop_broken(step, f"{bad} is not finite", last_good or path)
         problem = _write_checkpoint(state, Path(path), last_good or path) if is_main() else ""
         if world_size() > 1:  # rank 0 alone writes; if it could not, every process stops
             said = [problem]
@@ -667,15 +665,15 @@ def _write_checkpoint(state, path, last_good):
         except OSError:
             free = "free space unknown"
         return (f"cannot write the checkpoint {path} ({why}; {free}); stopping. The last good "
-                f"checkpoint, {_last_good(last_good)}, is untouched: make room (or fix the folder), "
-                "then continue with --resume auto")
+                f"checkpoint, {_last_good(last_good)}, is untouched: make room (or fix the "
+                "folder), then continue with --resume auto")
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, nets, opts=None, map_location="cpu", restore_rng=True):
     """Nets, optimizer state and RNG from `path`. The optimizers keep this run's lr, betas, eps
-    and weight decay (applied on resume, see resume_config); moments and step counts are loaded.
+    and weight decay (applied on resume, see run_config); moments and step counts are loaded.
     Under torchrun every process reads the file; if one cannot, all stop with its message."""
     if world_size() == 1:
         return _load_checkpoint(path, nets, opts, map_location, restore_rng)
@@ -706,11 +704,10 @@ def _load_checkpoint(path, nets, opts, map_location, restore_rng, state=None):
 
 
 def restore_rng_state(rng):
-    """The RNG states save_checkpoint wrote. torch's setters take CPU byte tensors only, whatever
-    map_location read the file (onto the GPU, they would raise). CUDA: the current GPU takes the
-    first saved state: the training GPU's, or under torchrun rank 0's, which every rank shares
-    (shard_draw); older checkpoints hold one state per GPU, and a machine with fewer GPUs resumes
-    them as well."""
+    """The RNG states save_checkpoint wrote, as CPU byte tensors (torch's setters raise on any
+    other, whatever map_location read). CUDA: the current GPU takes the first saved state, the
+    training GPU's (under torchrun rank 0's, shared by all: shard_draw); older files hold one per
+    GPU, so a machine with fewer GPUs resumes them too."""
     version, internal, gauss = rng["python"]  # setstate wants tuples, not lists
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(rng["torch"].cpu())
@@ -722,14 +719,17 @@ def _last_good(path):
     return path if path and Path(path).exists() else "none yet"
 
 
+def _stop_broken(step, what, last):  # shared: the losses are synced, the weights alike
+    raise SharedError(f"step {step}: {what}; stopping without saving. Last good checkpoint: "
+                      f"{_last_good(last)} (try a lower lr, or --no-amp)")
+
+
 def check_finite(losses, step, last_ckpt=None):
     """Stop at a nan/inf loss term: called at every log step (the losses are synced there) and
     before every save, so a run never trains on, or saves, a broken state."""
     for k, v in losses.items():
-        if not math.isfinite(float(v)):  # shared: under torchrun the losses are synced first
-            raise SharedError(f"step {step}: loss term '{k}' is {float(v)}; stopping without "
-                              f"saving. Last good checkpoint: {_last_good(last_ckpt)} (try a lower "
-                              "lr, or --no-amp)")
+        if not math.isfinite(float(v)):
+            _stop_broken(step, f"loss term '{k}' is {float(v)}", last_ckpt)
 
 
 def check_save(path, step, cfg, nets, opts, extra=None):
