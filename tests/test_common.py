@@ -718,6 +718,13 @@ def test_unknown_attribute_lists_valid_names(faces):
         datasets.CelebAAttrs(faces, ["Blnd_Hair"])
 
 
+def test_common_imports_nothing_from_data():
+    """data/ imports common (errors, ranks); the reverse would be a circle."""
+    code = "import sys, common; print([m for m in sys.modules if m.split('.')[0] == 'data'])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
 def test_main_guard_prints_one_line_and_exits_2(tmp_path):
     code = ("import common\nfrom data import datasets\ndef main(argv):\n"
             "    datasets.resolve_data('nope/afhq', 'shapes', 32)\ncommon.main_guard(main)\n")
