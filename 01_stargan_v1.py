@@ -32,14 +32,16 @@ import torchvision
 import torchvision.transforms as T
 from torch.utils.data import Subset
 
-from common import (CelebAAttrs, DomainFolder, FACE_ATTRS, Logger, SaveTimer, UserError, autocast,
-                    average_gradients, check_finite, check_flags, check_same_weights, check_save,
-                    flop_counter, gather_batch, infinite, init_distributed, is_main,
-                    load_checkpoint, load_rgb_files, main_guard, make_loader, mean_over_ranks,
-                    next_batch, own_rng, parse_config, pick_device, prepare_run, print_summary,
-                    read_checkpoint, read_faces, report_crash, require, resolve_data,
-                    save_checkpoint, save_grid, seed_everything, shard_draw, short_path, sig3,
-                    start_line, step_loader, to_tensor_norm, world_size)
+from common import (Logger, SaveTimer, UserError, autocast, average_gradients, check_finite,
+                    check_flags, check_same_weights, check_save, flop_counter, gather_batch,
+                    init_distributed, is_main, load_checkpoint, load_run, main_guard,
+                    mean_over_ranks, next_batch, own_rng, parse_config, pick_device, prepare_run,
+                    print_summary, read_checkpoint, report_crash, require, save_checkpoint,
+                    save_grid, seed_everything, shard_draw, short_path, sig3, start_line,
+                    world_size)
+from data.datasets import (CelebAAttrs, DomainFolder, infinite, load_rgb_files, make_loader,
+                           resolve_data, step_loader, to_tensor_norm)
+from data.toy import FACE_ATTRS, read_faces
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -86,8 +88,8 @@ PRESETS = {"toy": dict(  # CPU minutes: narrow nets, 4x lr (~400 G updates); the
     img_size=32, g_conv_dim=16, d_conv_dim=16, g_repeat_num=2, d_repeat_num=4, g_lr=4e-4,
     d_lr=4e-4, total_iters=2000, decay_iters=1000, log_every=100, sample_every=500, save_every=500,
     cls_iters=300)}
-# A resumed run refuses a change of these (the weights or the labels would not fit); any other
-# changed flag is applied (common.resume_config).
+# Resume, sample and eval refuse a change of these (the weights or the labels would not fit);
+# any other given flag is applied (common.run_config).
 FIXED = ("data", "data2", "attrs", "img_size", "g_conv_dim", "d_conv_dim", "g_repeat_num",
          "d_repeat_num")
 
@@ -421,6 +423,24 @@ def sample_own(G, D, sources, cfg, ns, device):
                       [ns.attrs_set.replace("_Hair", "")] if labels else None)
 
 
+def trained_nets(cfg, ns, device):
+    """sample / eval -> (G, D, sources, cfg) of a run (common.load_run: its checkpoint fixes the
+    architecture and data), or of an official *-G.ckpt (CelebA --attrs; no D: c_org is all 0)."""
+    def sources(c, extra):  # the datasets the run was trained on
+        return [Source(*s) for s in zip(extra.get("names", [list(c.attrs)]),
+                                        extra.get("multi", [True]))]
+
+    def nets(c, extra):
+        G, D, _, _ = build(c, [len(s.names) for s in sources(c, extra)], device)
+        return {"G": G, "D": D}
+
+    def official(path, nets):
+        return {"G": load_official(path, nets["G"]), "D": None}
+
+    cfg, nets, extra = load_run(cfg, ns.ckpt, nets, ns.given, FIXED, official)
+    return nets["G"], nets["D"], sources(cfg, extra), cfg
+
+
 # ----------------------------------------------------------------------------
 # 7. Train
 # ----------------------------------------------------------------------------
@@ -548,18 +568,7 @@ def main(argv=None):
         device = init_distributed(cfg.device)
         return bench(cfg, device) if cfg.bench else train(cfg, device, ns.given)
     device = pick_device(cfg.device)
-    path = Path(ns.ckpt or Path(cfg.out) / "last.pt")  # ours (config inside) or an official G
-    require(path.is_file(), f"checkpoint {path} not found: train first, or pass --ckpt FILE")
-    state = read_checkpoint(path, Config, ours=False)
-    if "nets" in state:
-        cfg, extra = Config(**{**state["config"], "out": cfg.out}), state["extra"]
-        sources = [Source(*s) for s in zip(extra["names"], extra["multi"])]
-        G, D, _, _ = build(cfg, [len(s.names) for s in sources], device)
-        G.load_state_dict(state["nets"]["G"]), D.load_state_dict(state["nets"]["D"])
-    else:  # official G: CelebA attributes from --attrs; no D, so c_org counts as all 0
-        sources, D = [Source(list(cfg.attrs), True)], None
-        G = load_official(path, build(cfg, [len(cfg.attrs)], device)[0])
-    (sample_own if ns.mode == "sample" else evaluate)(G, D, sources, cfg, ns, device)
+    (sample_own if ns.mode == "sample" else evaluate)(*trained_nets(cfg, ns, device), ns, device)
 
 
 if __name__ == "__main__":

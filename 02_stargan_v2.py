@@ -43,16 +43,17 @@ import torchvision.transforms as T
 from torchvision.utils import make_grid
 
 
-from common import (DomainFolder, ImageFiles, Logger, ReferencePairs, SaveTimer, UserError,
-                    autocast, average_gradients, check_finite, check_flags, check_same_weights,
-                    check_save, flop_counter, init_distributed, is_main, load_checkpoint, load_rgb,
-                    load_rgb_files, main_guard, mean_over_ranks, next_batch, own_rng, parse_config,
-                    pick_device, prepare_run, print_summary, read_checkpoint, read_scenes,
-                    report_crash, require, resolve_data, save_checkpoint, save_gif, save_grid,
-                    seed_everything, shard_draw, short_path, sig3, start_line, step_loader,
-                    strip_prefixes, to_tensor_norm, world_size)
+from common import (Logger, SaveTimer, UserError, autocast, average_gradients, check_finite,
+                    check_flags, check_same_weights, check_save, flop_counter, init_distributed,
+                    is_main, load_checkpoint, load_run, main_guard, mean_over_ranks, next_batch,
+                    own_rng, parse_config, pick_device, prepare_run, print_summary, report_crash,
+                    require, save_checkpoint, save_gif, save_grid, seed_everything, shard_draw,
+                    short_path, sig3, start_line, strip_prefixes, world_size)
+from data.datasets import (DomainFolder, ImageFiles, ReferencePairs, load_rgb, load_rgb_files,
+                           resolve_data, step_loader, to_tensor_norm)
 from data.fan import FAN, align_faces, load_fan, read_npz
 from data.metrics import InceptionPool, LPIPS, frechet_distance
+from data.toy import read_scenes
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -112,8 +113,8 @@ PRESETS = {
                 randcrop_prob=0.0, num_workers=0, log_every=50, sample_every=500,
                 save_every=500, out="runs/stargan_v2_toy"),
 }
-# A resumed run refuses a change of these (the weights would not fit, or mean something else);
-# any other changed flag is applied (common.resume_config).
+# Resume, sample and eval refuse a change of these (the weights would not fit, or mean something
+# else); any other given flag is applied (common.run_config).
 FIXED = ("data", "img_size", "num_domains", "latent_dim", "style_dim", "dim_in", "max_conv_dim",
          "mapping_dim", "w_hpf")
 NET_NAMES = ("G", "mapping", "E", "D")
@@ -685,22 +686,20 @@ def align(cfg, ns):
 
 
 def sampling_nets(cfg, ns):
-    """(cfg, EMA G/F/E, device, FAN or None) from our checkpoint (its saved config wins) or an
-    official one."""
-    device, path = pick_device(cfg.device), ns.ckpt or str(Path(cfg.out) / "last.pt")
-    if not ns.official_ckpt:
-        require(Path(path).is_file(), f"--ckpt {path}: not found; pass a run's last.pt "
-                "(or --official-ckpt with --preset afhq / celeba_hq)")
-        saved = read_checkpoint(path, Config)["config"]  # one line if empty, cut or foreign
-        cfg = Config(**{**saved, "device": cfg.device, "out": str(Path(path).parent),
-                        "wing": cfg.wing})  # where the FAN is now, not where it was
-    fan = face_net(cfg, device)  # before the nets: a missing FAN file fails at once
-    _, ema = build_nets(cfg, device)
+    """(cfg, EMA G/F/E, device, FAN or None) of a run (common.load_run: its checkpoint fixes the
+    architecture and data), or of an official release file (settings from --preset and flags)."""
+    device = pick_device(cfg.device)
     if ns.official_ckpt:
+        fan, (_, ema) = face_net(cfg, device), build_nets(cfg, device)  # no FAN: fails at once
         load_official(ns.official_ckpt, vars(ema))
-    else:
-        load_checkpoint(path, {k + "_ema": v for k, v in vars(ema).items()}, restore_rng=False)
-    return cfg, ema, device, fan
+        return cfg, ema, device, fan
+
+    def ema_nets(cfg, _):  # under their names in last.pt
+        return {k + "_ema": net for k, net in vars(build_nets(cfg, device)[1]).items()}
+
+    cfg, nets, _ = load_run(cfg, ns.ckpt, ema_nets, ns.given, FIXED)
+    ema = SimpleNamespace(**{k.removesuffix("_ema"): v for k, v in nets.items()})
+    return cfg, ema, device, face_net(cfg, device)
 
 
 @torch.no_grad()

@@ -33,14 +33,16 @@ from torch.func import functional_call
 from torchvision import transforms as T
 
 
-from common import (AlignedPairs, IMAGE_SUFFIXES, ImageFiles, Logger, SaveTimer, UserError,
-                    autocast, average_gradients, check_finite, check_flags, check_same_weights,
-                    check_save, epoch_rows, flop_counter, init_distributed, is_main,
-                    load_checkpoint, main_guard, make_loader, mean_over_ranks, next_batch, own_rng,
-                    parse_config, pick_device, prepare_run, print_summary, read_checkpoint,
-                    read_shapes, report_crash, require, resolve_data, save_checkpoint, save_gif,
-                    save_grid, seed_everything, shard_draw, sig3, start_line, world_size)
+from common import (Logger, SaveTimer, UserError, autocast, average_gradients, check_finite,
+                    check_flags, check_same_weights, check_save, flop_counter, init_distributed,
+                    is_main, load_checkpoint, load_run, main_guard, mean_over_ranks, next_batch,
+                    own_rng, parse_config, pick_device, prepare_run, print_summary, report_crash,
+                    require, save_checkpoint, save_gif, save_grid, seed_everything, shard_draw,
+                    sig3, start_line, world_size)
+from data.datasets import (AlignedPairs, IMAGE_SUFFIXES, ImageFiles, epoch_rows, make_loader,
+                           resolve_data)
 from data.metrics import LPIPS
+from data.toy import read_shapes
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -87,8 +89,8 @@ PRESETS = {  # edges2shoes = the defaults; afhq: 60 epochs of 14,630 images / 2
     "toy": dict(img_size=64, ngf=16, nef=8, ndf=8, batch=8, total_iters=3000, log_every=100,
                 sample_every=300, save_every=300, num_workers=0),
 }
-# A resumed run refuses a change of these (the weights would not fit); any other changed flag is
-# applied (common.resume_config).
+# Resume, sample and eval refuse a change of these (the weights would not fit); any other given
+# flag is applied (common.run_config).
 FIXED = ("data", "img_size", "input_nc", "output_nc", "nz", "ngf", "nef", "ndf", "where_add")
 
 # ----------------------------------------------------------------------------
@@ -301,7 +303,7 @@ def to_pair(batch, cfg, device, flip=None):
 
 def batch_stream(dataset, cfg, device, step):
     """Endless (A, B) batches from `step` on; order and flips are pure functions of (seed, step),
-    and under torchrun each process takes its rows of every global batch (common.epoch_rows)."""
+    and under torchrun each process takes its rows of every global batch (datasets.epoch_rows)."""
     n, b = len(dataset), cfg.batch
     per_epoch, mine = epoch_rows(n, b)
     while True:
@@ -572,23 +574,21 @@ def bench(cfg):
           f"{sig3(counter.get_total_flops() * its * N / 1e12)} TFLOP/s")
 
 
-def load_run(cfg, ckpt):
-    """Nets from a checkpoint, built from the run's own config (sizes match); G in eval mode."""
-    path = Path(ckpt or Path(cfg.out) / "last.pt")
-    require(path.is_file(), f"{path}: no checkpoint; train first or pass --ckpt PATH")
-    saved = read_checkpoint(path, Config)["config"]  # one line if empty, cut or foreign
-    cfg = Config(**{**saved, **{k: getattr(cfg, k) for k in ("data", "out", "device")}})
+def trained_nets(cfg, ckpt, given=()):
+    """sample / eval: (cfg, nets, device) of a run (common.load_run: its checkpoint fixes the
+    architecture and data); G in eval mode."""
     device = pick_device(cfg.device)
-    nets = build_nets(cfg, device)
-    load_checkpoint(path, nets, restore_rng=False, map_location=device)
-    return cfg, nets, device, nets["G"].eval(), nets["E"]
+    cfg, nets, _ = load_run(cfg, ckpt, lambda c, _: build_nets(c, device), given, FIXED)
+    nets["G"].eval()
+    return cfg, nets, device
 
 
 @torch.no_grad()
-def evaluate(cfg, ckpt, n_inputs=100, n_z=20, lpips=None):
+def evaluate(cfg, ckpt, n_inputs=100, n_z=20, lpips=None, given=()):
     """Official diversity: mean LPIPS of 19 consecutive pairs of 20 random-z outputs per input;
     L1 of G(A, mu(E(B))) vs B; toy oracle: shape and position kept, colour varying with z."""
-    cfg, nets, device, G, E = load_run(cfg, ckpt)
+    cfg, nets, device = trained_nets(cfg, ckpt, given)
+    G, E = nets["G"], nets["E"]
     A, B = fixed_inputs(cfg, device, n_inputs)
     try:
         lpips = lpips or LPIPS("alex").to(device)
@@ -643,12 +643,12 @@ def main(argv=None):
     if ns.mode == "train":
         return train(cfg, ns.given)
     if ns.mode == "eval":
-        return evaluate(cfg, ns.ckpt)
-    cfg, nets, device, G, E = load_run(cfg, ns.ckpt)
+        return evaluate(cfg, ns.ckpt, given=ns.given)
+    cfg, nets, device = trained_nets(cfg, ns.ckpt, ns.given)
     A, B = fixed_inputs(cfg, device)
     z = torch.randn(10, cfg.nz, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     sample_grid(nets, A, B, z, Path(cfg.out) / "sample_grid.png")
-    z_interp_gif(G, A, cfg.nz, Path(cfg.out) / "z_interp.gif", seed=cfg.seed)
+    z_interp_gif(nets["G"], A, cfg.nz, Path(cfg.out) / "z_interp.gif", seed=cfg.seed)
     print(f"wrote {cfg.out}/sample_grid.png and {cfg.out}/z_interp.gif")
 
 

@@ -34,14 +34,15 @@ from torch.utils.data import Subset
 from torchvision.utils import make_grid
 
 
-from common import (ImageFiles, Logger, SaveTimer, SHAPES, UserError, autocast, average_gradients,
-                    check_finite, check_flags, check_same_weights, check_save, epoch_rows,
-                    flop_counter, init_distributed, is_main, load_checkpoint, main_guard,
-                    make_loader, mean_over_ranks, next_batch, own_rng, parse_config, pick_device,
-                    prepare_run, print_summary, read_checkpoint, read_shapes, report_crash, require,
-                    resolve_data, save_checkpoint, save_gif, save_grid, seed_everything, shard_draw,
-                    sig3, start_line, to_tensor_norm, world_size)
+from common import (Logger, SaveTimer, UserError, autocast, average_gradients, check_finite,
+                    check_flags, check_same_weights, check_save, flop_counter, init_distributed,
+                    is_main, load_checkpoint, load_run, main_guard, mean_over_ranks, next_batch,
+                    own_rng, parse_config, pick_device, prepare_run, print_summary, report_crash,
+                    require, save_checkpoint, save_gif, save_grid, seed_everything, shard_draw,
+                    sig3, start_line, world_size)
+from data.datasets import ImageFiles, epoch_rows, make_loader, resolve_data, to_tensor_norm
 from data.metrics import LPIPS
+from data.toy import SHAPES, read_shapes
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -95,8 +96,8 @@ PRESETS = {
     "afhq": dict(img_size=256, ppl_crop=False, out="runs/04_afhq"),
     "celeba": dict(img_size=128, out="runs/04_celeba"),
 }
-# A resumed run refuses a change of these (the weights would not fit); any other changed flag is
-# applied (common.resume_config).
+# Resume, sample and eval refuse a change of these (the weights would not fit); any other given
+# flag is applied (common.run_config).
 FIXED = ("data", "img_size", "w_dim", "mapping_layers", "fmap_base", "fmap_max")
 
 # ----------------------------------------------------------------------------
@@ -312,7 +313,7 @@ def make_dataset(cfg):
 def real_batches(dataset, cfg, device, step):
     """Endless x_real (B, 3, R, R) from `step` on, randomly mirrored (official mirror_augment);
     order and flips are pure functions of (seed, step), so a resumed run sees the same data;
-    under torchrun each process takes its rows of every global batch (common.epoch_rows)."""
+    under torchrun each process takes its rows of every global batch (datasets.epoch_rows)."""
     n, b = len(dataset), cfg.batch
     per_epoch, mine = epoch_rows(n, b)
     while True:
@@ -732,15 +733,11 @@ def main(argv=None):
         device = init_distributed(cfg.device)
         return bench(cfg, device) if cfg.bench else train(cfg, device, ns.given)
     device = pick_device(cfg.device)
-    # sample / eval: G_ema of --ckpt (or, as before, --resume) PATH or out/last.pt, as trained
+    # sample / eval: G_ema of --ckpt (or, as before, --resume) PATH or out/last.pt (common.load_run)
     old = cfg.resume if cfg.resume not in ("", "auto") else ""
-    path = Path(ns.ckpt or old or Path(cfg.out) / "last.pt")
-    require(path.is_file(), f"{path}: no checkpoint; train first or pass --out RUN / --ckpt PATH")
-    saved = read_checkpoint(path, Config)["config"]  # one line if empty, cut or foreign
-    keep = ("img_size", "w_dim", "mapping_layers", "fmap_base", "fmap_max", "data")
-    cfg, out = dataclasses.replace(cfg, **{k: saved[k] for k in keep}), Path(cfg.out)
-    G = Generator(cfg).to(device).eval()
-    load_checkpoint(path, {"G_ema": G}, restore_rng=False)
+    G_ema = lambda c, _: {"G_ema": Generator(c).to(device).eval()}  # noqa: E731
+    cfg, nets, _ = load_run(cfg, ns.ckpt or old, G_ema, ns.given, FIXED)
+    G, out = nets["G_ema"], Path(cfg.out)
     if ns.mode == "sample":
         figures(G, cfg, out, device)
         return print(f"wrote {out}/truncation.png, style_mixing.png, stochastic_variation.png, "

@@ -1,7 +1,7 @@
 """Built-in toy domains and the oracle that reads their factors back from pixels.
 
 The toy sets are written in the *same on-disk formats* as the real datasets, so the scripts and the
-tests go through the real readers in common.py:
+tests go through the real readers in data/datasets.py:
 
   shapes  AFHQ-like domain folders   root/{train,val}/{circle,square,triangle}/00000.png
           domain = shape (the analogue of cat / dog / wild); style = object colour + stripe texture

@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from common import CelebAAttrs, UserError, load_checkpoint, save_checkpoint
+from common import UserError, load_checkpoint, save_checkpoint
 from conftest import (LAYOUTS, ROOT, console_lines, load_script, stop_with_signal, summary_files,
                       widest_console_line, write_unreadable)
 from data import toy
+from data.datasets import CelebAAttrs
 
 S = load_script("01_stargan_v1")
 SMALL = dict(img_size=16, g_conv_dim=4, d_conv_dim=4, g_repeat_num=1, d_repeat_num=3, amp=False)

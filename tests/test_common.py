@@ -1,4 +1,4 @@
-"""common.py and data/toy.py: readers, checkpoints, CLI, toy data + oracle, bad input, metrics."""
+"""common.py, data/datasets.py, data/toy.py: readers, checkpoints, CLI, toy data, oracle."""
 import dataclasses
 import errno
 import json
@@ -18,10 +18,9 @@ import torch
 from PIL import Image
 
 import common
-from data import metrics
 from common import UserError
-from conftest import write_unreadable
-from data import toy
+from conftest import ROOT, write_unreadable
+from data import datasets, metrics, toy
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,7 @@ def faces(tmp_path_factory):
 # Readers
 # ---------------------------------------------------------------------------------------------------
 def test_domain_folder_shapes_and_labels(shapes):
-    ds = common.DomainFolder(shapes, "train")
+    ds = datasets.DomainFolder(shapes, "train")
     assert ds.domains == ["circle", "square", "triangle"]
     assert len(ds) == 36 and ds.targets.count(1) == 12
     x, y = ds[13]
@@ -52,12 +51,12 @@ def test_domain_folder_shapes_and_labels(shapes):
 
 
 def test_reference_pairs_same_domain_different_files(shapes):
-    ds = common.ReferencePairs(shapes, "train", seed=3)
+    ds = datasets.ReferencePairs(shapes, "train", seed=3)
     for i in range(len(ds)):
         j = ds.partner[i]
         assert i != j and ds.targets[i] == ds.targets[j]
-    other = common.ReferencePairs(shapes, "train", seed=4).partner  # random partners, seeded
-    assert other != ds.partner and other == common.ReferencePairs(shapes, "train", seed=4).partner
+    other = datasets.ReferencePairs(shapes, "train", seed=4).partner  # random partners, seeded
+    assert other != ds.partner and other == datasets.ReferencePairs(shapes, "train", seed=4).partner
     x_ref, x_ref2, y = ds[20]
     assert x_ref.shape == x_ref2.shape == (3, 32, 32) and not torch.equal(x_ref, x_ref2)
     assert y == ds.targets[20]
@@ -72,8 +71,8 @@ def test_balanced_loader_draws_domains_equally(tmp_path):
             img = toy._u8(toy.render_shape(shape, 32, rng)[0])
             Image.frombytes("RGB", (32, 32), bytes(img.permute(1, 2, 0).flatten().tolist())).save(
                 toy_dir / f"{i}.png")
-    ds = common.DomainFolder(tmp_path)
-    batches = common.step_loader(ds, 8, seed=0, balanced=True)  # what 02 trains with
+    ds = datasets.DomainFolder(tmp_path)
+    batches = datasets.step_loader(ds, 8, seed=0, balanced=True)  # what 02 trains with
     ys = torch.cat([y for _, (x, y) in zip(range(30), batches)])
     share = torch.bincount(ys, minlength=3).float() / len(ys)
     assert share.min() > 0.25, share  # unbalanced sampling would give circles 83 %
@@ -81,8 +80,8 @@ def test_balanced_loader_draws_domains_equally(tmp_path):
 
 def test_celeba_attrs_parsing_and_split(faces):
     attrs = ["Male", "Blond_Hair"]
-    train = common.CelebAAttrs(faces, attrs, "train")
-    test = common.CelebAAttrs(faces, attrs, "test")
+    train = datasets.CelebAAttrs(faces, attrs, "train")
+    test = datasets.CelebAAttrs(faces, attrs, "test")
     assert len(test) == 6 and len(train) == 54  # small files keep a tenth for test
     assert not set(train.files) & set(test.files)
     lines = (faces / "list_attr_celeba.txt").read_text().split("\n")
@@ -97,11 +96,11 @@ def test_celeba_official_split_is_1999_test_rows(tmp_path, monkeypatch):
     (tmp_path / "images").mkdir()
     rows = [f"{i:06d}.jpg " + " ".join(["-1"] * 40) for i in range(1, 20001)]
     names = [f"{i:06d}.jpg" for i in range(1, 20001)]  # the reader keeps listed files it finds:
-    monkeypatch.setattr(common.os, "listdir", lambda folder: names)  # 20,000 real ones are slow
+    monkeypatch.setattr(datasets.os, "listdir", lambda folder: names)  # 20,000 real ones are slow
     (tmp_path / "list_attr_celeba.txt").write_text("20000\n" + " ".join(toy.CELEBA_40) + "\n"
                                                    + "\n".join(rows) + "\n")
-    test = common.CelebAAttrs(tmp_path, ["Young"], "test")
-    assert len(test) == 1999 and len(common.CelebAAttrs(tmp_path, ["Young"], "train")) == 18001
+    test = datasets.CelebAAttrs(tmp_path, ["Young"], "test")
+    assert len(test) == 1999 and len(datasets.CelebAAttrs(tmp_path, ["Young"], "train")) == 18001
     shuffled = [f"{i:06d}.jpg" for i in range(1, 20001)]
     random.seed(1234)  # the official code: random.seed(1234); random.shuffle(lines)
     random.shuffle(shuffled)
@@ -136,7 +135,7 @@ def test_broken_attribute_file_names_the_line(faces, tmp_path, case):
     root = _edit_attr_file(faces, tmp_path, lambda ls: ("list_attr_celeba.txt",
                                                         "".join(ln + "\n" for ln in edit(ls))))
     with pytest.raises(UserError, match=expected) as e:
-        common.CelebAAttrs(root, ["Male"])
+        datasets.CelebAAttrs(root, ["Male"])
     assert "\n" not in str(e.value) and "valid names" not in str(e.value)
 
 
@@ -150,7 +149,7 @@ def test_attribute_file_variants_keep_labels_aligned(faces, tmp_path, variant):
         return "list_attr_celeba.csv", "\r\n".join([header, *rows])
     root, attrs = _edit_attr_file(faces, tmp_path, edit), ["Black_Hair", "Male"]
     for split in ("train", "test"):
-        ref, got = common.CelebAAttrs(faces, attrs, split), common.CelebAAttrs(root, attrs, split)
+        ref, got = datasets.CelebAAttrs(faces, attrs, split), datasets.CelebAAttrs(root, attrs, split)
         assert [f.name for f in got.files] == [f.name for f in ref.files]
         assert torch.equal(got.labels, ref.labels) and 0 < ref.labels.mean() < 1
 
@@ -160,23 +159,23 @@ def test_attribute_rows_without_an_image_are_dropped(faces, tmp_path, capsys):
     (tmp_path / "list_attr_celeba.txt").write_text((faces / "list_attr_celeba.txt").read_text())
     with pytest.raises(UserError, match=r"none of the 60 files listed in .*list_attr_celeba.txt "
                        r"is in .*images \(e\.g\. 000001\.jpg\)"):
-        common.CelebAAttrs(tmp_path, ["Male"])
+        datasets.CelebAAttrs(tmp_path, ["Male"])
     for f in sorted((faces / "images").iterdir())[2:]:
         (tmp_path / "images" / f.name).symlink_to(f)
-    n = sum(len(common.CelebAAttrs(tmp_path, ["Male"], split)) for split in ("train", "test"))
+    n = sum(len(datasets.CelebAAttrs(tmp_path, ["Male"], split)) for split in ("train", "test"))
     assert n == 58 and capsys.readouterr().err.count("2 of the 60 files listed") == 1
 
 
 def test_small_attribute_file_keeps_a_test_row_and_names_an_empty_split(faces, tmp_path, capsys):
     root = _edit_attr_file(faces, tmp_path, lambda ls: ("list_attr_celeba.txt",
                                                         "\n".join(["5", *ls[1:7]])))
-    test = common.CelebAAttrs(root, ["Male"], "test")  # a tenth of 5 rows would be none
-    assert len(test) == 1 and len(common.CelebAAttrs(root, ["Male"], "train")) == 4
+    test = datasets.CelebAAttrs(root, ["Male"], "test")  # a tenth of 5 rows would be none
+    assert len(test) == 1 and len(datasets.CelebAAttrs(root, ["Male"], "train")) == 4
     (tmp_path / "images").unlink()
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / test.files[0].name).symlink_to(faces / "images" / test.files[0].name)
     with pytest.raises(UserError, match=r"none of the train split's 4 rows has its image in"):
-        common.CelebAAttrs(root, ["Male"], "train")
+        datasets.CelebAAttrs(root, ["Male"], "train")
 
 
 def test_aligned_pairs_split_a_and_b(tmp_path):
@@ -184,13 +183,13 @@ def test_aligned_pairs_split_a_and_b(tmp_path):
     img = Image.new("RGB", (64, 32), (255, 0, 0))
     img.paste((0, 0, 255), (32, 0, 64, 32))  # left half red (A), right half blue (B)
     img.save(tmp_path / "train" / "0.png")
-    a, b = common.AlignedPairs(tmp_path)[0]
+    a, b = datasets.AlignedPairs(tmp_path)[0]
     assert a.shape == b.shape == (3, 32, 32)
     assert a[0].mean() == 1 and a[2].mean() == -1 and b[2].mean() == 1 and b[0].mean() == -1
 
 
 def test_image_files_recursive(shapes):
-    ds = common.ImageFiles(shapes)
+    ds = datasets.ImageFiles(shapes)
     assert len(ds) == 45 and ds[0].shape == (3, 32, 32)
 
 
@@ -475,6 +474,66 @@ def test_resume_applies_optimisation_settings_and_refuses_architecture(tmp_path,
 FIXED = ("data", "img_size")
 
 
+@dataclasses.dataclass
+class SampleCfg:
+    out: str = ""  # LOCAL; when not given, the checkpoint's folder
+    device: str = "cpu"  # LOCAL: always this command's
+    img_size: int = 4  # architecture: always the checkpoint's
+    batch: int = 8  # per invocation: this command's when given
+    seed: int = 0  # left out: the run's
+
+
+def build_linear(cfg, extra):  # a net whose shape depends on the architecture field
+    return {"G": torch.nn.Linear(cfg.img_size, 2)}
+
+
+def test_load_run_takes_the_architecture_from_the_checkpoint(tmp_path):
+    run, net = tmp_path / "run", torch.nn.Linear(8, 2)
+    run.mkdir()
+    trained = SampleCfg(out=str(run), device="cuda:3", img_size=8, batch=32, seed=5)
+    common.save_checkpoint(run / "last.pt", 3, trained, {"G": net}, {}, extra={"names": ["a"]})
+    seen = []
+    build = lambda cfg, extra: seen.append(extra) or build_linear(cfg, extra)  # noqa: E731
+    here = SampleCfg(out=str(run), device="cpu", img_size=4, batch=2, seed=0)
+    cfg, nets, extra = common.load_run(here, "", build, given=("batch",), fixed=("img_size",))
+    assert (cfg.img_size, cfg.seed) == (8, 5)  # the architecture; a flag left out
+    assert (cfg.batch, cfg.device) == (2, "cpu")  # a flag given; a LOCAL setting
+    assert seen == [{"names": ["a"]}] == [extra] and torch.equal(nets["G"].weight, net.weight)
+    # --ckpt elsewhere: the outputs go beside it, unless --out is given
+    elsewhere = SampleCfg(out=str(tmp_path / "other"))
+    assert common.load_run(elsewhere, run / "last.pt", build_linear)[0].out == str(run)
+    assert common.load_run(elsewhere, run / "last.pt", build_linear, given=("out",))[0].out == \
+        str(tmp_path / "other")
+    with pytest.raises(UserError, match=r"^--img-size 4: .*run/last.pt was trained with img_size "
+                                        r"8; .*leave --img-size out"):
+        common.load_run(here, "", build_linear, given=("img_size",), fixed=("img_size",))
+
+
+def test_load_run_names_a_bad_file_in_one_line(tmp_path):
+    good = tmp_path / "good.pt"
+    common.save_checkpoint(good, 1, SampleCfg(img_size=8), {"G": torch.nn.Linear(8, 2)}, {})
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:600])
+    common.save_checkpoint(tmp_path / "other.pt", 1, run_cfg(tmp_path), {}, {})  # another script's
+    torch.save({"weight": torch.zeros(2, 4)}, tmp_path / "plain.pt")  # e.g. a released file
+    cases = {"missing.pt": "no such checkpoint; train first, or pass --ckpt FILE",
+             "empty.pt": "cannot read this checkpoint", "cut.pt": "cannot read this checkpoint",
+             "other.pt": "not a checkpoint of this script", "plain.pt": "not a checkpoint of this "
+             "script"}
+    for name, why in cases.items():
+        with pytest.raises(UserError) as e:
+            common.load_run(SampleCfg(), tmp_path / name, build_linear)
+        assert str(e.value).startswith(f"{tmp_path / name}: {why}") and "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"good.pt: not a checkpoint of this script \(.*state_dict"):
+        common.load_run(SampleCfg(), good, lambda cfg, extra: {"G": torch.nn.Linear(3, 2)})
+
+    def official(path, nets):  # a file with no training state, into nets of this command's cfg
+        nets["G"].load_state_dict({"weight": torch.load(path)["weight"], "bias": torch.ones(2)})
+        return nets
+
+    cfg, nets, extra = common.load_run(SampleCfg(), tmp_path / "plain.pt", build_linear,
+                                       official=official)
+    assert cfg == SampleCfg() and extra == {} and nets["G"].bias.tolist() == [1.0, 1.0]
 def test_non_finite_loss_names_step_and_term(tmp_path):
     common.check_finite({"D/real": torch.tensor(0.5)}, 3)
     with pytest.raises(UserError, match=r"step 12: loss term 'G/sty' is nan.*none yet"):
@@ -548,19 +607,19 @@ def test_main_guard_turns_ctrl_c_into_one_line(capsys):
 # ---------------------------------------------------------------------------------------------------
 def test_missing_data_folder_names_download_and_toy(tmp_path):
     with pytest.raises(UserError, match=r"data/download.py afhq.*--data toy"):
-        common.resolve_data(str(tmp_path / "afhq"), "shapes", 32)
+        datasets.resolve_data(str(tmp_path / "afhq"), "shapes", 32)
 
 
 def test_bad_domain_folders(tmp_path):
     with pytest.raises(UserError, match="missing"):
-        common.DomainFolder(tmp_path)
+        datasets.DomainFolder(tmp_path)
     (tmp_path / "train" / "cat").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "train" / "cat" / "a.png")
     with pytest.raises(UserError, match="at least 2"):
-        common.DomainFolder(tmp_path)
+        datasets.DomainFolder(tmp_path)
     (tmp_path / "train" / "dog").mkdir()
     with pytest.raises(UserError, match=r"train/dog: no images"):
-        common.DomainFolder(tmp_path)
+        datasets.DomainFolder(tmp_path)
 
 
 def test_corrupt_image_is_named_and_skipped(tmp_path, capsys):
@@ -568,13 +627,13 @@ def test_corrupt_image_is_named_and_skipped(tmp_path, capsys):
         (tmp_path / "train" / d).mkdir(parents=True)
         Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "train" / d / "good.png")
     (tmp_path / "train" / "a" / "bad.png").write_bytes(b"not a png")
-    ds = common.DomainFolder(tmp_path)
+    ds = datasets.DomainFolder(tmp_path)
     i = [str(p) for p, _ in ds.samples].index(str(tmp_path / "train" / "a" / "bad.png"))
     x, y = ds[i]
     assert x.shape == (3, 8, 8) and y == 0 and ds.n_skipped == 1
     assert "bad.png" in capsys.readouterr().err
     with pytest.raises(UserError, match="bad.png"):
-        common.load_rgb(tmp_path / "train" / "a" / "bad.png")
+        datasets.load_rgb(tmp_path / "train" / "a" / "bad.png")
 
 
 def _reader_with_bad_files(kind, root):
@@ -583,17 +642,17 @@ def _reader_with_bad_files(kind, root):
         toy.write_shapes(root, 16, n_train=3, n_val=0, seed=0)
         bad = [write_unreadable(root / "train" / d / f"{k}.png", k)
                for d, k in (("circle", "random"), ("circle", "chunk"), ("square", "empty"))]
-        reader = common.DomainFolder(root) if kind == "domains" else common.ImageFiles(root)
+        reader = datasets.DomainFolder(root) if kind == "domains" else datasets.ImageFiles(root)
     elif kind == "celeba":
         toy.write_faces(root, 24, n=12, seed=0)
-        reader = common.CelebAAttrs(root, ["Male"], "train")
+        reader = datasets.CelebAAttrs(root, ["Male"], "train")
         bad = [write_unreadable(f, k) for f, k in zip(reader.files[3:5], ("text", "random"))]
     else:  # aligned pairs
         (root / "train").mkdir()
         for i in range(3):
             Image.new("RGB", (16, 8), (40 * i, 0, 0)).save(root / "train" / f"{i}.png")
         bad = [write_unreadable(root / "train" / "00.png", "empty")]  # sorts first
-        reader = common.AlignedPairs(root)
+        reader = datasets.AlignedPairs(root)
     return reader, [f.name for f in bad]
 
 
@@ -613,9 +672,9 @@ def test_every_reader_skips_unreadable_files_and_names_each_once(tmp_path, capsy
 def test_skipped_file_is_named_once_across_workers_and_epochs(tmp_path, capfd):
     toy.write_shapes(tmp_path, 16, n_train=4, n_val=0, seed=0)
     write_unreadable(tmp_path / "train" / "circle" / "bad.png", "random")
-    ds = common.DomainFolder(tmp_path)
+    ds = datasets.DomainFolder(tmp_path)
     for epoch in range(3):  # 03 and 04 build a loader (new worker processes) every epoch
-        assert len(list(common.make_loader(ds, 13, num_workers=2, seed=epoch))) == 1
+        assert len(list(datasets.make_loader(ds, 13, num_workers=2, seed=epoch))) == 1
     err = capfd.readouterr().err
     assert err.count("bad.png") == 1 and ds.n_skipped == 1, err  # the main process counts too
 
@@ -624,9 +683,9 @@ def test_unreadable_domain_is_one_line_also_with_workers(tmp_path):
     toy.write_shapes(tmp_path, 16, n_train=2, n_val=0, seed=0)
     for f in (tmp_path / "train" / "square").iterdir():
         write_unreadable(f, "text")
-    ds, before = common.DomainFolder(tmp_path), set(multiprocessing.active_children())
+    ds, before = datasets.DomainFolder(tmp_path), set(multiprocessing.active_children())
     with pytest.raises(UserError) as e:
-        next(iter(common.make_loader(ds, len(ds), num_workers=1)))
+        next(iter(datasets.make_loader(ds, len(ds), num_workers=1)))
     assert set(multiprocessing.active_children()) <= before  # its worker stopped, not left to gc
     msg = str(e.value)
     assert "\n" not in msg and "Caught" not in msg, msg  # not DataLoader's wrapped traceback
@@ -638,7 +697,7 @@ def test_val_domains_must_match_train(tmp_path):
     (tmp_path / "val" / "circle").rename(tmp_path / "val" / "oval")
     with pytest.raises(UserError, match=r"val: domain folders \['oval', 'square', 'triangle'\] "
                        r"differ from train/'s \['circle', 'square', 'triangle'\]"):
-        common.DomainFolder(tmp_path, "val")
+        datasets.DomainFolder(tmp_path, "val")
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "LA"])
@@ -650,26 +709,33 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode):
     else:
         img = img.convert(mode)
     img.save(path)
-    out = common.load_rgb(path)
+    out = datasets.load_rgb(path)
     assert out.mode == "RGB" and out.size == (6, 4) and min(out.getpixel((0, 0))) >= 250
 
 
 def test_unknown_attribute_lists_valid_names(faces):
     with pytest.raises(UserError, match=r"\['Blnd_Hair'\].*Blond_Hair"):
-        common.CelebAAttrs(faces, ["Blnd_Hair"])
+        datasets.CelebAAttrs(faces, ["Blnd_Hair"])
+
+
+def test_common_imports_nothing_from_data():
+    """data/ imports common (errors, ranks); the reverse would be a circle."""
+    code = "import sys, common; print([m for m in sys.modules if m.split('.')[0] == 'data'])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
 def test_main_guard_prints_one_line_and_exits_2(tmp_path):
-    code = ("import common\ndef main(argv):\n    common.resolve_data('nope/afhq', 'shapes', 32)\n"
-            "common.main_guard(main)\n")
+    code = ("import common\nfrom data import datasets\ndef main(argv):\n"
+            "    datasets.resolve_data('nope/afhq', 'shapes', 32)\ncommon.main_guard(main)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=common.ROOT)
+                       cwd=ROOT)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: --data")
 
 
 def test_batch_larger_than_dataset(shapes):
     with pytest.raises(UserError, match="--batch 100"):
-        common.make_loader(common.DomainFolder(shapes, "val"), 100)
+        datasets.make_loader(datasets.DomainFolder(shapes, "val"), 100)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -808,7 +874,7 @@ common.prepare_run(run_cfg(sys.argv[2])); print('holding', flush=True); time.sle
 def test_one_run_per_folder_and_a_dead_run_never_blocks(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(Path(__file__).parent), str(out)],
-                              cwd=common.ROOT, stdout=subprocess.PIPE, text=True)
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "holding\n"
         for cfg in (run_cfg(out), run_cfg(out, resume="auto"), run_cfg(out, overwrite=True)):

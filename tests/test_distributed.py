@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 import common
 from common import UserError
 from conftest import ROOT, load_script, stop_with_signal
+from data import datasets
 
 WORLD, TOL = 2, 1e-5
 
@@ -162,10 +163,10 @@ def _worker(rank, port, out):
     said = {}
     for case in ("global batch > data", "data < world"):
         try:
-            common.StepSampler(3 if case.startswith("global") else 1, 2)
+            datasets.StepSampler(3 if case.startswith("global") else 1, 2)
         except UserError as e:
             said[case] = str(e)
-    said["sampler"] = {mode: list(itertools.islice(common.StepSampler(
+    said["sampler"] = {mode: list(itertools.islice(datasets.StepSampler(
         10, 2, 5, 0, weights, name="x"), 7)) for mode, weights in SAMPLERS.items()}
     said.update(_fault_runs(rank, out))
     (out / f"said_rank{rank}.json").write_text(json.dumps(said))
@@ -270,16 +271,16 @@ def test_sampler_rows_of_two_processes_are_the_global_batch_and_resume_exactly(t
     said = [json.loads((two_processes / f"said_rank{r}.json").read_text())["sampler"]
             for r in range(WORLD)]
     for mode, weights in SAMPLERS.items():  # 10 images, global batch 4: 2 steps per epoch
-        one = list(itertools.islice(common.StepSampler(10, 4, 5, 0, weights, name="x"), 7))
+        one = list(itertools.islice(datasets.StepSampler(10, 4, 5, 0, weights, name="x"), 7))
         assert [a + b for a, b in zip(said[0][mode], said[1][mode])] == [
             [list(item) for item in batch] for batch in one], mode  # (index, key) pairs
-        resumed = list(itertools.islice(common.StepSampler(10, 4, 5, 3, weights, name="x"), 4))
+        resumed = list(itertools.islice(datasets.StepSampler(10, 4, 5, 3, weights, name="x"), 4))
         assert resumed == one[3:], mode
         if mode == "epochs":  # each image once per epoch
             for epoch in range(3):
                 idx = [i for batch in one[2 * epoch:2 * epoch + 2] for i, _ in batch]
                 assert len(set(idx)) == 8, idx
-    other = list(itertools.islice(common.StepSampler(10, 4, 5, 0, name="y"), 7))
+    other = list(itertools.islice(datasets.StepSampler(10, 4, 5, 0, name="y"), 7))
     assert other != one  # streams drawn side by side (02's sources and references) differ
 
 

@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import common
 from conftest import load_script
+from data import datasets
 
 # script: flags of a tiny run (no loader workers); 03 and 04 read a folder of 8 images
 RUNS = {
@@ -67,9 +68,9 @@ def test_data_loading_never_touches_a_cuda_generator(monkeypatch):
     calls = []
     for fn in ("manual_seed", "manual_seed_all"):  # what torch.manual_seed calls for the GPUs
         monkeypatch.setattr(torch.cuda, fn, lambda *a, _fn=fn: calls.append(_fn))
-    batches = common.step_loader(_Draws(), 4, seed=0)
+    batches = datasets.step_loader(_Draws(), 4, seed=0)
     first = [next(batches) for _ in range(3)]
-    again = common.step_loader(_Draws(), 4, seed=0)
+    again = datasets.step_loader(_Draws(), 4, seed=0)
     assert all(torch.equal(a, next(again)) for a in first)  # keyed: the same draws again
     assert not torch.equal(first[0], first[1])
     assert calls == [], f"the sampler reseeded CUDA generators {len(calls)} times"
