@@ -76,7 +76,7 @@ def summary_files(text):
     before it. Paths are taken relative to the working directory, as printed."""
     start = text.rindex("\n== ") + 1 if "\n== " in text else text.index("== ")
     block = text[start:].splitlines()[1:]
-    files, folder = {}, None
+    files, folder, label = {}, None, ""
     for line in block:
         label = line[:12].strip() or label
         if label in ("oracle", "next"):

@@ -173,7 +173,7 @@ def main():
             rows.append((bug[0], bug[1], "yes" if caught else "NO", ", ".join(failed[:3]), secs))
             print(f"{bug[1]}  {'caught' if caught else 'SURVIVED':8}  {secs:6.1f} s  {bug[0]}"
                   + (f"  ({rows[-1][3]})" if failed else ""), flush=True)
-    print(f"\n| bug | script | caught | by | s |\n|---|---|---|---|---|")
+    print("\n| bug | script | caught | by | s |\n|---|---|---|---|---|")
     for name, script, caught, by, secs in rows:
         print(f"| {name} | {script} | {caught} | {by or '-'} | {secs:.0f} |")
     survived = sum(r[2] == "NO" for r in rows)

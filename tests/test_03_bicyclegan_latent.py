@@ -2,7 +2,6 @@
 import json
 import re
 import signal
-from dataclasses import replace
 
 import pytest
 import torch
