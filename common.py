@@ -247,6 +247,26 @@ def autocast(device, amp):
 
 # ---- Several processes: torchrun starts one per GPU (or several on the CPU); one run, not N.
 # In a plain run (no torchrun, or one process) every helper below does nothing: world size 1.
+# Batch: --batch is per process, the global batch N × --batch, and no lr or schedule scaling is
+#   applied: every schedule counts steps (λ_ds over --ds-iter, the EMA's β per step), so keeping
+#   the default batch on N GPUs trains on N times the paper's images. Batch-dependent details: 03's
+#   KL term is summed over the batch (official), so its weight grows with the global batch; 04's
+#   minibatch-stddev groups form within each process (as official multi-GPU StyleGAN) and its EMA
+#   half-life and w̄ follow the global batch's images.
+# One run: all processes build the same weights from the same seed (checked at the start); the
+#   console, log.jsonl (losses averaged over processes), samples and last.pt come from rank 0. A
+#   checkpoint resumes at any N, exactly when the global batch is the same: each step's samples,
+#   flips, crops and random draws (z, mixing, α, dropout masks, noise) are drawn for the global
+#   batch from the seed and the step (shard_draw), each process keeping its rows.
+# Gradients: one explicit all-reduce per optimizer step (average_gradients), not DDP, whose reducer
+#   expects each wrapped parameter to get a gradient in every backward; these GANs use several
+#   optimizers, backward passes into some nets only, double backwards (R1, WGAN-GP) and functional
+#   calls. tests/test_distributed.py checks that 2 processes × B end an iteration with the weights
+#   of 1 process × 2B (float64, ≤ 4e-8 apart).
+# Several machines: the same code and data paths on each, port 29500 of the rendezvous host open,
+#   --out on a shared filesystem (every process reads last.pt on resume). Faults stop every
+#   process: a stop signal at the same step (rank 0 saves), a data error or non-finite loss with one
+#   `error:` line (torchrun's own traceback follows it), a dead peer after TIMEOUT in a collective.
 TIMEOUT = datetime.timedelta(minutes=10)  # a dead or stuck peer stops the others, never a hang;
 # rank 0's longest lone work (sample grids, the toy oracle, a checkpoint write) is far shorter
 _PEERS = {}  # set once by init_distributed: the CPU control group
