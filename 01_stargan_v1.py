@@ -24,6 +24,7 @@ import time
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -294,8 +295,9 @@ def train_step(G, D, opt_g, opt_d, x_real, c_org, step, cfg, k=0, sizes=(), mult
     return losses
 
 
-def build(cfg, sizes, device):
-    """G sees [c_1, .., c_n, m] (the mask only with n > 1 datasets); D classifies c_1..c_n."""
+def build_nets(cfg, sizes, device):
+    """nets.G sees [c_1, .., c_n, m] (the mask only with n > 1 datasets); nets.D classifies
+    c_1..c_n. sizes: the label count of each dataset."""
     n, R = len(sizes), cfg.d_repeat_num
     require(cfg.img_size % 4 == 0 and cfg.img_size >= 2 ** R, f"--img-size {cfg.img_size}: D "
             f"halves it {R} times (--d-repeat-num) and G needs a multiple of 4; use a multiple of "
@@ -304,9 +306,14 @@ def build(cfg, sizes, device):
     D = Discriminator(cfg.img_size, cfg.d_conv_dim, sum(sizes), cfg.d_repeat_num).to(device)
     if cfg.compile:  # in place: the state_dict keeps its names
         G.compile()
-    fast, betas = {"fused" if device.type == "cuda" else "foreach": True}, (cfg.beta1, cfg.beta2)
-    return G, D, *(torch.optim.Adam(net.parameters(), lr, betas, **fast)
-                   for net, lr in ((G, cfg.g_lr), (D, cfg.d_lr)))
+    return SimpleNamespace(G=G, D=D)
+
+
+def build_optims(nets, cfg):
+    """Adam (β1, β2) for G and D at their own lrs (§4); fused kernels on CUDA."""
+    fast = {"fused" if next(nets.G.parameters()).is_cuda else "foreach": True}
+    return {k: torch.optim.Adam(getattr(nets, k).parameters(), lr, (cfg.beta1, cfg.beta2), **fast)
+            for k, lr in (("G", cfg.g_lr), ("D", cfg.d_lr))}
 
 
 # ----------------------------------------------------------------------------
@@ -343,7 +350,8 @@ def target_names(names, multi, combo=False):
     short = [n.replace("_Hair", "") for n in names]
     titles = [t if n in HAIR or not multi else f"±{t}" for n, t in zip(names, short)]
     hair = [t for n, t in zip(names, short) if n in HAIR]
-    return titles + ([f"{hair[0] if hair else ''} ±all"] if combo and multi and len(names) > 1 else [])
+    combo = combo and multi and len(names) > 1
+    return titles + ([f"{hair[0] if hair else ''} ±all"] if combo else [])
 
 
 def save_translations(G, x_real, c_org, sources, path, labels=None, titles=None):
@@ -431,8 +439,7 @@ def trained_nets(cfg, ns, device):
                                         extra.get("multi", [True]))]
 
     def nets(c, extra):
-        G, D, _, _ = build(c, [len(s.names) for s in sources(c, extra)], device)
-        return {"G": G, "D": D}
+        return vars(build_nets(c, [len(s.names) for s in sources(c, extra)], device))
 
     def official(path, nets):
         return {"G": load_official(path, nets["G"]), "D": None}
@@ -457,8 +464,9 @@ def train(cfg, device, given=()):
     cfg, ckpt = prepare_run(cfg, given, FIXED)  # a resumed run: flags left out keep saved values
     seed_everything(cfg.seed)
     sources = list(make_sources(cfg))
-    G, D, opt_g, opt_d = build(cfg, sizes := [len(s.names) for s in sources], device)
-    nets, opts, last = {"G": G, "D": D}, {"G": opt_g, "D": opt_d}, Path(cfg.out) / "last.pt"
+    nets = build_nets(cfg, sizes := [len(s.names) for s in sources], device)
+    opts, last = build_optims(nets, cfg), Path(cfg.out) / "last.pt"
+    (G, D), (opt_g, opt_d), nets = (nets.G, nets.D), (opts["G"], opts["D"]), vars(nets)  # by name
     step = start = load_checkpoint(ckpt, nets, opts)["step"] if ckpt else 0
     check_same_weights(nets)  # torchrun: one run, every process from the same weights
     extra = {"names": [s.names for s in sources], "multi": [s.multi for s in sources]}
@@ -533,7 +541,8 @@ def bench(cfg, device):
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier one's
-    G, D, opt_g, opt_d = build(cfg, [len(cfg.attrs)], device)
+    nets = build_nets(cfg, [len(cfg.attrs)], device)
+    (G, D), (opt_g, opt_d) = (nets.G, nets.D), build_optims(nets, cfg).values()
     x = torch.rand(cfg.batch, 3, cfg.img_size, cfg.img_size, device=device) * 2 - 1
     c = (torch.rand(cfg.batch, len(cfg.attrs), device=device) > 0.5).float()
     batch, sync = (x, c, c.flip(0), cfg), lambda: torch.cuda.synchronize(device) if cuda else None

@@ -23,6 +23,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -338,31 +339,31 @@ def forward(nets, A, B, nz):
     """Official `forward`: half 1 -> cVAE-GAN and cLR-GAN outputs (same A); half 2 -> D2's reals."""
     half = A.shape[0] // 2
     A_enc, B_enc, B_rand = A[:half], B[:half], B[half:]  # (B/2, C, H, W) each
-    mu, logvar = nets["E"](B_enc)  # (B/2, nz) each
+    mu, logvar = nets.E(B_enc)  # (B/2, nz) each
     # Under torchrun the noise of each process: its rows of the global batch's draw
     eps = shard_draw(lambda n: torch.randn(n, nz, device=A.device, dtype=mu.dtype), half)
     z_enc = mu + torch.exp(0.5 * logvar) * eps  # reparameterisation
     z_rand = shard_draw(lambda n: torch.randn(n, nz, device=A.device), half)  # (B/2, nz)
     H, W = A.shape[2:]  # the dropout masks of the two G passes: [(B/2, C, h, w), ...] each
-    drop_enc = shard_draw(lambda n: nets["G"].dropout_masks(n, H, W, A.device), half)
-    drop_rand = shard_draw(lambda n: nets["G"].dropout_masks(n, H, W, A.device), half)
-    x_enc = nets["G"](A_enc, z_enc, drop_enc)  # (B/2, 3, H, W) B_hat, should reconstruct B_enc
-    x_rand = nets["G"](A_enc, z_rand, drop_rand)  # (B/2, 3, H, W)
+    drop_enc = shard_draw(lambda n: nets.G.dropout_masks(n, H, W, A.device), half)
+    drop_rand = shard_draw(lambda n: nets.G.dropout_masks(n, H, W, A.device), half)
+    x_enc = nets.G(A_enc, z_enc, drop_enc)  # (B/2, 3, H, W) B_hat, should reconstruct B_enc
+    x_rand = nets.G(A_enc, z_rand, drop_rand)  # (B/2, 3, H, W)
     return dict(B_enc=B_enc, B_rand=B_rand, mu=mu, logvar=logvar, z_rand=z_rand, x_enc=x_enc,
                 x_rand=x_rand)
 
 
 def ge_losses(nets, fw, cfg):
     """Weighted terms of Eq. (9) for G and E (official backward_EG + backward_G_alone)."""
-    loss = dict(G_GAN=lsgan_loss(frozen_call(nets["D"], fw["x_enc"]), 1.0),  # L_GAN^VAE (cVAE-GAN)
-                G_GAN2=lsgan_loss(frozen_call(nets["D2"], fw["x_rand"]), 1.0))  # L_GAN (cLR-GAN)
+    loss = dict(G_GAN=lsgan_loss(frozen_call(nets.D, fw["x_enc"]), 1.0),  # L_GAN^VAE (cVAE-GAN)
+                G_GAN2=lsgan_loss(frozen_call(nets.D2, fw["x_rand"]), 1.0))  # L_GAN (cLR-GAN)
     loss["G_L1"] = cfg.lambda_l1 * l1_loss(fw["x_enc"], fw["B_enc"])
     # Summed over the global batch: under torchrun each process holds 1/N of the sum and the
     # gradients are averaged over processes, hence × N
     loss["kl"] = cfg.lambda_kl * kl_loss(fw["mu"], fw["logvar"]) * world_size()
     # §3: L1^latent trains G only (if E learnt from it too, G and E could hide z in the image
     # rather than learn modes): its gradient passes through E into G, never into E's weights.
-    mu2, _ = frozen_call(nets["E"], fw["x_rand"])  # (B/2, nz), E's mean (official point estimate)
+    mu2, _ = frozen_call(nets.E, fw["x_rand"])  # (B/2, nz), E's mean (official point estimate)
     loss["z_L1"] = cfg.lambda_z * l1_loss(mu2, fw["z_rand"])
     return loss
 
@@ -394,8 +395,8 @@ def train_step(nets, opts, A, B, cfg, device):
     with autocast(device, cfg.amp):
         fw = forward(nets, A, B, cfg.nz)
         losses = g_step(nets, opts, fw, cfg)
-        losses["D"] = d_step(nets["D"], opts["D"], fw["B_enc"], fw["x_enc"])
-        losses["D2"] = d_step(nets["D2"], opts["D2"], fw["B_rand"], fw["x_rand"])
+        losses["D"] = d_step(nets.D, opts["D"], fw["B_enc"], fw["x_enc"])
+        losses["D2"] = d_step(nets.D2, opts["D2"], fw["B_rand"], fw["x_rand"])
     return losses
 
 
@@ -410,23 +411,27 @@ def build_nets(cfg, device):
     require(cfg.img_size >= 64 and cfg.img_size & (cfg.img_size - 1) == 0,
             f"--img-size {cfg.img_size}: use a power of two >= 64 (both PatchGAN scales need it)")
     require(cfg.where_add in ("all", "input"), "--where-add must be 'all' or 'input'")
-    nets = dict(G=Generator(cfg.input_nc, cfg.output_nc, cfg.nz, cfg.ngf, cfg.img_size,
-                            cfg.where_add, cfg.dropout),
-                E=Encoder(cfg.output_nc, cfg.nz, cfg.nef, cfg.img_size),
-                D=MultiScaleD(cfg.output_nc, cfg.ndf), D2=MultiScaleD(cfg.output_nc, cfg.ndf))
-    for m in (m for net in nets.values() for m in net.modules()):  # official init
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.xavier_normal_(m.weight, gain=0.02)
-            nn.init.zeros_(m.bias)
-    for net in nets.values() if cfg.compile else ():
-        net.compile()  # in place: the state_dict keeps its names
-    return {k: net.to(device) for k, net in nets.items()}
+    nets = SimpleNamespace(G=Generator(cfg.input_nc, cfg.output_nc, cfg.nz, cfg.ngf, cfg.img_size,
+                                       cfg.where_add, cfg.dropout),
+                           E=Encoder(cfg.output_nc, cfg.nz, cfg.nef, cfg.img_size),
+                           D=MultiScaleD(cfg.output_nc, cfg.ndf),
+                           D2=MultiScaleD(cfg.output_nc, cfg.ndf))
+    for net in vars(nets).values():
+        for m in net.modules():  # official init
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                nn.init.xavier_normal_(m.weight, gain=0.02)
+                nn.init.zeros_(m.bias)
+        net.to(device)
+        if cfg.compile:
+            net.compile()  # in place: the state_dict keeps its names
+    return nets
 
 
-def build_optims(nets, cfg, device):
+def build_optims(nets, cfg):
     """Adam(lr, betas (0.5, 0.999)) for each of G, E, D, D2; fused kernels on CUDA."""
-    return {k: torch.optim.Adam(n.parameters(), cfg.lr, betas=(0.5, 0.999),
-                                fused=device.type == "cuda" or None) for k, n in nets.items()}
+    fused = next(nets.G.parameters()).is_cuda or None
+    return {k: torch.optim.Adam(net.parameters(), cfg.lr, betas=(0.5, 0.999), fused=fused)
+            for k, net in vars(nets).items()}
 
 # ----------------------------------------------------------------------------
 # 6. Sampling
@@ -435,8 +440,8 @@ def build_optims(nets, cfg, device):
 def sample_grid(nets, A, B, z_fixed, path):
     """Rows [A, B, G(A, mu(E(B))), G(A, z_1..K)]; eval mode and z = mu, as official test.py.
     Columns titled: input A, target B, enc. z (G(A, μ(E(B))): B's style), z 1..K (random)."""
-    G, (N, K) = nets["G"].eval(), (A.shape[0], z_fixed.shape[0])
-    x_enc = G(A, nets["E"](B)[0])  # (N, 3, H, W)
+    G, (N, K) = nets.G.eval(), (A.shape[0], z_fixed.shape[0])
+    x_enc = G(A, nets.E(B)[0])  # (N, 3, H, W)
     x_rand = G(A.repeat_interleave(K, 0), z_fixed.repeat(N, 1)).view(N, K, *B.shape[1:])
     G.train()
     rows = torch.cat([A.expand_as(B)[:, None], B[:, None], x_enc[:, None], x_rand], 1)
@@ -476,9 +481,9 @@ def train(cfg, given=()):
     seed_everything(cfg.seed)
     out, last = Path(cfg.out), Path(cfg.out) / "last.pt"
     nets = build_nets(cfg, device)
-    opts = build_optims(nets, cfg, device)
-    step = start = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
-    check_same_weights(nets)  # torchrun: one run, every process from the same weights
+    opts, named = build_optims(nets, cfg), vars(nets)  # named: for the checkpoint
+    step = start = load_checkpoint(ckpt, named, opts, map_location=device)["step"] if ckpt else 0
+    check_same_weights(named)  # torchrun: one run, every process from the same weights
     stream = batch_stream(build_dataset(cfg, "train"), cfg, device, step)
     A_fix, B_fix = fixed_inputs(cfg, device)
     z_fix = torch.randn(5, cfg.nz, generator=torch.Generator().manual_seed(1)).to(device)
@@ -499,7 +504,7 @@ def train(cfg, given=()):
             with own_rng(device):
                 if line := toy_oracle(nets, cfg, device):
                     print(f"oracle @ {step}: {line}")
-        check_save(last, step, cfg, nets, opts)
+        check_save(last, step, cfg, named, opts)
         saves = SaveTimer(cfg.save_every, cfg.save_minutes, cfg.total_iters, cfg.log_every)
         logger.t0 = time.time()  # its it/s and ETA: training steps only
         while step < cfg.total_iters:
@@ -515,9 +520,9 @@ def train(cfg, given=()):
             if (step % cfg.sample_every == 0 or step == cfg.total_iters) and is_main():
                 progress(step)
             if saves.due(step):  # every save_every steps and every save_minutes
-                save_checkpoint(last, step, cfg, nets, opts, losses=losses)
+                save_checkpoint(last, step, cfg, named, opts, losses=losses)
     except KeyboardInterrupt:  # keep the work done so far, if finite (else: one-line error)
-        save_checkpoint(last, step, cfg, nets, opts, losses=losses, interrupted=True)
+        save_checkpoint(last, step, cfg, named, opts, losses=losses, interrupted=True)
         print()  # a new line after the ^C
         stopped = True
     except Exception as e:  # a bug: last.pt is left as it was (never a half-done step)
@@ -545,8 +550,8 @@ def toy_oracle(nets, cfg, device):
     if cfg.data not in ("", "toy"):
         return ""
     A, B = fixed_inputs(cfg, device, 100)
-    lines = oracle_lines(oracle_scores(random_outputs(nets["G"], A, cfg.nz, 20), B))
-    nets["G"].train()
+    lines = oracle_lines(oracle_scores(random_outputs(nets.G, A, cfg.nz, 20), B))
+    nets.G.train()
     return "\n    ".join(lines)
 
 
@@ -557,7 +562,7 @@ def bench(cfg):
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier one's
     nets = build_nets(cfg, device)
-    opts = build_optims(nets, cfg, device)
+    opts = build_optims(nets, cfg)
     A, B = (torch.rand(cfg.batch, c, s, s, device=device) * 2 - 1 for c in (cfg.input_nc, 3))
     with flop_counter() as counter:
         train_step(nets, opts, A, B, cfg, device)
@@ -578,8 +583,9 @@ def trained_nets(cfg, ckpt, given=()):
     """sample / eval: (cfg, nets, device) of a run (common.load_run: its checkpoint fixes the
     architecture and data); G in eval mode."""
     device = pick_device(cfg.device)
-    cfg, nets, _ = load_run(cfg, ckpt, lambda c, _: build_nets(c, device), given, FIXED)
-    nets["G"].eval()
+    cfg, nets, _ = load_run(cfg, ckpt, lambda c, _: vars(build_nets(c, device)), given, FIXED)
+    nets = SimpleNamespace(**nets)
+    nets.G.eval()
     return cfg, nets, device
 
 
@@ -588,7 +594,7 @@ def evaluate(cfg, ckpt, n_inputs=100, n_z=20, lpips=None, given=()):
     """Official diversity: mean LPIPS of 19 consecutive pairs of 20 random-z outputs per input;
     L1 of G(A, mu(E(B))) vs B; toy oracle: shape and position kept, colour varying with z."""
     cfg, nets, device = trained_nets(cfg, ckpt, given)
-    G, E = nets["G"], nets["E"]
+    G, E = nets.G, nets.E
     A, B = fixed_inputs(cfg, device, n_inputs)
     try:
         lpips = lpips or LPIPS("alex").to(device)
@@ -648,7 +654,7 @@ def main(argv=None):
     A, B = fixed_inputs(cfg, device)
     z = torch.randn(10, cfg.nz, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     sample_grid(nets, A, B, z, Path(cfg.out) / "sample_grid.png")
-    z_interp_gif(nets["G"], A, cfg.nz, Path(cfg.out) / "z_interp.gif", seed=cfg.seed)
+    z_interp_gif(nets.G, A, cfg.nz, Path(cfg.out) / "z_interp.gif", seed=cfg.seed)
     print(f"wrote {cfg.out}/sample_grid.png and {cfg.out}/z_interp.gif")
 
 

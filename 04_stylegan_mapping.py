@@ -25,6 +25,7 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -129,7 +130,7 @@ def blur(x):
 
 
 class MappingNetwork(nn.Module):
-    """f: Z → W (§2, Fig. 1b): PixelNorm, then 8 × (FC + LReLU 0.2); its ×0.01 lr: see build."""
+    """f: Z → W (§2, Fig. 1b): PixelNorm, then 8 × (FC + LReLU 0.2); ×0.01 lr: build_optims."""
     def __init__(self, w_dim=512, n_layers=8):
         super().__init__()
         self.net = nn.Sequential(*[m for _ in range(n_layers)
@@ -388,19 +389,25 @@ def ema_update(G_ema, G, cfg):
     G_ema.w_avg.copy_(G.w_avg)
 
 
-def build(cfg, device):
-    """G, D, G_ema; Adam for D and G, f at lr × mapping_lr_mul as a param group (rosinality;
-    official scales inside f's layers: the same under Adam, but ours keeps weights ~N(0, 1))."""
+def build_nets(cfg, device):
+    """nets.G, nets.D, and nets.G_ema: a copy of G (sampling and the figures use it)."""
     G, G_ema = Generator(cfg).to(device), Generator(cfg).to(device).requires_grad_(False)
     G_ema.load_state_dict(G.state_dict())
     D = Discriminator(cfg.img_size, cfg.fmap_base, cfg.fmap_max).to(device)
     if cfg.compile:  # in place: the state_dict keeps its names; G_ema (sampling) stays eager
         G.mapping.compile()  # the steps call f and g directly, never G.forward
         G.synthesis.compile()
-    kw = dict(lr=cfg.lr, betas=cfg.betas, eps=1e-8, fused=device.type == "cuda" or None)
+    return SimpleNamespace(G=G, D=D, G_ema=G_ema)
+
+
+def build_optims(nets, cfg):
+    """Adam for G and D, f at lr × mapping_lr_mul as a param group (rosinality; official scales
+    inside f's layers: the same under Adam, but ours keeps weights ~N(0, 1))."""
+    G, fused = nets.G, next(nets.G.parameters()).is_cuda or None
+    kw = dict(lr=cfg.lr, betas=cfg.betas, eps=1e-8, fused=fused)
     opt_G = torch.optim.Adam([{"params": G.synthesis.parameters()}, {
         "params": G.mapping.parameters(), "lr": cfg.lr * cfg.mapping_lr_mul}], **kw)
-    return G, D, G_ema, opt_G, torch.optim.Adam(D.parameters(), **kw)
+    return {"G": opt_G, "D": torch.optim.Adam(nets.D.parameters(), **kw)}
 
 
 # ----------------------------------------------------------------------------
@@ -616,8 +623,9 @@ def console_terms(cfg):
 
 def train(cfg, device, given=()):
     (cfg, ckpt), out = prepare_run(cfg, given, FIXED), Path(cfg.out)  # resumed: see FIXED
-    G, D, G_ema, opt_G, opt_D = build(cfg, device)
-    nets, opts = {"G": G, "D": D, "G_ema": G_ema}, {"G": opt_G, "D": opt_D}
+    nets = build_nets(cfg, device)
+    opts = build_optims(nets, cfg)
+    (G, D, G_ema), (opt_G, opt_D), nets = vars(nets).values(), opts.values(), vars(nets)  # by name
     step = start = load_checkpoint(ckpt, nets, opts, map_location=device)["step"] if ckpt else 0
     check_same_weights(nets)  # torchrun: one run, every process from the same weights
     dataset = make_dataset(cfg)
@@ -695,7 +703,8 @@ def bench(cfg, device):
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier one's
-    G, D, G_ema, opt_G, opt_D = build(cfg, device)
+    nets = build_nets(cfg, device)
+    (G, D, G_ema), (opt_G, opt_D) = vars(nets).values(), build_optims(nets, cfg).values()
     x = torch.rand(cfg.batch, 3, cfg.img_size, cfg.img_size, device=device) * 2 - 1
     sync = lambda: torch.cuda.synchronize(device) if cuda else None  # noqa: E731
     with flop_counter() as counter:

@@ -123,3 +123,10 @@ def stop_with_signal(argv, sig, nproc=0, group=False, timeout=120):
     os.killpg(p.pid, sig) if group else p.send_signal(sig)
     out, err = p.communicate(timeout=timeout)
     return p.returncode, "".join(seen) + out, err
+
+
+def build_all(script, cfg, *args):
+    """A script's nets, then its optimizers, as one tuple: build_nets(cfg, *args) in its order
+    (01: G, D; 04: G, D, G_ema), then build_optims (G, D)."""
+    nets = script.build_nets(cfg, *args)
+    return (*vars(nets).values(), *script.build_optims(nets, cfg).values())

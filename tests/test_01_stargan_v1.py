@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from common import UserError, load_checkpoint, save_checkpoint
-from conftest import (LAYOUTS, ROOT, console_lines, load_script, stop_with_signal, summary_files,
-                      widest_console_line, write_unreadable)
+from conftest import (LAYOUTS, ROOT, build_all, console_lines, load_script, stop_with_signal,
+                      summary_files, widest_console_line, write_unreadable)
 from data import toy
 from data.datasets import CelebAAttrs
 
@@ -33,7 +33,7 @@ def small(**kw):
 
 
 def nets(cfg, sizes=(5,)):
-    return S.build(cfg, list(sizes), torch.device("cpu"))
+    return build_all(S, cfg, list(sizes), torch.device("cpu"))
 
 
 def batch(B=4, S_=16, A=5):

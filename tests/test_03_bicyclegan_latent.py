@@ -34,15 +34,15 @@ def test_shapes(where_add, size, batch):
     A = torch.rand(batch, 1, size, size) * 2 - 1
     B = torch.rand(batch, 3, size, size) * 2 - 1
     z = torch.randn(batch, cfg.nz)
-    x = nets["G"](A, z)
+    x = nets.G(A, z)
     assert x.shape == (batch, 3, size, size) and x.abs().max() <= 1
-    mu, logvar = nets["E"](B)
+    mu, logvar = nets.E(B)
     assert mu.shape == logvar.shape == (batch, cfg.nz)
     n = {64: (6, 2), 128: (14, 6)}[size]  # 30 and 14 at 256 px
-    assert [tuple(p.shape) for p in nets["D"](B)] == [(batch, 1, n[0], n[0]), (batch, 1, n[1], n[1])]
+    assert [tuple(p.shape) for p in nets.D(B)] == [(batch, 1, n[0], n[0]), (batch, 1, n[1], n[1])]
     # z matters: a different code gives a different output (dropout off)
-    nets["G"].eval()
-    assert (nets["G"](A, z) - nets["G"](A, torch.randn_like(z))).abs().max() > 0
+    nets.G.eval()
+    assert (nets.G(A, z) - nets.G(A, torch.randn_like(z))).abs().max() > 0
     fw = bg.forward(nets, A, B, cfg.nz)  # half encoded, half random
     assert fw["x_enc"].shape == fw["x_rand"].shape == (batch // 2, 3, size, size)
     assert torch.equal(fw["B_rand"], B[batch // 2:])
@@ -81,13 +81,13 @@ def test_latent_l1_gives_E_no_gradient():
     A, B = torch.rand(2, 1, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
     loss = bg.ge_losses(nets, bg.forward(nets, A, B, cfg.nz), cfg)
     sum(v for k, v in loss.items() if k != "z_L1").backward(retain_graph=True)
-    g_E = {k: p.grad.clone() for k, p in nets["E"].named_parameters()}
-    g_G = {k: p.grad.clone() for k, p in nets["G"].named_parameters()}
+    g_E = {k: p.grad.clone() for k, p in nets.E.named_parameters()}
+    g_G = {k: p.grad.clone() for k, p in nets.G.named_parameters()}
     assert any(g.abs().max() > 0 for g in g_E.values())  # L1 and KL do train E
     loss["z_L1"].backward()
-    assert all(torch.equal(g_E[k], p.grad) for k, p in nets["E"].named_parameters())
-    assert max((g_G[k] - p.grad).abs().max() for k, p in nets["G"].named_parameters()) > 0
-    for D in (nets["D"], nets["D2"]):  # frozen during the G/E losses
+    assert all(torch.equal(g_E[k], p.grad) for k, p in nets.E.named_parameters())
+    assert max((g_G[k] - p.grad).abs().max() for k, p in nets.G.named_parameters()) > 0
+    for D in (nets.D, nets.D2):  # frozen during the G/E losses
         assert all(p.grad is None for p in D.parameters())
 
 
@@ -95,19 +95,19 @@ def test_steps_change_only_their_nets():
     cfg = small_cfg()
     dev = torch.device("cpu")
     nets = bg.build_nets(cfg, dev)
-    opts = bg.build_optims(nets, cfg, dev)
+    opts = bg.build_optims(nets, cfg)
     A, B = torch.rand(2, 1, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
     fw = bg.forward(nets, A, B, cfg.nz)
-    before = {k: params(n) for k, n in nets.items()}
+    before = {k: params(n) for k, n in vars(nets).items()}
     bg.g_step(nets, opts, fw, cfg)
-    assert changed(before["G"], nets["G"]) and changed(before["E"], nets["E"])
-    assert not changed(before["D"], nets["D"]) and not changed(before["D2"], nets["D2"])
-    before = {k: params(n) for k, n in nets.items()}
-    bg.d_step(nets["D2"], opts["D2"], fw["B_rand"], fw["x_rand"])
-    assert changed(before["D2"], nets["D2"])
-    assert not any(changed(before[k], nets[k]) for k in ("G", "E", "D"))
-    bg.d_step(nets["D"], opts["D"], fw["B_enc"], fw["x_enc"])
-    assert changed(before["D"], nets["D"]) and not changed(before["G"], nets["G"])
+    assert changed(before["G"], nets.G) and changed(before["E"], nets.E)
+    assert not changed(before["D"], nets.D) and not changed(before["D2"], nets.D2)
+    before = {k: params(n) for k, n in vars(nets).items()}
+    bg.d_step(nets.D2, opts["D2"], fw["B_rand"], fw["x_rand"])
+    assert changed(before["D2"], nets.D2)
+    assert not any(changed(before[k], getattr(nets, k)) for k in ("G", "E", "D"))
+    bg.d_step(nets.D, opts["D"], fw["B_enc"], fw["x_enc"])
+    assert changed(before["D"], nets.D) and not changed(before["G"], nets.G)
 
 
 class KnownD(torch.nn.Module):
@@ -142,11 +142,11 @@ def test_ge_losses_are_weighted():
     fw["mu"] = torch.ones_like(fw["mu"]) + 0 * fw["mu"]  # KL = Σ μ²/2 = numel / 2
     loss = bg.ge_losses(nets, fw, cfg)
     assert loss["kl"].item() == pytest.approx(3.0 * fw["mu"].numel() / 2)
-    want = dict(G_GAN=bg.lsgan_loss(nets["D"](fw["x_enc"]), 1.0),  # cVAE-GAN's fakes, D
-                G_GAN2=bg.lsgan_loss(nets["D2"](fw["x_rand"]), 1.0),  # cLR-GAN's fakes, D2
+    want = dict(G_GAN=bg.lsgan_loss(nets.D(fw["x_enc"]), 1.0),  # cVAE-GAN's fakes, D
+                G_GAN2=bg.lsgan_loss(nets.D2(fw["x_rand"]), 1.0),  # cLR-GAN's fakes, D2
                 G_L1=2.0 * bg.l1_loss(fw["x_enc"], fw["B_enc"]),
                 kl=3.0 * bg.kl_loss(fw["mu"], fw["logvar"]),
-                z_L1=5.0 * bg.l1_loss(nets["E"](fw["x_rand"])[0], fw["z_rand"]))
+                z_L1=5.0 * bg.l1_loss(nets.E(fw["x_rand"])[0], fw["z_rand"]))
     assert loss.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(loss[k], want[k], msg=k)
@@ -158,7 +158,7 @@ def test_train_step_feeds_each_D_its_own_pair(monkeypatch):
     cfg = small_cfg(batch=4)
     dev = torch.device("cpu")
     nets = bg.build_nets(cfg, dev)
-    opts = bg.build_optims(nets, cfg, dev)
+    opts = bg.build_optims(nets, cfg)
     fws, calls, forward, d_step = [], [], bg.forward, bg.d_step
 
     def spy_forward(*a):
@@ -173,8 +173,8 @@ def test_train_step_feeds_each_D_its_own_pair(monkeypatch):
     A, B = torch.rand(4, 1, 64, 64) * 2 - 1, torch.rand(4, 3, 64, 64) * 2 - 1
     losses = bg.train_step(nets, opts, A, B, cfg, dev)
     (fw,), (D, opt_D, real, fake), (D2, opt_D2, real2, fake2) = fws, *calls
-    assert D is nets["D"] and opt_D is opts["D"] and real is fw["B_enc"] and fake is fw["x_enc"]
-    assert D2 is nets["D2"] and opt_D2 is opts["D2"] and real2 is fw["B_rand"] and \
+    assert D is nets.D and opt_D is opts["D"] and real is fw["B_enc"] and fake is fw["x_enc"]
+    assert D2 is nets.D2 and opt_D2 is opts["D2"] and real2 is fw["B_rand"] and \
         fake2 is fw["x_rand"]
     assert {"G_GAN", "G_GAN2", "G_L1", "kl", "z_L1", "D", "D2"} == losses.keys()
 
@@ -323,7 +323,7 @@ def test_nan_stops_the_run_at_the_next_log_step(tmp_path, monkeypatch):
         calls.append(1)
         losses = real(nets, *a, **kw)
         with torch.no_grad():
-            next(nets["D"].parameters()).fill_(float("nan"))
+            next(nets.D.parameters()).fill_(float("nan"))
         return losses
     monkeypatch.setattr(bg, "train_step", broken)
     with pytest.raises(bg.UserError, match=r"step 2: loss term '\w+' is nan; stopping without"):

@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (ROOT, console_lines, load_script, stop_with_signal, summary_files,
-                      widest_console_line, write_unreadable)
+from conftest import (ROOT, build_all, console_lines, load_script, stop_with_signal,
+                      summary_files, widest_console_line, write_unreadable)
 from PIL import Image
 
 import common
@@ -121,7 +121,7 @@ def test_adain_output_has_style_statistics():
 
 def test_noise_scale_starts_at_zero_then_matters():
     cfg = tiny_cfg()
-    G, D, _, opt_G, _ = m.build(cfg, torch.device("cpu"))
+    G, D, _, opt_G, _ = build_all(m, cfg, torch.device("cpu"))
     assert all(torch.equal(layer.noise_scale, torch.zeros_like(layer.noise_scale))
                for layer in G.synthesis.layers)
     z = torch.randn(2, cfg.w_dim)
@@ -197,7 +197,7 @@ def test_minibatch_stddev_groups_of_four(tmp_path):
 def test_steps_change_only_their_nets():
     cfg = tiny_cfg()
     dev = torch.device("cpu")
-    G, D, G_ema, opt_G, opt_D = m.build(cfg, dev)
+    G, D, G_ema, opt_G, opt_D = build_all(m, cfg, dev)
     assert opt_G.param_groups[1]["lr"] == pytest.approx(cfg.lr * 0.01)  # the mapping's ×0.01
     assert {id(p) for p in opt_G.param_groups[1]["params"]} == {id(p) for p in G.mapping.parameters()}
     g0, d0 = snapshot(G), snapshot(D)
@@ -228,7 +228,7 @@ def test_d_step_gradient_is_logistic_plus_half_gamma_r1():
     """App. C: D minimises the logistic loss + γ/2 · R1 on reals. From γ = 0 to γ = 4 the gradient
     d_step leaves in D (same weights and draws) moves by 2 ∇R1, R1 = E‖∇_x D(x)‖² found here."""
     dev = torch.device("cpu")
-    G, D0, _, _, _ = m.build(tiny_cfg(), dev)
+    G, D0, _, _, _ = build_all(m, tiny_cfg(), dev)
     x = torch.rand(4, 3, 16, 16) * 2 - 1
 
     def d_step(gamma):
@@ -251,7 +251,7 @@ def test_g_step_w_avg_and_ema_with_non_default_betas():
     """w̄ ← β_w w̄ + (1 − β_w) mean f(z) over the step's z (β_w 0.8), and the EMA of G with a
     0.008 k-image half-life, β = 0.5^(4/8): β θ_ema + (1 − β) θ for every parameter, w̄ copied."""
     cfg, dev = tiny_cfg(w_avg_beta=0.8, ema_kimg=0.008), torch.device("cpu")
-    G, D, G_ema, opt_G, _ = m.build(cfg, dev)
+    G, D, G_ema, opt_G, _ = build_all(m, cfg, dev)
     with torch.no_grad():  # apart, so that the direction of each lerp shows
         G.w_avg.normal_()
         for p in G_ema.parameters():
@@ -282,13 +282,13 @@ def test_resume_gives_identical_next_losses(tmp_path):
         return {k: v.item() for k, v in out.items()}
 
     torch.manual_seed(1)
-    nets = m.build(cfg, dev)
+    nets = build_all(m, cfg, dev)
     step(nets)
     named = lambda n: ({"G": n[0], "D": n[1], "G_ema": n[2]}, {"G": n[3], "D": n[4]})  # noqa: E731
     common.save_checkpoint(tmp_path / "last.pt", 1, cfg, *named(nets))
     expected = [step(nets) for _ in range(2)]
     torch.manual_seed(123)  # a different RNG state and fresh weights: all must come from the file
-    fresh = m.build(cfg, dev)
+    fresh = build_all(m, cfg, dev)
     assert common.load_checkpoint(tmp_path / "last.pt", *named(fresh))["step"] == 1
     assert [step(fresh) for _ in range(2)] == expected
 

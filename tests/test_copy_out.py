@@ -42,7 +42,8 @@ def free_names(code):
             raise AssertionError(f"line {node.lineno}: an import inside sections 2-3")
         elif isinstance(node, ast.ExceptHandler) and node.name:
             bound.add(node.name)
-    loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    loads = {n.id for n in ast.walk(tree)
+             if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     return sorted(loads - bound)
 
 
@@ -103,7 +104,8 @@ def test_02_stargan_v2():
     m, ns = load_script("02_stargan_v2"), pasted("02_stargan_v2")
     cfg = m.Config(img_size=32, dim_in=8, max_conv_dim=16, mapping_dim=16, num_domains=3,
                    lambda_reg=2.0, lambda_sty=3.0, lambda_cyc=4.0)
-    kw = dict(G=((cfg.img_size, cfg.style_dim, cfg.max_conv_dim, cfg.w_hpf, cfg.dim_in), "Generator"),
+    kw = dict(G=((cfg.img_size, cfg.style_dim, cfg.max_conv_dim, cfg.w_hpf, cfg.dim_in),
+                 "Generator"),
               mapping=((cfg.latent_dim, cfg.style_dim, cfg.num_domains, cfg.mapping_dim),
                        "MappingNetwork"),
               E=((cfg.img_size, cfg.style_dim, cfg.num_domains, cfg.max_conv_dim, cfg.dim_in),
@@ -129,7 +131,8 @@ def test_02_stargan_v2():
 
 def test_03_bicyclegan_latent():
     bg, ns = load_script("03_bicyclegan_latent"), pasted("03_bicyclegan_latent")
-    G, G2 = twin(lambda: bg.Generator(ngf=4, img_size=64), lambda: ns["Generator"](ngf=4, img_size=64))
+    G, G2 = twin(lambda: bg.Generator(ngf=4, img_size=64),
+                 lambda: ns["Generator"](ngf=4, img_size=64))
     E, E2 = twin(lambda: bg.Encoder(nef=4, img_size=64), lambda: ns["Encoder"](nef=4, img_size=64))
     D, D2 = twin(lambda: bg.MultiScaleD(ndf=4), lambda: ns["MultiScaleD"](ndf=4))
     A, B, z = torch.rand(2, 1, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1, torch.randn(2, 8)

@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 import common
 from common import UserError
-from conftest import ROOT, load_script, stop_with_signal
+from conftest import ROOT, build_all, load_script, stop_with_signal
 from data import datasets
 
 WORLD, TOL = 2, 1e-5
@@ -86,7 +86,7 @@ def iteration_01(rows, step=True):
     cfg = S.Config(img_size=16, g_conv_dim=4, d_conv_dim=4, g_repeat_num=1, d_repeat_num=3,
                    n_critic=1, batch=len(rows), g_lr=1e-3, d_lr=1e-3)  # n_critic 1: D and G
     torch.manual_seed(0)
-    G, D, opt_g, opt_d = S.build(cfg, [5], torch.device("cpu"))
+    G, D, opt_g, opt_d = build_all(S, cfg, [5], torch.device("cpu"))
     if not step:
         return states({"G": G, "D": D})
     g = torch.Generator().manual_seed(1)
@@ -102,14 +102,14 @@ def iteration_03(rows, step=True):
     cfg = bg.Config(img_size=64, ngf=4, nef=4, ndf=4, batch=len(rows), dropout=True)
     torch.manual_seed(0)
     nets = bg.build_nets(cfg, torch.device("cpu"))
-    opts = bg.build_optims(nets, cfg, torch.device("cpu"))
+    opts = bg.build_optims(nets, cfg)
     if not step:
-        return states(nets)
+        return states(vars(nets))
     g = torch.Generator().manual_seed(1)
     A, B = torch.rand(8, 1, 64, 64, generator=g) * 2 - 1, torch.rand(8, 3, 64, 64, generator=g)
     torch.manual_seed(2)  # the draws inside the step: z of the encoder and random z, dropout
     bg.train_step(nets, opts, A[rows], B[rows] * 2 - 1, cfg, torch.device("cpu"))
-    return states(nets)
+    return states(vars(nets))
 
 
 class PerProcessD(torch.nn.Module):
@@ -129,7 +129,7 @@ def iteration_04(rows, step=True, per_process_d=False):
     cfg = m.Config(img_size=8, w_dim=16, mapping_layers=2, fmap_base=64, fmap_max=16,
                    batch=len(rows), mixing_prob=1.0)  # mixing always: its draws are tested
     torch.manual_seed(0)
-    G, D, G_ema, opt_G, opt_D = m.build(cfg, torch.device("cpu"))
+    G, D, G_ema, opt_G, opt_D = build_all(m, cfg, torch.device("cpu"))
     if not step:
         return states({"G": G, "D": D, "G_ema": G_ema})
     x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1

@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import common
 from data import fan as data_fan
 from data import metrics
-from conftest import load_script
+from conftest import build_all, load_script
 
 CUDA = torch.device("cuda", 0)
 # Where CPU meets CUDA on purpose: copies, and index tensors (x[:, [0, 2]] makes a CPU one)
@@ -137,7 +137,7 @@ def test_stargan_v1(preset, amp, gpu, grids, monkeypatch):
     seen, save = grids
     monkeypatch.setattr(S, "save_grid", save)
     A, B, H = len(cfg.attrs), 2, cfg.img_size
-    G, D, *_ = S.build(cfg, [A], META)
+    G, D, *_ = build_all(S, cfg, [A], META)
     G, D = gpu.to_gpu(G, D)
     with gpu.enter():
         opt_g, opt_d = (torch.optim.Adam(n.parameters(), fused=True) for n in (G, D))
@@ -199,18 +199,18 @@ def test_bicyclegan(preset, amp, gpu, grids, monkeypatch):
     monkeypatch.setattr(bg, "save_grid", save)
     monkeypatch.setattr(bg, "save_gif", save)
     nets = bg.build_nets(cfg, META)
-    gpu.to_gpu(*nets.values())
+    gpu.to_gpu(*vars(nets).values())
     B, H = 2, cfg.img_size
     with gpu.enter():
-        opts = bg.build_optims(nets, cfg, CUDA)
+        opts = bg.build_optims(nets, cfg)
         flip = torch.rand(B) < 0.5  # the loader's CPU batch, moved and flipped by to_pair
         A, Bimg = bg.to_pair((torch.rand(B, cfg.input_nc, H, H), torch.rand(B, 3, H, H)), cfg,
                              CUDA, flip)
         check_terms(bg.train_step(nets, opts, A, Bimg, cfg, CUDA))
         z = torch.randn(3, cfg.nz).to(CUDA)
         bg.sample_grid(nets, A, Bimg, z, "grid.png")
-        bg.z_interp_gif(nets["G"], A, cfg.nz, "z.gif")
-        assert bg.random_outputs(nets["G"], A, cfg.nz, 3).shape == (B, 3, 3, H, H)
+        bg.z_interp_gif(nets.G, A, cfg.nz, "z.gif")
+        assert bg.random_outputs(nets.G, A, cfg.nz, 3).shape == (B, 3, 3, H, H)
     assert seen == ["grid.png", "z.gif"]
 
 
@@ -223,7 +223,7 @@ def test_stylegan(preset, amp, gpu, grids, monkeypatch, tmp_path):
     seen, save = grids
     monkeypatch.setattr(sg, "save_grid", save)
     monkeypatch.setattr(sg, "save_gif", save)
-    G, D, G_ema, *_ = sg.build(cfg, META)
+    G, D, G_ema, *_ = build_all(sg, cfg, META)
     gpu.to_gpu(G, D, G_ema)
     with gpu.enter():
         opt_G, opt_D = (torch.optim.Adam(n.parameters(), fused=True) for n in (G, D))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import load_script
+from conftest import build_all, load_script
 
 TOL_REL, TOL_ABS = 0.03, 2e-3
 
@@ -63,7 +63,7 @@ def test_autocast_modes():
 def test_01_stargan_v1_fast_path():
     S = load_script("01_stargan_v1")
     cfg = S.Config(img_size=32, g_conv_dim=8, d_conv_dim=8, g_repeat_num=2, d_repeat_num=4)
-    G, D, opt_g, opt_d = S.build(cfg, [5], torch.device("cpu"))
+    G, D, opt_g, opt_d = build_all(S, cfg, [5], torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
     c = (torch.rand(4, 5, generator=g) > 0.5).float()
@@ -99,13 +99,13 @@ def test_03_bicyclegan_fast_path():
     cfg = bg.Config(ngf=8, nef=8, ndf=8, img_size=64, batch=4, num_workers=0)
     cpu = torch.device("cpu")
     nets = bg.build_nets(cfg, cpu)
-    opts = bg.build_optims(nets, cfg, cpu)
+    opts = bg.build_optims(nets, cfg)
     g = torch.Generator().manual_seed(0)
     A, B = torch.rand(4, 1, 64, 64, generator=g) * 2 - 1, torch.rand(4, 3, 64, 64, generator=g)
 
     def step(n, c_):
         return bg.train_step(n["nets"], n["opts"], A, B * 2 - 1, c_, cpu)
-    logs, seen = run_twice(step, dict(nets=nets, opts=opts, D=nets["D"]), cfg)
+    logs, seen = run_twice(step, dict(nets=nets, opts=opts, D=nets.D), cfg)
     print("03 |bf16 - fp32|:", diffs(logs))
     assert_close(logs, seen, [])
 
@@ -115,7 +115,7 @@ def test_04_stylegan_fast_path():
     cfg = dataclasses.replace(m.Config(), img_size=16, w_dim=32, fmap_base=128, fmap_max=32,
                               batch=4)
     cpu = torch.device("cpu")
-    G, D, _, opt_G, opt_D = m.build(cfg, cpu)
+    G, D, _, opt_G, opt_D = build_all(m, cfg, cpu)
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
     def step(n, c_):

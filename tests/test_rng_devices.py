@@ -12,7 +12,7 @@ from PIL import Image
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import common
-from conftest import load_script
+from conftest import build_all, load_script
 from data import datasets
 
 # script: flags of a tiny run (no loader workers); 03 and 04 read a folder of 8 images
@@ -163,7 +163,7 @@ def test_04_compile_reaches_what_the_steps_call(monkeypatch):
     monkeypatch.setattr(torch, "compile", counting_compile)
     cfg = sg.Config(img_size=16, w_dim=16, fmap_base=64, fmap_max=16, batch=4, amp=False,
                     compile=True)
-    G, D, G_ema, opt_G, opt_D = sg.build(cfg, torch.device("cpu"))
+    G, D, G_ema, opt_G, opt_D = build_all(sg, cfg, torch.device("cpu"))
     sg.d_step(G, D, opt_D, torch.rand(4, 3, 16, 16) * 2 - 1, cfg)
     sg.g_step(G, D, opt_G, 4, cfg, torch.device("cpu"))
     assert {"MappingNetwork", "Synthesis"} <= set(called)
