@@ -1,6 +1,6 @@
 """BicycleGAN: "Toward Multimodal Image-to-Image Translation" (Zhu et al., NeurIPS 2017,
 arXiv:1711.11586v4). Read beside §3: cVAE-GAN, cLR-GAN, the hybrid objective Eq. (9), details.
-Official code: junyanz/BicycleGAN. Symbols: A, B -> A (edges, 1 channel), B (photo); G, E; the
+Official code: junyanz/BicycleGAN. Symbols: A, B -> A (edges, toy: silhouette), B (photo); G, E; the
 cVAE-GAN / cLR-GAN discriminators -> D / D2; E(B) = (mu, log sigma^2) -> mu, logvar; z ~ E(B) ->
 z_enc; z ~ N(0, I) -> z_rand; B_hat = G(A, z_enc) -> x_enc; G(A, z_rand) -> x_rand;
 z_hat = E(G(A, z_rand)) -> mu2. Shapes: B batch, C channels, H = W = img_size, nz = 8.
@@ -13,11 +13,13 @@ Bench:    python 03_bicyclegan_latent.py --bench --preset edges2shoes   (256 px,
 GPUs:     torchrun --nproc_per_node 8 03_bicyclegan_latent.py --data data/edges2shoes  # 8 × 2
 Builds on: 01's code tiled over the image and concatenated to G's input (here z, not the label c),
 and 01's reconstruction cycle, moved from the image (x → x_fake → x_rec) to the latent (z → B̂ → ẑ).
-Expected: default toy run (3000 steps, 64 px): z picks the colour (std over 20 z 0.143-0.204,
-real images 0.258) while shape and position follow A (shape kept 78-83 %, position error 0.008,
-99.7 % valid); reconstruction from the encoded z is weaker (L1 0.100).
+Expected: default toy run (3000 steps, 64 px, seeds 0-2): shape and position follow A (shape
+kept 0.84-0.97, position error 0.012-0.055, 90-98 % valid); z picks the colour (std over 20 z
+0.140-0.178, real images 0.258); G(A, μ(E(B))) takes B's colour within 0.16-0.21 (random z:
+0.26-0.29), but on seed 1 the posterior collapsed (every output blue, error 0.279).
 Deviations: lr decays per iteration, not per epoch (resume stays exact); the U-Net/encoder depth
-follows img_size (the official code has 128 and 256 variants only); flips happen on the batch.
+follows img_size (the official code has 128 and 256 variants only); flips happen on the batch;
+toy only: A is a filled silhouette, lr 6e-4, λ_KL 0.001 (PRESETS says why).
 """
 import math
 import time
@@ -43,7 +45,7 @@ from common import (Logger, SaveTimer, UserError, autocast, average_gradients, c
 from data.datasets import (AlignedPairs, IMAGE_SUFFIXES, ImageFiles, epoch_rows, make_loader,
                            resolve_data)
 from data.metrics import LPIPS
-from data.toy import read_shapes
+from data.toy import BG, read_shapes
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -86,9 +88,14 @@ class Config:
 PRESETS = {  # edges2shoes = the defaults; afhq: 60 epochs of 14,630 images / 2
     "edges2shoes": {}, "afhq": dict(total_iters=438_900),
     # Deviation (toy only): 64 px (the smallest size both PatchGAN scales take), narrow nets and
-    # batch 8 instead of 2; 3000 steps (~9 CPU minutes): at 1200, z did not yet set the colour.
-    "toy": dict(img_size=64, ngf=16, nef=8, ndf=8, batch=8, total_iters=3000, log_every=100,
-                sample_every=300, save_every=300, num_workers=0),
+    # batch 8 instead of 2; 3000 steps. Its A is the object's filled silhouette (to_pair).
+    # lr 6e-4 (3x) and λ_KL 0.001 (/10): with 2e-4 and 0.01 the posterior collapsed (E's μ ≈ 0,
+    # z ignored, every output one colour) on this toy; it still does on some seeds (README).
+    # Likely why: the official init (gain 0.02) starts the IN-free paths that carry a colour's
+    # magnitude (E's shortcuts, G's outer skip) near zero, so G learns to ignore z_enc's noise
+    # before E learns to encode; and the KL is summed over 4 samples a step (official: 1).
+    "toy": dict(img_size=64, ngf=16, nef=8, ndf=8, batch=8, lr=6e-4, lambda_kl=0.001,
+                total_iters=3000, log_every=100, sample_every=300, save_every=300, num_workers=0),
 }
 # Resume, sample and eval refuse a change of these (the weights would not fit); any other given
 # flag is applied (common.run_config).
@@ -270,6 +277,17 @@ def is_aligned(folder):
     return False
 
 
+def silhouette(x):
+    """Toy A: x (B, 3, H, W) in [-1, 1] -> A (B, 1, H, W) in {-1, 1}: the object, filled dark on
+    white (its pixels differ from the toy background by > 0.2, as the oracle reads them).
+    Deviation (toy only): a flat object's outline looks the same inside and out to G's first,
+    un-normalised layers, the only ones where z's magnitude survives IN, so z could only tint the
+    whole image; filled, the first conv can set the object's colour from z (measured: with
+    edges, z tinted the background or drew frames, and shape kept was 0.49-0.79)."""
+    diff = ((x + 1) / 2 - BG.to(x.device).view(1, 3, 1, 1)).abs().amax(1, keepdim=True)
+    return 1.0 - 2.0 * (diff > 0.2).float()  # (B, 1, H, W)
+
+
 def build_dataset(cfg, split="train"):
     """pix2pix A|B files -> AlignedPairs (A, B); other folders (toy, AFHQ, CelebA) -> B alone."""
     root = resolve_data(cfg.data, "shapes", cfg.img_size)
@@ -295,7 +313,8 @@ def to_pair(batch, cfg, device, flip=None):
     """Loader batch -> (A, B) on device (A = edge_map(B) if absent); flip: (B,) bool, paired."""
     A, B = batch if isinstance(batch, (list, tuple)) else (None, batch)
     B = B.to(device, non_blocking=True)
-    A = edge_map(B) if A is None else A.to(device, non_blocking=True)
+    sketch = silhouette if cfg.data in ("", "toy") else edge_map
+    A = sketch(B) if A is None else A.to(device, non_blocking=True)
     if flip is not None:
         f = flip.to(device)[:, None, None, None]  # (B, 1, 1, 1)
         A, B = torch.where(f, A.flip(3), A), torch.where(f, B.flip(3), B)
@@ -502,8 +521,8 @@ def train(cfg, given=()):
         if is_main():
             progress(step)
             with own_rng(device):
-                if line := toy_oracle(nets, cfg, device):
-                    print(f"oracle @ {step}: {line}")
+                if lines := toy_oracle(nets, cfg, device):
+                    print(f"oracle @ {step}: " + "\n    ".join(lines))
         check_save(last, step, cfg, named, opts)
         saves = SaveTimer(cfg.save_every, cfg.save_minutes, cfg.total_iters, cfg.log_every)
         logger.t0 = time.time()  # its it/s and ETA: training steps only
@@ -531,28 +550,29 @@ def train(cfg, given=()):
     if not is_main():  # torchrun: rank 0 reports for the whole run
         return nets
     with own_rng(device):  # the same z for the same weights
-        line = "" if stopped else toy_oracle(nets, cfg, device)  # after Ctrl-C: out at once
+        lines = [] if stopped else toy_oracle(nets, cfg, device)  # after Ctrl-C: out at once
     me = Path(__file__).name
     print_summary(me, step, start, time.time() - t0, [
         ("samples", sorted((out / "samples").glob("0*.png"))[-1:]),
         ("loss curves", [out / "samples" / "losses.png"]),
-        ("checkpoint", [last, out / "log.jsonl"])], line, [
+        ("checkpoint", [last, out / "log.jsonl"])], lines, [
         (f"python {me} sample --out {out}", "a grid of random z and a z GIF"),
-        (f"python {me} eval --out {out}", "LPIPS diversity, L1" + (", the oracle" if line else "")),
+        (f"python {me} eval --out {out}", "LPIPS diversity, L1" + (", oracle" if lines else "")),
         (f"python {me} --out {out} --resume auto --total-iters {2 * cfg.total_iters}",
          "train on")], stopped)
     return nets
 
 
 def toy_oracle(nets, cfg, device):
-    """The toy oracle's line on 100 val inputs × 20 random z ("" for other data); G stays in
+    """The toy oracle's lines on 100 val inputs × 20 random z ([] for other data); G stays in
     train mode."""
     if cfg.data not in ("", "toy"):
-        return ""
+        return []
     A, B = fixed_inputs(cfg, device, 100)
-    lines = oracle_lines(oracle_scores(random_outputs(nets.G, A, cfg.nz, 20), B))
+    x = random_outputs(nets.G, A, cfg.nz, 20)  # (100, 20, 3, H, W)
+    lines = oracle_lines(oracle_scores(x, B, encoded_outputs(nets, A, B)))
     nets.G.train()
-    return "\n    ".join(lines)
+    return lines
 
 
 def bench(cfg):
@@ -594,18 +614,18 @@ def evaluate(cfg, ckpt, n_inputs=100, n_z=20, lpips=None, given=()):
     """Official diversity: mean LPIPS of 19 consecutive pairs of 20 random-z outputs per input;
     L1 of G(A, mu(E(B))) vs B; toy oracle: shape and position kept, colour varying with z."""
     cfg, nets, device = trained_nets(cfg, ckpt, given)
-    G, E = nets.G, nets.E
+    G = nets.G
     A, B = fixed_inputs(cfg, device, n_inputs)
     try:
         lpips = lpips or LPIPS("alex").to(device)
     except UserError as e:
         print(f"LPIPS diversity skipped: {e}")
-    x = random_outputs(G, A, cfg.nz, n_z)  # (N, n_z, 3, H, W)
-    res = dict(n_inputs=len(A), l1_rec=l1_loss(G(A, E(B)[0]), B).item())
+    x, x_enc = random_outputs(G, A, cfg.nz, n_z), encoded_outputs(nets, A, B)  # (N, n_z, ...)
+    res = dict(n_inputs=len(A), l1_rec=l1_loss(x_enc, B).item())
     if lpips:
         res["lpips_diversity"] = torch.cat([lpips(xi[:-1], xi[1:]) for xi in x]).mean().item()
     if cfg.data in ("", "toy"):
-        res.update(oracle_scores(x, B))
+        res.update(oracle_scores(x, B, x_enc))
     print(" | ".join(f"{k} {v:.4g}" for k, v in res.items()))
     return res
 
@@ -617,24 +637,40 @@ def random_outputs(G, A, nz, n_z):
                         for a in A]).float()
 
 
-def oracle_scores(x, B):
+@torch.no_grad()
+def encoded_outputs(nets, A, B):
+    """B̂ = G(A, mu(E(B))) in eval mode, z = mu as official test.py: (N, 3, H, W) float."""
+    return nets.G.eval()(A, nets.E(B)[0]).float()
+
+
+def oracle_scores(x, B, x_enc):
     """Toy: the outputs x (N, n_z, 3, H, W) should keep their target B's shape and position
-    while z picks the colour (data/toy.read_shapes reads both)."""
+    while z picks the colour; x_enc = G(A, mu(E(B))) (N, 3, H, W) should take B's colour
+    (data/toy.read_shapes reads all three)."""
     N, n_z = x.shape[:2]
-    truth, r = read_shapes(B), read_shapes(x.flatten(0, 1))
+    truth, r, enc = read_shapes(B), read_shapes(x.flatten(0, 1)), read_shapes(x_enc)
     t = {k: v.repeat_interleave(n_z, 0) for k, v in truth.items()}
     d_pos = ((r["cx"] - t["cx"]).abs() + (r["cy"] - t["cy"]).abs()) / 2  # (N * n_z,)
+
+    def color_err(f, color):  # mean |Δ| of the RGB colour in [0, 1], over readable outputs
+        return (f["color"] - color).abs().mean(1)[f["valid"]].mean().item()
+
     return dict(valid=r["valid"].float().mean().item(), pos_err=d_pos.mean().item(),
                 shape_kept=(r["domain"] == t["domain"]).float().mean().item(),
                 color_std_over_z=r["color"].view(N, n_z, 3).std(1).mean().item(),
-                color_std_real=truth["color"].std(0).mean().item())
+                color_std_real=truth["color"].std(0).mean().item(),
+                # The random-z outputs' error against B is the chance level for the encoded one.
+                color_err_enc=color_err(enc, truth["color"]),
+                color_err_rand=color_err(r, t["color"]))
 
 
 def oracle_lines(s):
     """What the oracle read, as lines for the console and the summary."""
     return [f"valid {s['valid']:.1%} | shape kept {s['shape_kept']:.2f}, position error "
             f"{s['pos_err']:.3f} of the side | colour std over z {s['color_std_over_z']:.3f} "
-            f"(real images {s['color_std_real']:.3f})"]
+            f"(real images {s['color_std_real']:.3f})",
+            f"encoded z, G(A, μ(E(B))): colour error vs B {s['color_err_enc']:.3f} "
+            f"(random z: {s['color_err_rand']:.3f})"]
 
 # ----------------------------------------------------------------------------
 # 8. Entry point

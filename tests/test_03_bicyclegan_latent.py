@@ -199,6 +199,36 @@ def test_edge_map():
     assert (A[0, 0, 12:20, 12:20] == 1).all() and (A[0, 0, :4] == 1).all()  # flat parts are not
 
 
+def test_toy_A_is_the_filled_silhouette():
+    import random
+    from data import toy
+    x = toy.render_shape("square", 64, random.Random(0))[0][None] * 2 - 1  # (1, 3, 64, 64)
+    A, B = bg.to_pair(x, small_cfg(), "cpu")
+    assert torch.equal(B, x) and A.shape == (1, 1, 64, 64)
+    f = toy.read_shapes(x)  # the oracle's object: its centre and size (sqrt of the area)
+    assert (A == -1).float().mean().sqrt() == pytest.approx(f["size"].item(), abs=1e-6)
+    cy, cx = int(f["cy"] * 64), int(f["cx"] * 64)
+    assert A[0, 0, cy, cx] == -1 and A[0, 0, 0, 0] == 1  # the interior is filled, not an outline
+    A_photo, _ = bg.to_pair(x, small_cfg(data="data/afhq"), "cpu")  # other data: Sobel edges
+    assert torch.equal(A_photo, bg.edge_map(x)) and (A_photo == 1).sum() > (A == 1).sum()
+
+
+def test_oracle_reads_the_encoded_colour():
+    import random
+    from data import toy
+    rng = random.Random(0)
+    B = torch.stack([toy.render_shape(toy.SHAPES[i % 3], 64, rng)[0] for i in range(6)]) * 2 - 1
+    x = B[:, None].expand(-1, 4, -1, -1, -1)  # every z gives B itself: no colour from z
+    s = bg.oracle_scores(x, B, B)  # the encoded path returns B: its colour exactly
+    assert s["valid"] == 1 and s["shape_kept"] == 1 and s["color_std_over_z"] == 0
+    assert s["color_err_enc"] == 0 and s["color_err_rand"] == 0
+    other = B.roll(1, 0)  # each input gets another image's colour (same shape is not needed)
+    s = bg.oracle_scores(other[:, None].expand(-1, 4, -1, -1, -1), B, other)
+    assert s["color_err_enc"] == pytest.approx(s["color_err_rand"]) and s["color_err_enc"] > 0.05
+    line = bg.oracle_lines(s)[1]
+    assert f"colour error vs B {s['color_err_enc']:.3f}" in line and "random z" in line
+
+
 def test_aligned_reader(tmp_path):
     (tmp_path / "train").mkdir()
     img = Image.new("RGB", (128, 64), (255, 0, 0))
@@ -308,7 +338,7 @@ def test_short_toy_run(tmp_path, capsys):
     res = bg.evaluate(small_cfg(out=str(out)), "", n_inputs=3, n_z=4,
                       lpips=LPIPS(pretrained=False))
     assert res["n_inputs"] == 3 and res["lpips_diversity"] > 0 and res["l1_rec"] > 0
-    assert {"valid", "shape_kept", "pos_err"} <= res.keys()  # the toy oracle ran
+    assert {"valid", "shape_kept", "pos_err", "color_err_enc"} <= res.keys()  # the oracle ran
     assert res["color_std_real"] > 0.05  # toy colours vary
 
 
