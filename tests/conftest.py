@@ -44,7 +44,11 @@ def _few_threads():
 @pytest.fixture(autouse=True)
 def _stop_handlers():
     # main_guard(fn) with no argv (the command line) installs stop-signal handlers and records the
-    # command: undone after each test, so later ones start as a fresh process does.
+    # command: undone after each test, so later ones start as a fresh process does. A suite
+    # started in the background (`&`, nohup) inherits an ignored SIGINT; the tests model a
+    # terminal's Ctrl-C, so they start from Python's own handler.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     before = {sig: signal.getsignal(sig) for sig in common.STOP_SIGNALS}
     yield
     for sig, handler in before.items():
