@@ -15,8 +15,8 @@ Builds on: 01's code tiled over the image and concatenated to G's input (here z,
 and 01's reconstruction cycle, moved from the image (x → x_fake → x_rec) to the latent (z → B̂ → ẑ).
 Expected: default toy run (3000 steps, 64 px, seeds 0-2): shape and position follow A (shape
 kept 0.84-0.97, position error 0.012-0.055, 90-98 % valid); z picks the colour (std over 20 z
-0.140-0.178, real images 0.258); G(A, μ(E(B))) takes B's colour within 0.16-0.21 (random z:
-0.26-0.29), but on seed 1 the posterior collapsed (every output blue, error 0.279).
+0.140-0.178, real images 0.258); G(A, μ(E(B))) misses B's colour by 0.16-0.28 (random z:
+0.26-0.29): E encodes little of it, and on seed 1 nothing (every output blue).
 Deviations: lr decays per iteration, not per epoch (resume stays exact); the U-Net/encoder depth
 follows img_size (the official code has 128 and 256 variants only); flips happen on the batch;
 toy only: A is a filled silhouette, lr 6e-4, λ_KL 0.001 (PRESETS says why).
