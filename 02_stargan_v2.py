@@ -17,7 +17,7 @@ Align:   python 02_stargan_v2.py align --src my_faces/ --out aligned/   # faces 
 Builds on: 01's one G for many domains (here y picks a branch of F and E and an output of D); 03's
 latent cycle, on styles (s → G → E(x_fake) ≈ s) with diversity from z; 04's mapping network, AdaIN.
 Expected: default toy run (3000 steps, 16 px): the sky (domain) is reached in 100 % of translations
-(latent and reference); the object keeps the source's position in 94-98 % and its shape in 73-77 %
+(latent and reference); the object keeps the source's position in 94-98 % and its shape in 70-84 %
 (chance 35 %); its colour follows the reference (error 0.09).
 Official quirks (clovaai/stargan-v2 core/solver.py, core/model.py) and what we do:
 - Deviation: EMA copies start as copies of the He-initialised nets (official: default init, as it

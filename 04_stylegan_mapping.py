@@ -11,7 +11,7 @@ w̄ → w_avg; ψ → psi; γ → r1_gamma. Shapes: B batch, Z = W latent size, 
   python 04_stylegan_mapping.py --bench           # one line: it/s, TFLOP/s
 Builds on: 03's random latent z ~ N(0, I) as the source of diversity; here the mapping f turns z
 into w, which reaches every layer of g through AdaIN instead of being concatenated to the input.
-Expected: default toy run (1500 steps, 32 px; figures in runs/04_toy/): 98-99 % valid shapes;
+Expected: default toy run (1500 steps, 32 px; figures in runs/04_toy/): 98-100 % valid shapes;
 B's coarse styles bring B's position in 98 % of mixes (chance 6 %), B's fine styles B's colour in
 97 % (chance 7 %); ψ 1 → 0 shrinks the colour std 0.20 → 0; noise keeps shape and place in 99 %.
 Shape is not learnt yet: 99.8 % read as circles, so the mixing's shape score is chance.
