@@ -237,6 +237,48 @@ def usable_cpus():
         return os.cpu_count() or 1
 
 
+# CPU threads: torch's OpenMP threads spin-wait at every barrier, so one that shares its core with
+# another program holds up the rest. Beside one busy process on 2 cores, the toy benches ran 4-24×
+# slower with 2 threads and at their 1-thread speed with 1 (README FAQ); alone, 2 are 1.2-1.6× faster.
+_CPU = {"last": None, "most": None}
+
+
+def _cpu_seconds():
+    """-> (time, busy seconds of the CPUs this process may use, this process's CPU seconds, how
+    many CPUs), from /proc; None where there is none (macOS, Windows, some containers)."""
+    try:
+        cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+        with open("/proc/stat") as f:
+            rows = [r for r in map(str.split, f) if r and r[0] in cpus]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()[11:13]  # utime, stime (all threads)
+    except (OSError, AttributeError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = sum(int(v) for r in rows for i, v in enumerate(r[1:9]) if i not in (3, 4))  # not idle
+    return (time.monotonic(), busy / tick, sum(map(int, own)) / tick, len(rows)) if rows else None
+
+
+def fit_threads(every=3.0):
+    """Once a step (next_batch), acting every `every` seconds: torch's intra-op threads become the
+    CPUs other programs left free since the last look (at least 1, at most torch's default). Off
+    when OMP_NUM_THREADS is set (torchrun sets 1): a run whose thread count changes is not
+    bit-reproducible, as float sums split differently, so pin it there for that."""
+    last = _CPU["last"]
+    if os.environ.get("OMP_NUM_THREADS") or last and time.monotonic() - last[0] < every:
+        return
+    _CPU["last"] = now = _cpu_seconds()
+    if not (now and last):
+        _CPU["most"] = _CPU["most"] or torch.get_num_threads()
+        return
+    others = ((now[1] - last[1]) - (now[2] - last[2])) / max(now[0] - last[0], 1e-3)  # CPUs
+    n, was = max(1, min(_CPU["most"], round(now[3] - others))), torch.get_num_threads()
+    if n != was:
+        print(f"CPU threads {was} -> {n}: other programs kept {others:.1f} of the {now[3]} CPUs "
+              "busy (set OMP_NUM_THREADS to pin the count)", flush=True)
+        torch.set_num_threads(n)
+
+
 def autocast(device, amp):
     """bf16 mixed precision. amp None (the default): on CUDA only, the CPU runs the faithful fp32
     path; True (--amp): on the CPU too, through the same autocast machinery; False: fp32."""
@@ -337,6 +379,7 @@ def next_batch(stream):
     """next(stream). Under torchrun every process also learns whether another could not read its
     share (a UserError) or got a stop signal, and all stop at this step: one message, or the
     training loop's KeyboardInterrupt save. One small CPU collective per step."""
+    fit_threads()
     if world_size() == 1:
         return next(stream)
     try:

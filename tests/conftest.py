@@ -32,6 +32,11 @@ def load_script(name):
     return _cache[name]
 
 
+# Pinned, so common.fit_threads leaves the count alone: trajectories compared within a test (resume,
+# sample steps) must not depend on what else the machine runs. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     # CI has 2 cores: keep torch from oversubscribing them, and keep every test deterministic.

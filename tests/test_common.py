@@ -944,3 +944,38 @@ def test_log_lines_past_the_checkpoint_are_set_aside(tmp_path, capsys):
     assert "set aside" not in capsys.readouterr().out  # nothing past step 2 the second time
     common.Logger(tmp_path, 10, 1, start=0)  # a fresh start: nothing of an earlier run stays
     assert log.read_text() == "" and (tmp_path / "log.jsonl.old-2").exists()
+
+
+def test_threads_follow_the_cpus_other_programs_leave_free(monkeypatch, capsys):
+    # (time, busy CPU seconds of the machine, this process's CPU seconds, CPUs): scripted looks.
+    looks = iter([(0, 0, 0, 2), (3, 6, 3, 2),      # others kept 1 CPU busy: 2 threads -> 1
+                  (6, 9, 6, 2),                    # others idle: back to 2
+                  (9, 12.6, 9, 2),                 # others 0.2 CPU: stay at 2
+                  (12, 18.6, 9, 2)])               # others 2 CPUs: still at least 1
+    monkeypatch.setattr(common, "_cpu_seconds", lambda: next(looks))
+    monkeypatch.setattr(common, "_CPU", {"last": None, "most": None})
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    torch.set_num_threads(2)
+    seen = []
+    for _ in range(5):
+        common.fit_threads(every=0)
+        seen.append(torch.get_num_threads())
+    assert seen == [2, 1, 2, 2, 1]
+    assert "CPU threads 2 -> 1: other programs kept 1.0 of the 2 CPUs busy" in capsys.readouterr().out
+    # Pinned by the user (or torchrun): never changed, whatever the machine does.
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(common, "_cpu_seconds", lambda: (0, 0, 0, 2))
+    torch.set_num_threads(2)
+    common.fit_threads(every=0)
+    assert torch.get_num_threads() == 2
+
+
+def test_every_step_looks_at_the_threads(monkeypatch):
+    calls = []
+    monkeypatch.setattr(common, "fit_threads", lambda: calls.append(1))
+    assert common.next_batch(iter([7])) == 7 and calls == [1]
+
+
+def test_cpu_seconds_reads_this_machine():
+    t, busy, own, n = common._cpu_seconds()
+    assert n == common.usable_cpus() and 0 < own <= busy and t > 0
