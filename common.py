@@ -1,8 +1,8 @@
-"""Plumbing shared by the numbered scripts: CLI, seeding, devices, several processes (torchrun),
-checkpoints, grids, logging. Nothing a paper names lives here (networks, losses, EMA, truncation,
-R1 ... stay in the scripts). Under data/ (which may import this module, never the reverse): the
-toy data and its oracle (toy.py), dataset readers and step samplers (datasets.py), the FAN and
-face alignment (fan.py), the metric backbones (metrics.py)."""
+"""Plumbing shared by the numbered scripts: errors, CLI, seeding and devices, several processes
+(torchrun), the run folder and checkpoints, grids and logging. Nothing a paper names lives here.
+The data side is under data/, which may import this module, never the reverse: the toy data and
+its oracle (toy.py), dataset readers and step samplers (datasets.py), the FAN and face alignment
+(fan.py), the metric backbones (metrics.py)."""
 import argparse
 import contextlib
 import dataclasses
@@ -39,8 +39,7 @@ class UserError(Exception):
 
 
 class SharedError(UserError):
-    """Raised by every process at the same point (an agreed stop, synced losses, rank 0's answer):
-    under torchrun rank 0 alone prints it."""
+    """Raised by every process at the same point: under torchrun rank 0 alone prints it."""
 
 
 def require(cond, msg):
@@ -48,20 +47,17 @@ def require(cond, msg):
         raise UserError(msg)
 
 
-# Ctrl-C, and a cluster's stop: SIGTERM (SLURM at preemption or the time limit, torchrun,
-# Kubernetes) and SIGUSR1 (SLURM's warning before the time limit, `sbatch --signal=USR1@SECONDS`).
-# All three stop a training loop the same way: it saves last.pt, then the command ends.
+# Ctrl-C and a cluster's stops, SIGTERM (SLURM preemption or time limit, torchrun, Kubernetes) and
+# SIGUSR1 (`sbatch --signal=USR1@SECONDS`), all stop a training loop alike: it saves, then exits.
 STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
-# A signal handler reaches only module state: the signal that stopped this command (by), those
-# recorded under torchrun until all processes agree (pending), the command line (to continue).
+# What a signal handler can reach: the signal that stopped us (by), those recorded under torchrun
+# until every process agrees (pending), and the command line, to print how to continue.
 _STOP = {"by": 0, "pending": [], "command": None}
 
 
 def main_guard(fn, argv=None):
-    """Runs fn(argv) with one-line errors. Exit status: 0 done (or stopped by Ctrl-C, as asked),
-    2 bad input or a failed save, 1 a lost peer (torchrun), 128 + N when signal N (SIGTERM,
-    SIGUSR1) stopped it, as if it had killed the process: a cluster reads the run as stopped,
-    not done, and a job script can requeue it (README: Long runs on a cluster)."""
+    """fn(argv) with one-line errors. Exit status: 0 done or stopped by Ctrl-C; 2 bad input or a
+    failed save; 1 a lost peer; 128 + N when signal N stopped it, so a cluster requeues the job."""
     if argv is None:  # the command line (tests pass argv)
         _STOP["command"] = list(sys.argv)
         for sig in STOP_SIGNALS:
@@ -70,9 +66,7 @@ def main_guard(fn, argv=None):
     rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1)))
     try:
         fn(argv)
-    except UserError as e:
-        # Under torchrun: an error every process raised alike (command line, agreed, synced) is
-        # printed once, by rank 0; any other by each process that met it, naming its rank.
+    except UserError as e:  # one alike in every process is printed once, others name their rank
         alike = isinstance(e, SharedError) or not dist.is_initialized()
         if rank == 0 or not alike:
             print(f"error: {'' if alike or world == 1 else f'rank {rank}: '}{e}", file=sys.stderr)
@@ -92,8 +86,8 @@ def main_guard(fn, argv=None):
 
 
 def _stop_once(signum, frame):
-    """The first stop signal stops the command (a training loop saves first); the next ones are
-    ignored, so they cut neither the checkpoint write nor the exit short (Ctrl-\\ still kills)."""
+    """The first stop signal stops the command; later ones are ignored so they cannot cut the
+    checkpoint write short (Ctrl-\\ still kills)."""
     _STOP["by"] = signum
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
@@ -101,16 +95,12 @@ def _stop_once(signum, frame):
 
 
 def continue_command():
-    """The command line this process was started with, as it continues the run: --resume auto in
-    place of any --resume / --overwrite. None when not started from the command line."""
+    """This process's command line with --resume auto in place of --resume / --overwrite."""
     if not _STOP["command"]:
         return None
     script, *args = _STOP["command"]
-    keep, skip = [], False
-    for a in args:
-        drop = a == "--overwrite" or a.startswith("--resume=")
-        skip, was = a == "--resume", skip
-        keep += [] if drop or skip or was else [a]
+    keep = [a for i, a in enumerate(args) if a != "--overwrite" and a != "--resume" and not
+            a.startswith("--resume=") and (i == 0 or args[i - 1] != "--resume")]
     n = os.environ.get("LOCAL_WORLD_SIZE", "1")
     launch = "python" if world_size() == 1 else f"torchrun --nproc_per_node {n}"
     return f"{launch} {shlex.join([script, *keep, '--resume', 'auto'])}"
@@ -118,7 +108,7 @@ def continue_command():
 
 # ---- CLI from a config dataclass: one flag per field, help = the field's trailing comment
 def parse_config(cfg_cls, presets, argv=None, doc="", modes=("train",), extra=()):
-    """Returns (cfg, ns): defaults < preset < explicit flags. See /README.md for the conventions."""
+    """-> (cfg, ns): defaults < preset < explicit flags (ns.given: the flags given)."""
     p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     if len(modes) > 1:
@@ -126,13 +116,11 @@ def parse_config(cfg_cls, presets, argv=None, doc="", modes=("train",), extra=()
     p.add_argument("--preset", choices=sorted(presets),
                    help="named settings (default: from --data)")
     hints, comments = typing.get_type_hints(cfg_cls), {}
-    for klass in reversed(cfg_cls.__mro__[:-1]):  # help text: the comment after each field
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):  # defined where there is no source file (e.g. a REPL)
-            continue
-        pairs = re.findall(r"^[ \t]+(\w+)[ \t]*:[^#\n]*#[ \t]*(.*)$", source, re.MULTILINE)
-        comments.update((name, text.strip()) for name, text in pairs)
+    for klass in reversed(cfg_cls.__mro__[:-1]):
+        with contextlib.suppress(OSError, TypeError):  # no source file (a REPL): no help text
+            pairs = re.findall(r"^[ \t]+(\w+)[ \t]*:[^#\n]*#[ \t]*(.*)$", inspect.getsource(klass),
+                               re.MULTILINE)
+            comments.update((name, text.strip()) for name, text in pairs)
     fields = dataclasses.fields(cfg_cls)
     for f in fields:
         kind = hints[f.name]
@@ -155,17 +143,16 @@ def parse_config(cfg_cls, presets, argv=None, doc="", modes=("train",), extra=()
     if ns.preset is None:  # a --data folder named like a preset, else toy for the toy data
         guess, toy = Path(data.rstrip("/")).name, data in ("", "toy") and "toy" in presets
         ns.preset = guess if guess in presets else ("toy" if toy else None)
-    values, ns.given = {**presets.get(ns.preset, {}), **given}, tuple(given)  # given: run_config
-    # Default loader workers: at most one per usable CPU (more only compete, and torch warns)
+    values, ns.given = {**presets.get(ns.preset, {}), **given}, tuple(given)
     workers = next((f.default for f in fields if f.name == "num_workers"), None)
-    if workers is not None and "num_workers" not in given:
+    if workers is not None and "num_workers" not in given:  # more than the CPUs only compete
         values["num_workers"] = min(values.get("num_workers", workers), usable_cpus())
     return cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}), ns
 
 
 def check_flags(cfg, positive="", nonneg="", unit=""):
-    """Values that torch would reject deep inside (or divide by): one line naming the flag and
-    its range. Each argument is a space-separated list of field names; tuples: every item."""
+    """Values torch would reject deep inside: one line naming the flag and its range. Each
+    argument is a space-separated list of field names; a tuple's every item is checked."""
     rules = ((positive, lambda v: v > 0, lambda v: "≥ 1" if isinstance(v, int) else "> 0"),
              (nonneg, lambda v: v >= 0, lambda v: "≥ 0"),
              (unit, lambda v: 0 <= v < 1, lambda v: "in [0, 1)"))
@@ -178,7 +165,7 @@ def check_flags(cfg, positive="", nonneg="", unit=""):
                     f"--{name.replace('_', '-')} {shown}: {each}must be {text(items[0])}")
 
 
-# ---- Seeding, device, precision
+# ---- Seeding, device, precision, CPU threads
 def seed_everything(seed):
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -186,9 +173,9 @@ def seed_everything(seed):
 
 @contextlib.contextmanager
 def own_rng(device, seed=0):
-    """Sample grids, figures and the oracle run inside: they draw from generators seeded with seed
-    (the same noise at every sample step), and the training generators (Python's, the CPU's, the
-    current GPU's) come back as they were: no --sample-every or --log-every changes the run."""
+    """Sample grids, figures and the oracle draw from generators seeded with seed (the same noise
+    at every sample step), and Python's, the CPU's and the current GPU's training generators come
+    back as they were: no --sample-every or --log-every changes the run."""
     cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
     state = random.getstate()
     with torch.random.fork_rng(devices=cuda):
@@ -215,12 +202,11 @@ def pick_device(name="auto"):
 
 
 def use_device(device):
-    """CUDA: device becomes the current one, so synchronize(), the memory counters and a saved
-    RNG state act on the GPU that trains (--device cuda:1 included). fp32 means IEEE fp32: cuDNN
-    would run fp32 convolutions in TF32 (a 10-bit mantissa) unless told not to; --no-amp is the
-    faithful path, the arithmetic of the papers' GPUs. bf16 autocast is unaffected."""
+    """CUDA: the device becomes the current one (synchronize, memory counters and the saved RNG
+    state act on the GPU that trains), and fp32 means IEEE fp32: cuDNN and matmul would use TF32
+    (a 10-bit mantissa), which the papers' GPUs lacked. bf16 autocast is the fast path."""
     if device.type == "cuda":
-        if device.index is None:  # "cuda": the current GPU (set_device wants an index)
+        if device.index is None:  # set_device wants an index
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.backends.cudnn.allow_tf32 = False
@@ -229,17 +215,24 @@ def use_device(device):
 
 
 def usable_cpus():
-    """The CPUs this process may run on (taskset, a container's or a job's cpuset), not the
-    machine's: the default of --num-workers is capped at it."""
+    """The CPUs this process may run on (taskset, a container's or a job's cpuset)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
 
 
-# CPU threads: torch's OpenMP threads spin-wait at every barrier, so one that shares its core with
-# another program holds up the rest. Beside one busy process on 2 cores, the toy benches ran 4-24×
-# slower with 2 threads and at their 1-thread speed with 1 (README FAQ); alone, 2 are 1.2-1.6× faster.
+def autocast(device, amp):
+    """bf16 autocast. amp None: on CUDA only (the CPU keeps the faithful fp32); True: on the CPU
+    too; False: fp32."""
+    kind = torch.device(device).type
+    on = (kind == "cuda") if amp is None else amp and kind in ("cuda", "cpu")
+    return torch.autocast(kind, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+# torch's OpenMP threads spin-wait at every barrier, so one that shares its core with another
+# program holds up the rest: beside one busy process on 2 cores the toy benches ran 4-24× slower
+# with 2 threads and at their 1-thread speed with 1; alone, 2 threads are 1.2-1.6× faster.
 _CPU = {"last": None, "most": None}
 
 
@@ -277,14 +270,6 @@ def fit_threads(every=3.0):
         print(f"CPU threads {was} -> {n}: other programs kept {others:.1f} of the {now[3]} CPUs "
               "busy (set OMP_NUM_THREADS to pin the count)", flush=True)
         torch.set_num_threads(n)
-
-
-def autocast(device, amp):
-    """bf16 mixed precision. amp None (the default): on CUDA only, the CPU runs the faithful fp32
-    path; True (--amp): on the CPU too, through the same autocast machinery; False: fp32."""
-    kind = torch.device(device).type
-    on = (kind == "cuda") if amp is None else amp and kind in ("cuda", "cpu")
-    return torch.autocast(kind, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
 # ---- Several processes: torchrun starts one per GPU (or several on the CPU); one run, not N.
@@ -327,8 +312,8 @@ def is_main():
 
 
 def init_distributed(device="auto"):
-    """-> this process's device. Under torchrun (WORLD_SIZE > 1): joins the process group, NCCL
-    on cuda:LOCAL_RANK or gloo on the CPU (--device cpu, or no GPU). Otherwise pick_device."""
+    """-> this process's device. Under torchrun: joins the process group, NCCL on cuda:LOCAL_RANK
+    or gloo on the CPU (--device cpu, or no GPU). Otherwise pick_device."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return pick_device(device)
     local, n = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
@@ -343,22 +328,20 @@ def init_distributed(device="auto"):
         use_device(device)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT,
                                 device_id=device if cuda else None)
-        # The per-step stop flags (next_batch) travel between CPUs: on NCCL they would make every
-        # step wait for its GPU work to finish.
+        # The per-step stop flags travel between CPUs: on NCCL each step would wait for its GPU.
         _PEERS.update(control=dist.new_group(backend="gloo", timeout=TIMEOUT) if cuda else None)
-        # Ctrl-C, SIGTERM, SIGUSR1 (torchrun passes them on) are only recorded here: all processes
-        # stop at the same step (next_batch), so rank 0 saves a state no process has moved past.
+        # Stop signals are only recorded: all processes stop at the same step (next_batch), so
+        # rank 0 saves a state no process has moved past.
         for sig in STOP_SIGNALS:
             signal.signal(sig, lambda signum, _: _STOP["pending"].append(signum))
-        if dist.get_rank() > 0:  # one console: rank 0 prints (errors: see main_guard)
+        if dist.get_rank() > 0:  # one console: rank 0's (errors: see main_guard)
             sys.stdout = open(os.devnull, "w")
     return device
 
 
 def _agree(problem=""):
-    """Every process says whether it met a problem (a message) and which stop signal it got, if
-    any; then all raise the lowest such rank's problem as a SharedError, or KeyboardInterrupt
-    (recording one signal for all: the highest number), together."""
+    """Every process tells whether it met a problem (a message) or got a stop signal; then all
+    raise the lowest rank's problem as a SharedError, or KeyboardInterrupt, together."""
     if world_size() == 1:
         return
     group, pending = _PEERS.get("control"), _STOP["pending"]
@@ -376,9 +359,8 @@ def _agree(problem=""):
 
 
 def next_batch(stream):
-    """next(stream). Under torchrun every process also learns whether another could not read its
-    share (a UserError) or got a stop signal, and all stop at this step: one message, or the
-    training loop's KeyboardInterrupt save. One small CPU collective per step."""
+    """next(stream), once a step. Under torchrun all processes stop at this step if one could not
+    read its share (a UserError) or got a stop signal: one small CPU collective."""
     fit_threads()
     if world_size() == 1:
         return next(stream)
@@ -392,9 +374,7 @@ def next_batch(stream):
 
 def shard_draw(draw, n, dim=0):
     """draw(N·n) -> this process's n rows along dim (of a tensor, or of each in a list). Every
-    process holds the same RNG state (same seed, same draws in the same order), so each draws the
-    whole global batch's numbers and keeps its rows: N processes × n get exactly the numbers one
-    process × N·n gets. One process: draw(n), the numbers a plain run always drew."""
+    process holds the same RNG state, so N processes × n get the numbers 1 process × N·n gets."""
     world, r = world_size(), rank()
     out = draw(n * world)
     if world == 1:
@@ -404,7 +384,7 @@ def shard_draw(draw, n, dim=0):
 
 
 def gather_batch(x):
-    """x (n, ...) of every process, in rank order -> the global batch's (N·n, ...)."""
+    """x (n, ...) of every process, in rank order -> (N·n, ...)."""
     if world_size() == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world_size())]
@@ -426,15 +406,9 @@ def mean_over_ranks(x):
 
 
 def average_gradients(*optimizers):
-    """Under torchrun, before optimizer.step(): the gradients of the parameters these optimizers
-    step, averaged over all processes in one flattened all-reduce, so each process steps with the
-    gradient of the whole global batch. Chosen over DistributedDataParallel, whose reducer expects
-    each wrapped parameter to get a gradient in each backward: these GAN steps use several
-    optimizers, restrict a backward to some nets (02's inputs=...), call a net several times per
-    step, take double backwards (R1, WGAN-GP) and call nets functionally (03's frozen_call); DDP
-    copes only partly (find_unused_parameters) and obscurely. The cost: communication does not
-    overlap the backward pass. A parameter without a gradient (so on every process: the same code
-    runs everywhere) stays without one, so its optimizer skips it, as in a plain run."""
+    """Before optimizer.step() under torchrun: the gradients these optimizers step, averaged over
+    all processes in one flat all-reduce (why not DDP: see above). A parameter without a gradient
+    stays without one on every process, so its optimizer skips it, as in a plain run."""
     world = world_size()
     if world == 1:
         return
@@ -448,8 +422,7 @@ def average_gradients(*optimizers):
 
 
 def check_same_weights(nets):
-    """One run, not N: checked once at the start, every process holds rank 0's weights (they all
-    built them from the same seed, or read the same checkpoint)."""
+    """One run, not N: at the start every process holds rank 0's weights."""
     if world_size() == 1:
         return
     differ = ""
@@ -469,10 +442,9 @@ LOCAL = ("out", "resume", "overwrite", "device", "bench", "bench_iters", "num_wo
 
 
 def prepare_run(cfg, given=(), fixed=()):
-    """-> (cfg, checkpoint to resume or None). All checks come before the folder changes: a run
-    in cfg.out is continued (--resume auto, or its own last.pt by path) or, with --overwrite,
-    moved aside; never replaced. given / fixed: see run_config. Under torchrun rank 0 alone
-    looks at and changes the folder; every process gets its answer (or its error)."""
+    """-> (cfg, checkpoint to resume or None). Every check comes before the folder changes: a run
+    in cfg.out is continued (--resume auto, or its last.pt by path) or, with --overwrite, moved
+    aside; never replaced. Under torchrun rank 0 alone does this and tells the others."""
     if world_size() == 1:
         return _prepare_run(cfg, given, fixed)
     answer = [None]
@@ -523,13 +495,12 @@ _LOCKS = {}  # run folder -> its open lock file, held by this process until it e
 
 
 def _lock_run(out):
-    """One run per folder: an exclusive flock on out/.lock, held until this process ends. The OS
-    releases it when the process dies, even by SIGKILL or a crash, so a dead run never blocks the
-    next start. The file names the holder, for the refusal of a second start."""
+    """One run per folder: an exclusive flock on out/.lock, which the OS releases when the process
+    ends in any way (SIGKILL too). The file names the holder for a second start's refusal."""
     if out.resolve() in _LOCKS:  # held already (a second run in one process: tests)
         return
     try:
-        f = open(out / ".lock", "a+")  # a+: create if missing, never truncate before the lock
+        f = open(out / ".lock", "a+")  # a+: never truncated before the lock is ours
     except OSError as e:
         raise UserError(f"--out {out}: cannot write in this folder ({e.strerror}); pass a folder "
                         "you can write to") from None
@@ -549,17 +520,15 @@ def _lock_run(out):
 
 
 def _move_aside(out, ckpt):
-    """--overwrite: out -> out.old-N (first free N), so the new run starts in a clean folder
-    (no old log lines, samples or figures) and nothing is deleted. -> where ckpt is now."""
-    here = Path.cwd().resolve()
-    require(not here.is_relative_to(out.resolve()), f"--out {out}: --overwrite would move the "
-            "folder you are working in; pass a run folder such as runs/<name>")
+    """--overwrite: out -> out.old-N (the first free N); nothing is deleted. -> ckpt's new path."""
+    require(not Path.cwd().resolve().is_relative_to(out.resolve()), f"--out {out}: --overwrite "
+            "would move the folder you are working in; pass a run folder such as runs/<name>")
     n = 1
     while (aside := out.with_name(f"{out.name}.old-{n}")).exists():
         n += 1
     inside = ckpt is not None and ckpt.resolve().is_relative_to(out.resolve())
     moved = aside / ckpt.resolve().relative_to(out.resolve()) if inside else ckpt
-    lock = _LOCKS.pop(out.resolve(), None)  # its lock goes with it: released, taken anew in out
+    lock = _LOCKS.pop(out.resolve(), None)  # its lock goes with it; out is locked anew
     out.rename(aside)
     if lock:
         lock.close()
@@ -568,7 +537,7 @@ def _move_aside(out, ckpt):
 
 
 def resume_config(cfg, path, given=(), fixed=()):
-    """The config a resumed run trains with, by run_config's rule; each applied flag is printed."""
+    """The config a resumed run trains with (run_config); each applied flag is printed."""
     state = read_checkpoint(path, type(cfg))
     cfg, applied = run_config(cfg, state["config"], path, given, fixed)
     for k, old, new in applied:
@@ -581,11 +550,11 @@ def resume_config(cfg, path, given=(), fixed=()):
 
 
 def run_config(cfg, saved, path, given=(), fixed=()):
-    """The one rule for the settings a checkpoint fixes (resume and load_run): a run keeps its own
-    settings (saved), except this command's LOCAL ones and the flags given on its command line,
-    which are applied. A given flag that changes one of `fixed` (the architecture and the data:
-    the weights would not fit, or would mean something else) is refused; a moved copy of the data
-    (same folder name) is applied. -> (cfg, [(name, saved value, applied value)])"""
+    """The one rule for what a checkpoint fixes (resume, sample, eval): a run keeps its saved
+    settings, except the LOCAL ones and the flags this command gives, which apply. A given flag
+    that changes one of `fixed` (architecture, data: the weights would not fit or would mean
+    something else) is refused; a moved copy of the data (same folder name) is applied.
+    -> (cfg, [(name, saved value, applied value)])"""
     values, applied = {}, []
     for k, old in saved.items():
         old = tuple(old) if isinstance(old, list) else old  # torch.load gives tuples back as lists
@@ -604,19 +573,14 @@ def run_config(cfg, saved, path, given=(), fixed=()):
 
 
 def load_run(cfg, ckpt, build, given=(), fixed=(), official=None):
-    """sample / eval -> (cfg, nets, extra) of the run saved in ckpt (default <out>/last.pt). Which
-    setting comes from where is resume's rule (run_config):
-      - the checkpoint: the architecture and the data (`fixed`: a given flag that changes one is
-        refused), and every setting this command line leaves out;
-      - this command: the LOCAL settings (device, workers) and every flag it gives (--seed,
-        --batch, eval sizes); --out, when not given, is the checkpoint's folder.
-    build(cfg, extra) -> {name in the checkpoint: net}, built from that config. official(path,
-    nets) loads a released file (no training state inside) into nets built from this command's
-    cfg; without it such a file is refused. A missing, empty, cut or foreign file: one line."""
+    """sample / eval -> (cfg, nets, extra) of the run in ckpt (default <out>/last.pt), its config
+    by run_config; --out, when not given, becomes the checkpoint's folder. build(cfg, extra) ->
+    {name: net}. official(path, nets) loads a released file (no settings inside) into nets built
+    from this command's cfg; without it such a file is refused."""
     path = Path(ckpt or Path(cfg.out) / "last.pt")
     require(path.is_file(), f"{path}: no such checkpoint; train first, or pass --ckpt FILE")
     state = read_checkpoint(path, type(cfg), ours=official is None)
-    if not {"nets", "config"} <= state.keys():  # a released file: no settings inside
+    if not {"nets", "config"} <= state.keys():  # a released file
         return cfg, official(path, build(cfg, {})), {}
     cfg, extra = run_config(cfg, state["config"], path, given, fixed)[0], state.get("extra", {})
     cfg = cfg if "out" in given else dataclasses.replace(cfg, out=str(path.parent))
@@ -654,9 +618,8 @@ def read_checkpoint(path, cfg_cls=None, ours=True, map_location="cpu"):
 
 @contextlib.contextmanager
 def _signals_held(deliver=True):
-    """Stop signals (Ctrl-C, SIGTERM, SIGUSR1) inside are recorded instead of acted on, so a write
-    is never cut short; on leaving, the first is delivered once (deliver) or dropped. Only the
-    main thread may set signal handlers."""
+    """Stop signals inside are recorded, so a write is never cut short; on leaving, the first is
+    delivered (deliver) or dropped. Only the main thread may set handlers."""
     if threading.current_thread() != threading.main_thread():
         yield
         return
@@ -676,15 +639,14 @@ def _signals_held(deliver=True):
 def save_checkpoint(path, step, cfg, nets, opts, extra=None, losses=None, interrupted=False,
                     last_good=None):
     """Never replaces the last good checkpoint with a broken one: finite losses and tensors only,
-    atomic (temp file + os.replace), stop signals held until the file is complete (then delivered;
-    interrupted=True: this save answers one, so further ones are dropped). A write that fails (a
-    full disk, a quota, a permission) stops every process with one line; last.pt stays as it was.
-    last_good: the checkpoint the messages name as kept (default: path; check_save's probe)."""
+    written whole (temp file, fsync, rename) with stop signals held (interrupted: this save
+    answers one, later ones are dropped). A failed write stops every process with one line.
+    last_good: the checkpoint the messages name as kept (default path)."""
+    last_good = last_good or path
     with _signals_held(deliver=not interrupted):
-        # Every process checks (the losses synced, the weights the same everywhere), so all stop
-        # together; rank 0 alone writes.
-        check_finite(mean_over_ranks(losses or {}), step, path)
-        # CUDA: the generator of the GPU this process trains on (use_device made it current)
+        # Every process checks (losses synced, weights alike), so all stop together.
+        check_finite(mean_over_ranks(losses or {}), step, last_good)
+        # CUDA: the state of the GPU this process trains on (use_device made it current)
         cuda = [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else []
         rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}
         state = {"step": step, "config": dataclasses.asdict(cfg), "rng": rng,
@@ -697,19 +659,17 @@ def save_checkpoint(path, step, cfg, nets, opts, extra=None, losses=None, interr
         bad = next((n for n, t in tensors if t.is_floating_point() and not t.isfinite().all()),
                    None)
         if bad is not None:
-            _stop_broken(step, f"{bad} is not finite", last_good or path)
-        problem = _write_checkpoint(state, Path(path), last_good or path) if is_main() else ""
+            _stop_broken(step, f"{bad} is not finite", last_good)
+        said = [_write_checkpoint(state, Path(path), last_good) if is_main() else ""]
         if world_size() > 1:  # rank 0 alone writes; if it could not, every process stops
-            said = [problem]
             dist.broadcast_object_list(said, 0, group=_PEERS.get("control"))
-            problem = said[0]
-        if problem:
-            raise SharedError(f"step {step}: {problem}")
+        if said[0]:
+            raise SharedError(f"step {step}: {said[0]}")
 
 
 def _write_checkpoint(state, path, last_good):
-    """torch.save to path.tmp, on the disk (fsync: a quota or a network filesystem may refuse the
-    data only then), then renamed over path. -> "" or why it failed; no .tmp is left behind."""
+    """torch.save to path.tmp, fsync (a quota or a network filesystem may refuse the data only
+    then), rename over path. -> "" or why it failed; no .tmp is left behind."""
     tmp = path.with_name(f"{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -735,9 +695,8 @@ def _write_checkpoint(state, path, last_good):
 
 
 def load_checkpoint(path, nets, opts=None, map_location="cpu", restore_rng=True):
-    """Nets, optimizer state and RNG from `path`. The optimizers keep this run's lr, betas, eps
-    and weight decay (applied on resume, see run_config); moments and step counts are loaded.
-    Under torchrun every process reads the file; if one cannot, all stop with its message."""
+    """Nets, optimizer state and RNG from path. The optimizers keep this run's lr, betas, eps and
+    weight decay (see run_config). Under torchrun, if one process cannot read it, all stop."""
     if world_size() == 1:
         return _load_checkpoint(path, nets, opts, map_location, restore_rng)
     try:
@@ -767,10 +726,8 @@ def _load_checkpoint(path, nets, opts, map_location, restore_rng, state=None):
 
 
 def restore_rng_state(rng):
-    """The RNG states save_checkpoint wrote, as CPU byte tensors (torch's setters raise on any
-    other, whatever map_location read). CUDA: the current GPU takes the first saved state, the
-    training GPU's (under torchrun rank 0's, shared by all: shard_draw); older files hold one per
-    GPU, so a machine with fewer GPUs resumes them too."""
+    """The saved RNG states, as the CPU byte tensors torch's setters want (whatever map_location
+    read). CUDA: the current GPU takes the first saved state (older files hold one per GPU)."""
     version, internal, gauss = rng["python"]  # setstate wants tuples, not lists
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(rng["torch"].cpu())
@@ -788,17 +745,15 @@ def _stop_broken(step, what, last):  # shared: the losses are synced, the weight
 
 
 def check_finite(losses, step, last_ckpt=None):
-    """Stop at a nan/inf loss term: called at every log step (the losses are synced there) and
-    before every save, so a run never trains on, or saves, a broken state."""
+    """Stops at a nan/inf loss term (at every log step and before every save)."""
     for k, v in losses.items():
         if not math.isfinite(float(v)):
             _stop_broken(step, f"loss term '{k}' is {float(v)}", last_ckpt)
 
 
 def check_save(path, step, cfg, nets, opts, extra=None):
-    """Before the first step: a whole checkpoint is written beside `path` (as the loop will write
-    it), read back (as a resume will) and removed, so an unwritable --out, a full disk or a state
-    that cannot be reloaded shows now, not at the first save. Costs one save and one load."""
+    """Before the first step: a whole checkpoint is written beside path, read back and removed,
+    so an unwritable --out, a full disk or a state that cannot be reloaded shows now."""
     probe, problem = Path(f"{path}.tmp"), ""  # the name prepare_run clears if we are killed
     try:
         save_checkpoint(probe, step, cfg, nets, opts, extra, last_good=path)
@@ -818,11 +773,9 @@ def check_save(path, step, cfg, nets, opts, extra=None):
 
 
 class SaveTimer:
-    """due(step): write last.pt now? Every `every` steps, at the last step, and when `minutes` of
-    wall time (0: never) have passed since the last save or the start, so a crash or a kill never
-    costs more than that. Under torchrun saving is collective, so every process must answer
-    alike: rank 0's clock decides, told to the others at the log steps (one small broadcast on
-    the CPU group, where the losses are synced anyway)."""
+    """due(step): write last.pt now? Every `every` steps, at the last step, and once `minutes` of
+    wall time (0: never) have passed since the last save. Under torchrun rank 0's clock decides,
+    told to the others at the log steps."""
     clock = staticmethod(time.monotonic)  # tests patch it
 
     def __init__(self, every, minutes, total, log_every):
@@ -833,12 +786,10 @@ class SaveTimer:
         now = self.clock()
         late = self.seconds > 0 and now - self.t0 >= self.seconds
         if world_size() > 1:
-            if step % self.log_every:
-                late = False
-            else:
-                flag = torch.tensor([int(late)])
+            flag = torch.tensor([int(late and not step % self.log_every)])
+            if not step % self.log_every:
                 dist.broadcast(flag, 0, group=_PEERS.get("control"))
-                late = bool(flag)
+            late = bool(flag)
         if late or step % self.every == 0 or step == self.total:
             self.t0 = now
             return True
@@ -846,9 +797,9 @@ class SaveTimer:
 
 
 def report_crash(e, step, last):
-    """In a training loop's `except Exception`: an unexpected error (a bug, not bad input, a nan
-    or a lost peer, which have their own one-line messages) gets one line naming where the run
-    stopped and the checkpoint it left untouched; the caller re-raises: the traceback follows."""
+    """An unexpected error (a bug; not bad input, a nan or a lost peer, which have their own
+    lines) in a training loop: one line naming the step and the last good checkpoint, before
+    the caller re-raises it with its traceback."""
     if isinstance(e, (UserError, dist.DistError)):
         return
     where = f"rank {rank()}: " if world_size() > 1 else ""
@@ -860,8 +811,7 @@ def report_crash(e, step, last):
 
 
 def start_line(cfg, device, step, *parts):
-    """The line a training run starts with: what it trains, where, from which step, with how many
-    loader workers (of the CPUs it may use) and, under torchrun, processes."""
+    """A training run's first line: what, where, from which step, loader workers, processes."""
     world = [f"{world_size()} processes × batch {cfg.batch}"] if world_size() > 1 else []
     return " | ".join([*parts, f"device {device}", f"from step {step}", f"{cfg.num_workers} "
                        f"loader workers ({usable_cpus()} CPUs)", *world])
@@ -878,22 +828,21 @@ class _Totals(contextlib.nullcontext):
 
 
 def flop_counter():
-    """torch's FlopCounterMode for --bench's totals, without its module tracker: that hooks every
-    module's inputs, and autograd.grad with respect to a leaf (R1, WGAN-GP) then fails."""
+    """torch's FlopCounterMode without its module tracker, whose input hooks break autograd.grad
+    with respect to a leaf (R1, WGAN-GP): --bench needs totals only."""
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _Totals()
     return counter
 
 
 def zoom_for(side):
-    """Nearest-neighbour factor that brings an image side under 64 px to at least 64 px (8 px ×8,
-    16 px ×4, 32 px ×2): a viewer then shows the toy's pixels, not a blur or a stamp."""
+    """Nearest-neighbour factor that brings a side under 64 px to 64 px or more (8 px ×8)."""
     return max(1, -(-64 // side))
 
 
 def save_grid(images, path, nrow, rows=(), cols=()):
     """images (N, 3, H, W) in [-1, 1] -> a PNG/JPEG grid, nrow per row; rows / cols: labels
-    written left of each row / above each column (e.g. which styles a row takes, ψ)."""
+    left of each row / above each column."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     images = images.detach().float().cpu()
     if (k := zoom_for(images.shape[-1])) > 1:
@@ -902,13 +851,13 @@ def save_grid(images, path, nrow, rows=(), cols=()):
                                        value_range=(-1, 1))
     img = v2.functional.to_pil_image(grid.mul(255).add(0.5).clamp(0, 255).byte())
     if rows or cols:
-        font, side = _font(12), images.shape[-1] + 1  # a cell and its padding
+        font, side, top = _font(12), images.shape[-1] + 1, 18 * bool(cols)  # a cell + padding
         left = max((int(font.getlength(t)) + 8 for t in rows), default=0)
-        framed = Image.new("RGB", (img.width + left, img.height + 18 * bool(cols)), "white")
-        framed.paste(img, (left, 18 * bool(cols)))
+        framed = Image.new("RGB", (img.width + left, img.height + top), "white")
+        framed.paste(img, (left, top))
         draw = ImageDraw.Draw(framed)
         for i, text in enumerate(rows):
-            draw.text((left - 4, 18 * bool(cols) + side * i + side // 2), text, "black", font, "rm")
+            draw.text((left - 4, top + side * i + side // 2), text, "black", font, "rm")
         for j, text in enumerate(cols):
             draw.text((left + side * j + side // 2, 9), text, "black", font, "mm")
         img = framed
@@ -916,8 +865,7 @@ def save_grid(images, path, nrow, rows=(), cols=()):
 
 
 def save_gif(frames, path, duration_ms=100):
-    """frames: list of (3, H, W) in [-1, 1] -> an animated GIF that loops forever (frames under
-    64 px high are enlarged as save_grid does)."""
+    """frames: list of (3, H, W) in [-1, 1] -> a looping GIF, enlarged as save_grid does."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     u8 = [((f.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte() for f in frames]
     k = zoom_for(u8[0].shape[1])
@@ -927,16 +875,29 @@ def save_gif(frames, path, duration_ms=100):
 
 
 def clock(seconds):
-    """h:mm:ss with unbounded hours (a 400k-step run's ETA runs to days)."""
+    """h:mm:ss with unbounded hours (a long run's ETA runs to days)."""
     s = round(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def duration(seconds):
+    """42 s, 9 min 41 s, 3 h 05 min."""
+    s = round(seconds)
+    return (f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s" if s < 3600 else
+            f"{s // 3600} h {s // 60 % 60:02d} min")
+
+
+def short_path(path):
+    """path relative to the working directory when it lies below it (commands to copy)."""
+    with contextlib.suppress(ValueError):
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    return str(path)
+
+
 class Logger:
-    """Every `every` steps: one console line of at most 120 columns (step, it/s, ETA and the
-    `show` terms: {label: key, or a function of the logged values}; default every term, while
-    they fit) and every term as one JSON line in out/log.jsonl, which plot() draws. The clock
-    starts here, at step `start` (where this process trains from), so the first line has a rate."""
+    """Every `every` steps: one console line of at most 120 columns (step, it/s, ETA, then the
+    `show` terms {label: key or function of the values}, default all that fit) and every term
+    as a JSON line in out/log.jsonl. The clock starts at step `start`, where this process starts."""
     WIDTH = 120
 
     def __init__(self, out, total, every, show=None, panels=None, start=0):
@@ -973,14 +934,12 @@ class Logger:
 
 
 def set_aside_log_past(path, step):
-    """log.jsonl holds the run's history once: lines past `step`, where this run starts (the step
-    of the checkpoint it resumes; 0: a fresh start), were written by a run that stopped before its
-    next save, and would be logged again. They leave log.jsonl (so does a line cut short by a
-    killed process); the whole previous file is kept as log.jsonl.old-N, and the console says so."""
+    """log.jsonl holds the run's history once: lines past `step` (where this run starts; 0 fresh)
+    came from a run that stopped before its next save and would be logged twice. They leave
+    log.jsonl, as does a line cut short by a kill; the previous file is kept as log.jsonl.old-N."""
     def step_of(line):
         with contextlib.suppress(ValueError, KeyError, TypeError):
             return int(json.loads(line)["step"])
-        return None
 
     text = path.read_text() if path.is_file() else ""
     lines = text.splitlines()
@@ -999,8 +958,7 @@ def set_aside_log_past(path, step):
 
 
 def read_log(path):
-    """log.jsonl -> {step: {term: value}}, the last line of a step winning; a line cut short by a
-    killed process is skipped; no file yet: {}."""
+    """log.jsonl -> {step: {term: value}}, the last line of a step winning, cut lines skipped."""
     rows, path = {}, Path(path)
     for text in (path.read_text() if path.exists() else "").splitlines():
         with contextlib.suppress(ValueError, KeyError):
@@ -1010,10 +968,6 @@ def read_log(path):
     return dict(sorted(rows.items()))
 
 
-_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (23, 190, 207), (188, 189, 34), (127, 127, 127)]
-
-
 def _font(size):
     try:
         return ImageFont.load_default(size)  # Pillow ≥ 10.1 with FreeType: a scalable font
@@ -1021,48 +975,48 @@ def _font(size):
         return ImageFont.load_default()
 
 
+_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (23, 190, 207), (188, 189, 34), (127, 127, 127)]
+
+
 def plot_log(log_path, png_path, panels=None, width=720):
-    """The logged curves as a PNG (Pillow only): one panel per network (panels {title: keys};
-    default: the key's prefix, 'D/adv' -> D), one strip per term on its own y range (that of the
-    last 90 % of the points, so a spike in the first steps does not flatten the rest), labelled
-    with its range and last value; a dotted line marks 0 when it is in range. Returns png_path."""
+    """The logged curves as a PNG (Pillow only): a panel per network (panels {title: keys};
+    default the key's prefix, 'D/adv' -> D), a strip per term on the y range of its last 90 % of
+    points (an early spike does not flatten the rest), with its range and last value."""
     rows = read_log(log_path)
     steps, keys = list(rows), list(dict.fromkeys(k for r in rows.values() for k in r))
     if panels is None:
         panels = {}
         for k in keys:
             panels.setdefault(k.split("/")[0] if "/" in k else "other", []).append(k)
-    panels = {t: [k for k in ks if k in keys] for t, ks in panels.items()}
-    panels = {t: ks for t, ks in panels.items() if ks}
-    strip, head, foot, left, right = 46, 24, 20, 230, 12
-    height = 30 + sum(head + strip * len(ks) + foot for ks in panels.values())
+    panels = {t: ks for t, ks in ((t, [k for k in ks if k in keys]) for t, ks in panels.items())
+              if ks}
+    strip, x0, x1 = 46, 230, width - 12
+    height = 30 + sum(44 + strip * len(ks) for ks in panels.values())
     img = Image.new("RGB", (width, height), "white")
     draw, big, small = ImageDraw.Draw(img), _font(15), _font(12)
-    x0, x1 = left, width - right
     span = f"steps {steps[0]}-{steps[-1]}, {len(steps)} points" if steps else "nothing logged yet"
     draw.text((8, 6), f"{Path(log_path).parent.name}: losses ({span})", "black", big)
     y, color = 30, iter(_COLORS * 10)
     for title, ks in panels.items():
         draw.text((8, y + 4), title, "black", big)
-        y += head
+        y += 24
         for k in ks:
             pts = [(s, r[k]) for s, r in rows.items() if k in r and math.isfinite(r[k])]
-            c = next(color)
-            _strip(draw, pts, k, c, (x0, y + 4, x1, y + strip - 6), steps, small)
+            _strip(draw, pts, k, next(color), (x0, y + 4, x1, y + strip - 6), steps, small)
             y += strip
-        for frac, anchor in ((0, "la"), (0.5, "ma"), (1, "ra")):  # the step axis of this panel
-            if steps:
-                s = steps[0] + frac * (steps[-1] - steps[0])
-                draw.text((x0 + frac * (x1 - x0), y - 4), f"{s:.0f}", (90, 90, 90), small, anchor)
-        y += foot
+        for frac, anchor in ((0, "la"), (0.5, "ma"), (1, "ra")):  # the step axis
+            s = steps[0] + frac * (steps[-1] - steps[0]) if steps else 0
+            draw.text((x0 + frac * (x1 - x0), y - 4), f"{s:.0f}", (90, 90, 90), small, anchor)
+        y += 20
     Path(png_path).parent.mkdir(parents=True, exist_ok=True)
     img.save(png_path)
     return png_path
 
 
 def _strip(draw, pts, name, color, box, steps, font):
-    """One term: name and last value at the left, its range beside the box, the curve inside
-    (wider than the box: per pixel column, the min-max span in a light tint and the mean)."""
+    """One term: name and last value left, range beside the box; per pixel column the mean, and
+    the min-max span in a light tint; a dotted line at 0 when in range."""
     bx0, by0, bx1, by1 = box
     draw.rectangle(box, outline=(200, 200, 200))
     draw.text((8, by0), name, color, font)
@@ -1076,44 +1030,29 @@ def _strip(draw, pts, name, color, box, steps, font):
     draw.text((bx0 - 6, by0 - 2), f"{hi:.3g}", (90, 90, 90), font, "ra")
     draw.text((bx0 - 6, by1 + 2), f"{lo:.3g}", (90, 90, 90), font, "rd")
     s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
-    px = lambda s: bx0 + (s - s0) / (s1 - s0) * (bx1 - bx0)  # noqa: E731
+    px = lambda s: round(bx0 + (s - s0) / (s1 - s0) * (bx1 - bx0))  # noqa: E731
     py = lambda v: by1 - (min(max(v, lo), hi) - lo) / (hi - lo) * (by1 - by0)  # noqa: E731
     if lo < 0 < hi:
         for x in range(bx0, bx1, 6):
             draw.line([(x, py(0)), (x + 2, py(0))], (150, 150, 150))
     cols = {}
     for s, v in pts:
-        cols.setdefault(round(px(s)), []).append(v)
+        cols.setdefault(px(s), []).append(v)
     tint = tuple(int(c + (255 - c) * 0.65) for c in color)
-    for x, vs in cols.items():
-        if len(vs) > 1:
-            draw.line([(x, py(min(vs))), (x, py(max(vs)))], tint)
-    line = [(x, py(sum(vs) / len(vs))) for x, vs in sorted(cols.items())]
+    line = []
+    for x, vs in sorted(cols.items()):
+        draw.line([(x, py(min(vs))), (x, py(max(vs)))], tint)
+        line.append((x, py(sum(vs) / len(vs))))
     draw.line(line, color, 2) if len(line) > 1 else draw.ellipse(
         [line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], color)
 
 
-def short_path(path):
-    """path relative to the working directory when it lies below it (commands to copy)."""
-    path = Path(path)
-    with contextlib.suppress(ValueError):
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    return str(path)
-
-
-def duration(seconds):
-    """42 s, 9 min 41 s, 3 h 05 min."""
-    s = round(seconds)
-    return (f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s" if s < 3600 else
-            f"{s // 3600} h {s // 60 % 60:02d} min")
-
-
 def print_summary(script, step, start, seconds, files, oracle=(), commands=(), stopped=False,
                   after=(0, "")):
-    """The last lines of every training run, one form for all scripts: steps and wall time, the
-    outputs ([(label, [paths])]; a path in the folder of the one before it is shown by its name;
-    missing ones are left out), the toy oracle's lines, the next commands [(command, why)].
-    after = (seconds, what): time spent after the last step (figures, the oracle). -> the text"""
+    """The last lines of every training run: steps and wall time, the outputs [(label, [paths])]
+    (a path in the folder of the one before it shows its name; missing ones are left out), the
+    oracle's lines, the next commands [(command, why)]. after = (seconds, what): time spent after
+    the last step (figures, the oracle). -> the text"""
     done = f"stopped by {STOP_SIGNALS.get(_STOP['by'], 'Ctrl-C')} at" if stopped else "done:"
     if stopped and continue_command():  # the same command goes on from last.pt
         commands = [(continue_command(), "continue from here"), *commands]
