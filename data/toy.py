@@ -98,10 +98,11 @@ def sky(domain, size):
     return torch.lerp(top, bottom, t).expand(3, size, size)
 
 
-def render_scene(domain, size, rng):
+def render_scene(domain, size, rng, shape=None):
     """One scenes image (3, size, size) in [0, 1]: a plain object (random shape, position, size,
-    colour) in front of the sky of `domain` (an index into SCENES)."""
-    shape = rng.randrange(len(SHAPES))
+    colour) in front of the sky of `domain` (an index into SCENES); shape: fixed instead."""
+    drawn = rng.randrange(len(SHAPES))  # drawn even when fixed: the later images stay the same
+    shape = drawn if shape is None else shape
     d, *_, cx, cy, half = _shape_sdf(SHAPES[shape], size, rng)
     color = _hsv(rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.75, 0.95))
     m = _soft(d, size)
@@ -163,8 +164,9 @@ def write_scenes(root, size, n_train=400, n_val=50, seed=0):
         for k, scene in enumerate(SCENES):
             folder = Path(root, split, scene)
             folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                write_png(_u8(render_scene(k, size, rng)[0]), str(folder / f"{i:05d}.png"))
+            for i in range(n):  # val's first 4 (the sample grids' sources and references):
+                shape = (i + k) % len(SHAPES) if split == "val" and i < 4 else None  # every shape
+                write_png(_u8(render_scene(k, size, rng, shape)[0]), str(folder / f"{i:05d}.png"))
 
 
 def write_faces(root, width, n=2000, seed=0):
