@@ -231,7 +231,7 @@ def autocast(device, amp):
 
 
 # torch's OpenMP threads spin-wait at every barrier, so one that shares its core with another
-# program holds up the rest: beside one busy process on 2 cores the toy benches ran 4-24× slower
+# program holds up the rest: beside one busy process on 2 cores the toy benches ran 6-24× slower
 # with 2 threads and at their 1-thread speed with 1; alone, 2 threads are 1.2-1.6× faster.
 _CPU = {"last": None, "most": None}
 
