@@ -19,7 +19,7 @@ kept 0.84-0.97, position error 0.012-0.055, 90-98 % valid); z picks the colour (
 0.26-0.29): E encodes little of it, and on seed 1 nothing (every output blue).
 Deviations: lr decays per iteration, not per epoch (resume stays exact); the U-Net/encoder depth
 follows img_size (the official code has 128 and 256 variants only); flips happen on the batch;
-toy only: A is a filled silhouette, lr 6e-4, λ_KL 0.001 (PRESETS says why).
+toy only: A is a filled silhouette, lr 1e-3, λ_KL 0.0025 (PRESETS says why).
 """
 import math
 import time
@@ -89,12 +89,14 @@ PRESETS = {  # edges2shoes = the defaults; afhq: 60 epochs of 14,630 images / 2
     "edges2shoes": {}, "afhq": dict(total_iters=438_900),
     # Deviation (toy only): 64 px (the smallest size both PatchGAN scales take), narrow nets and
     # batch 8 instead of 2; 3000 steps. Its A is the object's filled silhouette (to_pair).
-    # lr 6e-4 (3x) and λ_KL 0.001 (/10): with 2e-4 and 0.01 the posterior collapsed (E's μ ≈ 0,
-    # z ignored, every output one colour) on this toy; it still does on some seeds (README).
-    # Likely why: the official init (gain 0.02) starts the IN-free paths that carry a colour's
-    # magnitude (E's shortcuts, G's outer skip) near zero, so G learns to ignore z_enc's noise
-    # before E learns to encode; and the KL is summed over 4 samples a step (official: 1).
-    "toy": dict(img_size=64, ngf=16, nef=8, ndf=8, batch=8, lr=6e-4, lambda_kl=0.001,
+    # λ_KL 0.0025: the KL is summed over the 4 encoded samples of a step (official: 1) while L1
+    # is a mean, so 0.01 / 4 weighs each sample's KL against L1 as the official code does.
+    # lr 1e-3 (5x): at 2e-4 and 6e-4, G learnt to ignore z before E learnt to encode B's colour
+    # on some seeds (posterior collapse: every output one colour). Likely why: the official init
+    # (gain 0.02) starts the IN-free paths that carry a colour's magnitude (E's shortcuts, G's
+    # outer skip) near zero; at 1e-3 E encodes colour within ~1000 steps. With λ_KL 0.001 at
+    # this lr, random z fell outside the codes E gives and tinted the background.
+    "toy": dict(img_size=64, ngf=16, nef=8, ndf=8, batch=8, lr=1e-3, lambda_kl=0.0025,
                 total_iters=3000, log_every=100, sample_every=300, save_every=300, num_workers=0),
 }
 # Resume, sample and eval refuse a change of these (the weights would not fit); any other given
@@ -304,8 +306,9 @@ def build_dataset(cfg, split="train"):
                         T.Normalize([0.5] * 3, [0.5] * 3)])
         data = ImageFiles(folder if folder.is_dir() else root, transform=tf)
     if split == "train":  # the choice rests on one file: say which it was
+        sketch = "silhouettes" if cfg.data in ("", "toy") else "edge maps"  # as to_pair makes A
         print(f"data: {len(data)} A|B pairs in {folder}" if paired else f"data: {len(data)} "
-              f"photos below {data.folders[0]}, A = their edge maps (not 2:1 A|B pairs)")
+              f"photos below {data.folders[0]}, A = their {sketch} (not 2:1 A|B pairs)")
     return data
 
 
