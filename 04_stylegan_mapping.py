@@ -89,7 +89,7 @@ class Config:
 # CPU minutes; λ = 2e-3, twice App. C's: at 1e-3 the oracle read 56 % / 51 % of samples as a
 # valid shape after 900 / 1200 steps, at 2e-3 95 % / 97 % (1500: 99.7 %). R1 with γ 0.1 (the
 # StyleGAN2-ADA rule gives 0.006 at 32 px) was worse: 51 % at 900 steps, noisy blobs.
-# Shape (issue 24) is not learnt at this cost: γ 1 / 0.1, batch 16 × 3000 or 8 × 4500 steps,
+# Shape is not learnt at this cost: γ 1 / 0.1, batch 16 × 3000 or 8 × 4500 steps,
 # λ' = 0.1 / 1 λ all drew round blobs by 1000-2250 steps, never a square; D's logits for real
 # circles, squares and triangles at the same place and colour differed by < 0.1.
 # f (8 layers, λ' = 0.01 λ), AdaIN, noise, mixing (p 0.9), R1 (γ 10), truncation: as the paper.
