@@ -260,7 +260,8 @@ def fit_threads(every=3.0):
     last = _CPU["last"]
     if os.environ.get("OMP_NUM_THREADS") or last and time.monotonic() - last[0] < every:
         return
-    _CPU["last"] = now = _cpu_seconds()
+    now = _cpu_seconds()
+    _CPU["last"] = now or (math.inf,)  # no /proc here: never look again
     if not (now and last):
         _CPU["most"] = _CPU["most"] or torch.get_num_threads()
         return

@@ -979,3 +979,14 @@ def test_every_step_looks_at_the_threads(monkeypatch):
 def test_cpu_seconds_reads_this_machine():
     t, busy, own, n = common._cpu_seconds()
     assert n == common.usable_cpus() and 0 < own <= busy and t > 0
+
+
+def test_threads_are_left_alone_where_there_is_no_proc(monkeypatch):
+    looks = []
+    monkeypatch.setattr(common, "_cpu_seconds", lambda: looks.append(1))  # None: no /proc
+    monkeypatch.setattr(common, "_CPU", {"last": None, "most": None})
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    torch.set_num_threads(2)
+    for _ in range(3):
+        common.fit_threads(every=0)
+    assert looks == [1] and torch.get_num_threads() == 2  # one look, not one per step
