@@ -206,6 +206,22 @@ def test_toy_generator_is_deterministic(tmp_path):
     assert (tmp_path / "c/list_attr_celeba.txt").read_text() == (tmp_path / "d/list_attr_celeba.txt").read_text()
 
 
+def test_toy_set_of_an_older_generator_is_rewritten(tmp_path, monkeypatch, capsys):
+    write = toy.write_shapes
+    monkeypatch.setattr(toy, "write_shapes", lambda root, size: write(root, size, 1, 0))
+    root = tmp_path / "shapes_32"
+    write(root, 32, 1, 0)
+    (root / ".complete").touch()  # version 1 wrote an empty .complete
+    (root / "stale").touch()
+    toy.make_toy("shapes", root, 32)
+    assert "generator changed" in capsys.readouterr().out
+    assert (root / ".complete").read_text().strip() == toy.VERSION and not (root / "stale").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["shapes_32"]  # no .tmp or .old left
+    (root / "kept").touch()
+    toy.make_toy("shapes", root, 32)  # current: left alone
+    assert (root / "kept").exists() and capsys.readouterr().out == ""
+
+
 @pytest.mark.parametrize("size,n", [(32, 150), (64, 150), (128, 60)])
 def test_oracle_reads_shapes(size, n):
     rng = random.Random(size)
