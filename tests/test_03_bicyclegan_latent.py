@@ -227,6 +227,10 @@ def test_oracle_reads_the_encoded_colour():
     assert s["color_err_enc"] == pytest.approx(s["color_err_rand"]) and s["color_err_enc"] > 0.05
     line = bg.oracle_lines(s)[1]
     assert f"colour error vs B {s['color_err_enc']:.3f}" in line and "random z" in line
+    blank = torch.zeros_like(B)  # step 0: nothing readable, so no colour to compare
+    s = bg.oracle_scores(blank[:, None].expand(-1, 4, -1, -1, -1), B, blank)
+    assert s["valid"] == 0 and "nan" not in " ".join(bg.oracle_lines(s))
+    assert "colour error vs B - (no readable output) (random z: -" in bg.oracle_lines(s)[1]
 
 
 def test_aligned_reader(tmp_path):
