@@ -13,10 +13,10 @@ Bench:    python 03_bicyclegan_latent.py --bench --preset edges2shoes   (256 px,
 GPUs:     torchrun --nproc_per_node 8 03_bicyclegan_latent.py --data data/edges2shoes  # 8 × 2
 Builds on: 01's code tiled over the image and concatenated to G's input (here z, not the label c),
 and 01's reconstruction cycle, moved from the image (x → x_fake → x_rec) to the latent (z → B̂ → ẑ).
-Expected: default toy run (3000 steps, 64 px, 5 runs): shape and position follow A (shape kept
-0.98-0.99, position error 0.002-0.009, 98.7-99.9 % valid); z picks the colour (std over 20 z
-0.227-0.257 in four runs, 0.181 in one: lime to violet; real images 0.258); G(A, μ(E(B))) takes
-B's colour (error 0.075-0.166 against 0.27-0.30 for random z).
+Expected: default toy run (4500 steps, 64 px; seeds 0-3): shape and position follow A (shape kept
+0.99-1.00, position error 0.003-0.007, 99.0-99.8 % valid); z picks the colour (std over 20 z
+0.237-0.265, real images 0.258: orange to violet); G(A, μ(E(B))) takes B's colour (error
+0.068-0.153 against 0.28-0.30 for random z).
 Deviations: lr decays per iteration, not per epoch (resume stays exact); the U-Net/encoder depth
 follows img_size (the official code has 128 and 256 variants only); flips happen on the batch;
 toy only: A is a filled silhouette, lr 1e-3, λ_KL 0.0015 (PRESETS says why).
