@@ -83,8 +83,8 @@ def _shape_sdf(shape, size, rng, halves=(0.16, 0.28)):
 
 def render_shape(shape, size, rng):
     """One shapes image (3, size, size) in [0, 1] and its factors. At 32 px and below the object
-    is larger, half a side of 0.24-0.36 instead of 0.16-0.28: a 10-18 px circle and square differ
-    in a few anti-aliased corner pixels. 04's discriminator, trained alone with real circles as
+    is larger (half-side 0.24-0.36 of the image, not 0.16-0.28): a 10-18 px circle and square
+    differ in a few anti-aliased corner pixels. 04's discriminator, trained alone with real circles as
     its fakes, then rated real squares 0.03 above circles after 300 steps (0.62 at the larger
     size), and its generator drew circles only."""
     halves = (0.24, 0.36) if size <= 32 else (0.16, 0.28)
