@@ -650,9 +650,11 @@ def oracle_scores(ema, root, cfg, device, step, fan=None):
 def oracle_lines(s):
     """The oracle's scores in two lines of under 100 columns (latent / reference styles)."""
     pair = lambda k: f"{s[f'{k}_latent']:.2f}/{s[f'{k}_ref']:.2f}"  # noqa: E731
+    err = s["color_err_ref"]  # nan when no output is readable (step 0)
+    err = "- (no readable output)" if math.isnan(err) else f"{err:.2f}"
     return [f"latent/ref: sky reached {pair('acc')}, object kept in place {pair('pos_kept')}, "
             f"shape kept {pair('shape_kept')} (chance 0.35)",
-            f"colour error vs the reference {s['color_err_ref']:.2f}, colour diversity over z "
+            f"colour error vs the reference {err}, colour diversity over z "
             f"{s['diversity_color']:.2f}"]
 
 

@@ -501,6 +501,17 @@ def test_oracle_scores_a_right_and_a_wrong_translator(mode):
     assert r["diversity_color"] == 0.0  # the same output for every z
 
 
+def test_oracle_line_with_nothing_readable_says_so():
+    # Step 0: no output holds a readable object, so there is no colour to compare with the
+    # reference; the line must say that, not print nan.
+    s = {f"{k}_{mode}": 0.0 for k in ("acc", "pos_kept", "shape_kept") for mode in ("latent", "ref")}
+    s |= {"color_err_ref": float("nan"), "diversity_color": 0.04}
+    line = m.oracle_lines(s)[1]
+    assert "nan" not in line and "colour error vs the reference - (no readable output)" in line
+    s["color_err_ref"] = 0.093
+    assert "colour error vs the reference 0.09," in m.oracle_lines(s)[1]
+
+
 def test_bench_prints_one_line(capsys):
     m.main(["--bench", "--bench-iters", "1", "--dim-in", "8", "--max-conv-dim", "16", "--batch",
             "2"])
