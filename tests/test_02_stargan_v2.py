@@ -512,6 +512,14 @@ def test_oracle_line_with_nothing_readable_says_so():
     assert "colour error vs the reference 0.09," in m.oracle_lines(s)[1]
 
 
+@pytest.mark.parametrize("preset", sorted(m.PRESETS))
+def test_every_preset_trains_f_100x_slower_than_g(preset):
+    # Official: F at 1e-6 against 1e-4 for G, E and D. A preset that raises lr must raise f_lr
+    # with it, or F stays at its initial weights (the toy's colour then leaked from the source).
+    cfg = m.Config(**m.PRESETS[preset])
+    assert cfg.f_lr == pytest.approx(cfg.lr / 100)
+
+
 def test_bench_prints_one_line(capsys):
     m.main(["--bench", "--bench-iters", "1", "--dim-in", "8", "--max-conv-dim", "16", "--batch",
             "2"])
