@@ -17,8 +17,8 @@ Align:   python 02_stargan_v2.py align --src my_faces/ --out aligned/   # faces 
 Builds on: 01's one G for many domains (here y picks a branch of F and E and an output of D); 03's
 latent cycle, on styles (s → G → E(x_fake) ≈ s) with diversity from z; 04's mapping network, AdaIN.
 Expected: default toy run (3000 steps, 16 px): the sky (domain) is reached in 100 % of translations
-(latent and reference); the object keeps the source's position in 94-98 % and its shape in 70-84 %
-(chance 35 %); its colour follows the reference (error 0.09-0.12, by CPU).
+(latent and reference); the object keeps the source's position in 95-100 % and its shape in 77-82 %
+(chance 35 %); its colour follows the reference (error 0.07-0.08; seeds 0-3).
 Official quirks (clovaai/stargan-v2 core/solver.py, core/model.py) and what we do:
 - Deviation: EMA copies start as copies of the He-initialised nets (official: default init, as it
   deep-copies before init): irrelevant after 100k steps, but it would spoil short runs.
@@ -113,11 +113,13 @@ PRESETS = {
     # left every output a round blob (shape kept 30 %, chance 35 %).
     # F's lr stays 100× below the others' (official 1e-6 against 1e-4), and λ_ds is AFHQ's 2 (3
     # domains, as here): with f_lr left at 1e-6 F barely trained, and with λ_ds 1 the output could
-    # keep half the source's colour. Colour error vs the reference, seeds 0-3 (1 thread): f_lr 1e-6
-    # 0.09 / 0.22 / - / -; f_lr 1e-5 0.08 / 0.08 / 0.07 / 0.21; with λ_ds 2, seeds 1 / 3 0.08 / 0.08.
+    # keep half the source's colour. Colour error vs the reference, seeds 0 / 1 / 2 / 3 (1 thread):
+    # f_lr 1e-6, λ_ds 1: 0.09 / 0.22 / - / -; f_lr 1e-5, λ_ds 1: 0.08 / 0.08 / 0.07 / 0.21;
+    # f_lr 1e-5, λ_ds 2: 0.07 / 0.08 / 0.08 / 0.08.
     # Deviation: λ_ds reaches 0 half-way (ds_iter = total_iters / 2; paper: at the last step), so
     # the second half refines without the diversity term; decayed over all 3000 steps, the source's
-    # colour still leaked into the output (colour error vs the reference 0.17, here 0.09).
+    # colour still leaked into the output (colour error vs the reference 0.17, half-way 0.09;
+    # both with f_lr 1e-6 and λ_ds 1, before the change above).
     "toy": dict(img_size=16, dim_in=32, max_conv_dim=64, mapping_dim=64, num_domains=3, lr=1e-3,
                 f_lr=1e-5, lambda_ds=2.0, total_iters=3000, ds_iter=1500, ema_beta=0.99, batch=8,
                 randcrop_prob=0.0, num_workers=0, log_every=50, sample_every=1000,
