@@ -18,7 +18,7 @@ Builds on: 01's one G for many domains (here y picks a branch of F and E and an 
 latent cycle, on styles (s → G → E(x_fake) ≈ s) with diversity from z; 04's mapping network, AdaIN.
 Expected: default toy run (2800 steps, 16 px): the sky (domain) is reached in 100 % of translations
 (latent and reference); the object keeps the source's position in 96-100 % and its shape in 76-82 %
-(chance 35 %); its colour follows the reference (error 0.07-0.08; seeds 0-3).
+(chance 35 %); its colour follows the reference (error 0.07-0.09; seeds 0-3, 1 or 2 threads).
 Official quirks (clovaai/stargan-v2 core/solver.py, core/model.py) and what we do:
 - Deviation: EMA copies start as copies of the He-initialised nets (official: default init, as it
   deep-copies before init): irrelevant after 100k steps, but it would spoil short runs.
