@@ -111,12 +111,10 @@ PRESETS = {
     # widths 16-64, it learnt even the identity slower. The lr: this G learns the identity slowly
     # (L1 autoencoder, 600 steps: shape kept 49 % at 3e-4, 77 % at 1e-3); at 3e-4 1500 GAN steps
     # left every output a round blob (shape kept 30 %, chance 35 %).
-    # F's lr stays 100× below the others' (official 1e-6 against 1e-4), and λ_ds is AFHQ's 2 (3
-    # domains, as here): with f_lr left at 1e-6 F barely trained, and with λ_ds 1 the output could
-    # keep half the source's colour. Colour error vs the reference at 3000 steps, seeds 0 / 1 / 2 /
-    # 3 (1 thread): f_lr 1e-6, λ_ds 1: 0.09 / 0.22 / - / -; f_lr 1e-5, λ_ds 1: 0.08 / 0.08 / 0.07 /
-    # 0.21; f_lr 1e-5, λ_ds 2: 0.07 / 0.08 / 0.08 / 0.08, and 0.07 / 0.08 / 0.08 / 0.08 at 2800
-    # steps (ds_iter 1400), which keep the run within 5 minutes.
+    # F's lr stays 100× below the others' (official 1e-6 vs 1e-4) and λ_ds is AFHQ's 2 (3 domains):
+    # colour error vs the reference, seeds 0 / 1 / 2 / 3, was 0.09 / 0.22 / - / - with f_lr 1e-6
+    # and λ_ds 1 (F barely trained; seed 1 kept half the source's colour), 0.08 / 0.08 / 0.07 /
+    # 0.21 with f_lr 1e-5, and is 0.07 / 0.08 / 0.08 / 0.08 with both (1 thread).
     # Deviation: λ_ds reaches 0 half-way (ds_iter = total_iters / 2; paper: at the last step), so
     # the second half refines without the diversity term; decayed over all 3000 steps, the source's
     # colour still leaked into the output (colour error vs the reference 0.17, half-way 0.09;

@@ -644,7 +644,7 @@ def test_changed_settings_on_resume_are_applied_or_refused(tmp_path, capsys):
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     lrs = {n: [g["lr"] for g in o["param_groups"]] for n, o in state["opts"].items()}
     assert state["config"]["lr"] == 1e-3 and state["config"]["dim_in"] == 4
-    assert lrs == {"G": [1e-3], "mapping": [1e-6], "E": [1e-3], "D": [1e-3]}  # used = recorded
+    assert lrs == {"G": [1e-3], "mapping": [1e-5], "E": [1e-3], "D": [1e-3]}  # used = recorded
     # Adam's moments came back too: per iteration D and G take 2 steps, F and E 1 (3 iterations)
     steps = {n: {float(s["step"]) for s in o["state"].values()} for n, o in state["opts"].items()}
     assert steps == {"G": {6.0}, "mapping": {3.0}, "E": {3.0}, "D": {6.0}}
