@@ -504,7 +504,8 @@ def test_oracle_scores_a_right_and_a_wrong_translator(mode):
 def test_oracle_line_with_nothing_readable_says_so():
     # Step 0: no output holds a readable object, so there is no colour to compare with the
     # reference; the line must say that, not print nan.
-    s = {f"{k}_{mode}": 0.0 for k in ("acc", "pos_kept", "shape_kept") for mode in ("latent", "ref")}
+    s = {f"{k}_{mode}": 0.0 for k in ("acc", "pos_kept", "shape_kept")
+         for mode in ("latent", "ref")}
     s |= {"color_err_ref": float("nan"), "diversity_color": 0.04}
     line = m.oracle_lines(s)[1]
     assert "nan" not in line and "colour error vs the reference - (no readable output)" in line
