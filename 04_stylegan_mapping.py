@@ -89,14 +89,13 @@ class Config:
 
 # Deviation (toy): widths 64-16, w 64-d and a 2 k-image EMA half-life so the default run takes
 # CPU minutes; λ = 2e-3, twice App. C's: at 1e-3 the oracle read 56 % / 51 % of samples as a
-# valid shape after 900 / 1200 steps, at 2e-3 95 % / 97 % (1500: 99.7 %). R1 γ 1, not App. C's
-# 10 (FFHQ, 1024 px; the StyleGAN2-ADA rule 0.0002·R²/B gives 0.006 at 32 px): at γ 10 the
-# generator drew circles only; on data/toy.py's larger 32 px objects, with 1 thread, γ 1 gave a
-# shape diversity of 0.49 / 0.13 / 0.10 on seeds 0 / 1 / 2 against 0.09 at γ 10 (seed 0), and
-# γ 0.1 0.18. Shape is not learnt reliably at this cost: batch 16 × 3000 steps, λ' = 0.1 λ and
-# larger objects still (past the oracle's area limit) did no better. Time does: trained on to
-# 4500 steps, seeds 0 / 1 / 2 reach 0.55 / 0.46 / 0.43, and B's coarse styles bring B's shape
-# in 0.46 / 0.80 / 0.80 of mixes (chance 0.34 / 0.56 / 0.62).
+# valid shape after 900 / 1200 steps, at 2e-3 95 % / 97 %. R1 γ 1, not App. C's 10 (FFHQ,
+# 1024 px): at γ 10 G drew circles only. Shape diversity at 1500 steps, seeds 0 / 1 / 2, 1 thread:
+# γ 1 0.49 / 0.13 / 0.10, γ 0.01 (near the StyleGAN2-ADA rule 0.0002·R²/B) 0.33 / 0.49 / 0.28.
+# Batch 16 × 3000 steps, λ' = 0.1 λ, 2 mapping layers, 2× widths, 5× images, larger objects: no
+# better. Objects centred at one size give 0.53 / 0.48 / 0.53, but then B's coarse styles bring B's
+# shape in only 0.53-0.64 of mixes (chance 0.43-0.52). Time does it: trained on to 4500 steps (γ 1)
+# seeds 0 / 1 / 2 reach 0.55 / 0.46 / 0.43, coarse → shape 0.46 / 0.80 / 0.80 (chance 0.34-0.62).
 # f (8 layers, λ' = 0.01 λ), AdaIN, noise, mixing (p 0.9), R1, truncation: as the paper.
 PRESETS = {
     "toy": dict(img_size=32, w_dim=64, fmap_base=256, fmap_max=64, lr=2e-3, r1_gamma=1.0,
